@@ -1,0 +1,147 @@
+"""QwenVL: image features written over the `<img>` spans of the token embeddings, then the decoder."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenvl_jax.config import QwenVLConfig
+from qwenvl_jax.decoder import Decoder, KVCache, ntk_alpha
+from qwenvl_jax.layers import Einsum, default_kernel_init
+from qwenvl_jax.vision import VisionTransformer
+
+Array = jax.Array
+
+
+def check_image_spans(input_ids: np.ndarray, config: QwenVLConfig, n_images: int | None = None) -> int:
+  """Host-side check that every `<img>` has a `</img>` in the same row, n_queries tokens later.
+
+  Returns the number of images. Inside jit the spans cannot be validated, so callers check concrete ids first.
+  """
+  v = config.vision
+  ids = np.asarray(input_ids)
+  count = 0
+  for row, toks in enumerate(ids):
+    starts = np.flatnonzero(toks == v.image_start_id)
+    ends = np.flatnonzero(toks == v.image_end_id)
+    if len(starts) != len(ends) or np.any(ends - starts != v.n_queries + 1):
+      raise ValueError(
+          f'row {row}: every <img> (id {v.image_start_id}) needs a </img> (id {v.image_end_id}) exactly '
+          f'{v.n_queries + 1} tokens later; found <img> at {starts.tolist()} and </img> at {ends.tolist()}')
+    count += len(starts)
+  if n_images is not None and n_images != count:
+    raise ValueError(f'input_ids hold {count} image spans but {n_images} images were given')
+  return count
+
+
+def splice_images(x: Array, input_ids: Array, features: Array, image_start_id: int) -> Array:
+  """Writes features [n, q, d] over the q tokens inside each `<img>...</img>` span of x [b, t, d].
+
+  Images are taken in row-major order of their `<img>` tokens, as the original does.
+  """
+  b, t, d = x.shape
+  ids = input_ids.reshape(-1)
+  is_start = ids == image_start_id
+  n_started = jnp.cumsum(is_start)
+  n_ended = jnp.cumsum(ids == image_start_id + 1)
+  inside = (n_started > n_ended) & ~is_start
+  j = jnp.arange(ids.shape[0])
+  last_start = jax.lax.cummax(jnp.where(is_start, j, -1), axis=0)
+  img = jnp.clip(n_started - 1, 0, features.shape[0] - 1)
+  query = jnp.clip(j - last_start - 1, 0, features.shape[1] - 1)
+  spliced = jnp.where(inside[:, None], features[img, query].astype(x.dtype), x.reshape(-1, d))
+  return spliced.reshape(b, t, d)
+
+
+def causal_mask(key_valid: Array, t: int, cache_index: Array | int = 0) -> Array:
+  """[b, t, s] mask: query i (at slot cache_index + i) sees valid key slots up to its own."""
+  slots = jnp.arange(key_valid.shape[1])
+  query_slots = jnp.asarray(cache_index) + jnp.arange(t)
+  return key_valid[:, None, :].astype(bool) & (slots[None, None, :] <= query_slots[None, :, None])
+
+
+class QwenVL(nn.Module):
+  """The whole model. `apply({'params': p}, input_ids, pixel_values)` -> logits [b, t, vocab].
+
+  Keyword arguments cover batched and cached use:
+    attention_mask [b, s]: which key slots hold real tokens (left padding); s = t, or the cache's slots.
+    positions [b, t]: rotary positions; by default 0.. over each row's real tokens.
+    alpha [b]: dynamic-NTK factor; by default chosen from each row's real length, as the original does at
+      prefill (1 in training, where the original also uses 1 and no logn scaling).
+    cache, cache_index: a KVCache and the slot at which this call's tokens are written.
+    image_features: precomputed `encode_images` output instead of pixel_values.
+  """
+  config: QwenVLConfig
+
+  def setup(self):
+    c, t = self.config, self.config.text
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weights_dtype)
+    self.wte = nn.Embed(t.vocab_size, t.hidden_size, embedding_init=default_kernel_init, **kw)
+    self.visual = VisionTransformer(c)
+    self.decoder = Decoder(c)
+    self.lm_head = Einsum((t.hidden_size, t.vocab_size), **kw)
+
+  def encode_images(self, pixel_values: Array) -> Array:
+    """[n, H, W, 3] normalised pixels -> [n, n_queries, hidden]."""
+    return self.visual(pixel_values.astype(self.config.compute_dtype))
+
+  def embed(self, input_ids: Array, image_features: Array | None = None) -> Array:
+    x = self.wte(input_ids)
+    if image_features is not None:
+      x = splice_images(x, input_ids, image_features, self.config.vision.image_start_id)
+    return x
+
+  def __call__(self, input_ids: Array, pixel_values: Array | None = None, *,
+               image_features: Array | None = None, attention_mask: Array | None = None,
+               positions: Array | None = None, alpha: Array | None = None,
+               cache: KVCache | None = None, cache_index: Array | int = 0,
+               train: bool = False, return_hidden: bool = False) -> Any:
+    t_cfg = self.config.text
+    b, t = input_ids.shape
+    if not isinstance(input_ids, jax.core.Tracer):
+      n_images = None if pixel_values is None and image_features is None else (
+          (pixel_values if pixel_values is not None else image_features).shape[0])
+      check_image_spans(np.asarray(input_ids), self.config, n_images)
+    if image_features is None and pixel_values is not None:
+      image_features = self.encode_images(pixel_values)
+    x = self.embed(input_ids, image_features)
+
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t if cache is None else cache.k.shape[2]), bool)
+    attention_mask = attention_mask.astype(bool)
+    if positions is None:
+      if cache is not None:
+        raise ValueError('positions are required with a cache')
+      positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    if alpha is None:
+      lengths = attention_mask.sum(axis=1)
+      alpha = (ntk_alpha(lengths, t_cfg.seq_length) if t_cfg.use_dynamic_ntk and not train
+               else jnp.ones((b,), jnp.float32))
+    mask = causal_mask(attention_mask, t, cache_index)
+
+    x, hidden, cache = self.decoder(
+        x, positions=positions, alpha=alpha, use_logn=t_cfg.use_logn_attn and not train, mask=mask,
+        cache=cache, cache_index=cache_index, collect_hidden=return_hidden)
+    logits = self.lm_head('btd,dv->btv', x).astype(jnp.float32)
+    if cache is None and not return_hidden:
+      return logits
+    out = {'logits': logits}
+    if cache is not None:
+      out['cache'] = cache
+    if return_hidden:  # inputs of every block, then the output after ln_f (HF's output_hidden_states)
+      out['hidden'] = [hidden[i] for i in range(hidden.shape[0])] + [x]
+    return out
+
+
+def lm_loss(logits: Array, labels: Array, loss_mask: Array | None = None) -> Array:
+  """Mean next-token cross entropy: logits[:, i] predicts labels[:, i+1] (the original's shift)."""
+  logits, labels = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  if loss_mask is None:
+    return nll.mean()
+  w = loss_mask[:, 1:].astype(jnp.float32)
+  return (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
