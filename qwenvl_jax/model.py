@@ -73,6 +73,8 @@ class QwenVL(nn.Module):
       prefill (1 in training, where the original also uses 1 and no logn scaling).
     cache, cache_index: a KVCache and the slot at which this call's tokens are written.
     image_features: precomputed `encode_images` output instead of pixel_values.
+    logits_at [b, n]: compute logits only at these positions (prefill's last token, training's targets):
+      with a 152k vocabulary the lm_head dominates otherwise.
   """
   config: QwenVLConfig
 
@@ -98,7 +100,7 @@ class QwenVL(nn.Module):
                image_features: Array | None = None, attention_mask: Array | None = None,
                positions: Array | None = None, alpha: Array | None = None,
                cache: KVCache | None = None, cache_index: Array | int = 0,
-               train: bool = False, return_hidden: bool = False) -> Any:
+               logits_at: Array | None = None, train: bool = False, return_hidden: bool = False) -> Any:
     t_cfg = self.config.text
     b, t = input_ids.shape
     if not isinstance(input_ids, jax.core.Tracer):
@@ -125,6 +127,8 @@ class QwenVL(nn.Module):
     x, hidden, cache = self.decoder(
         x, positions=positions, alpha=alpha, use_logn=t_cfg.use_logn_attn and not train, mask=mask,
         cache=cache, cache_index=cache_index, collect_hidden=return_hidden)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [b, n, d]
     logits = self.lm_head('btd,dv->btv', x).astype(jnp.float32)
     if cache is None and not return_hidden:
       return logits
