@@ -140,6 +140,19 @@ class QwenVL(nn.Module):
     return out
 
 
+def example_inputs(config: QwenVLConfig, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """(input_ids, pixel_values) holding one well-formed image span per row: what `init` needs."""
+  v = config.vision
+  row = [v.image_start_id] + [v.image_pad_id] * v.n_queries + [v.image_end_id]
+  ids = np.tile(np.asarray(row, np.int32), (batch, 1))
+  return ids, np.zeros((batch, v.image_size, v.image_size, 3), np.float32)
+
+
+def init_params(model: QwenVL, rng: Array) -> dict:
+  """Random parameters (initializer_range 0.02, as the original); use under jax.eval_shape for shapes only."""
+  return model.init(rng, *example_inputs(model.config))['params']
+
+
 def lm_loss(logits: Array, labels: Array, loss_mask: Array | None = None) -> Array:
   """Mean next-token cross entropy: logits[:, i] predicts labels[:, i+1] (the original's shift)."""
   logits, labels = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
