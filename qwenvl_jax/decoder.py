@@ -10,6 +10,7 @@ import numpy as np
 
 from qwenvl_jax.config import QwenVLConfig, TextConfig
 from qwenvl_jax.layers import Einsum, RMSNorm, attend, scanned
+from qwenvl_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -75,8 +76,8 @@ class Attention(nn.Module):
     if cache is not None:  # write this step's keys at their slots, attend over every slot
       key = jax.lax.dynamic_update_slice_in_dim(cache.k, key.astype(cache.k.dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
-      cache = KVCache(key, v)
-    y = attend(q, key, v, mask, self.dtype)  # [b, t, h, k]
+      cache = KVCache(*(constrain(c, ('batch', 'length', 'act_heads', 'head_dim')) for c in (key, v)))
+    y = constrain(attend(q, key, v, mask, self.dtype), ('batch', 'length', 'act_heads', 'head_dim'))
     return Einsum((h, k, d), name='c_proj', **kw)('bthk,hkd->btd', y), cache
 
 
@@ -92,7 +93,8 @@ class MLP(nn.Module):
     d, f = self.text.hidden_size, self.text.mlp_width
     up = Einsum((d, f), name='w1', **kw)('btd,df->btf', x)
     gate = Einsum((d, f), name='w2', **kw)('btd,df->btf', x)
-    return Einsum((f, d), name='c_proj', **kw)('btf,fd->btd', up * nn.silu(gate))
+    hidden = constrain(up * nn.silu(gate), ('batch', 'length', 'act_mlp'))
+    return Einsum((f, d), name='c_proj', **kw)('btf,fd->btd', hidden)
 
 
 class DecoderBlock(nn.Module):
@@ -106,7 +108,7 @@ class DecoderBlock(nn.Module):
                mask: Array, cache_index: Array):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.text.layer_norm_eps
-    x_in = x
+    x = x_in = constrain(x, ('batch', 'length', 'act_embed'))
     y, cache = Attention(self.text, name='attn', **kw)(
         RMSNorm(eps, name='ln_1', **kw)(x), cache, rope, q_scale, mask, cache_index)
     x = x + y

@@ -11,6 +11,7 @@ import numpy as np
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.decoder import Decoder, KVCache, ntk_alpha
 from qwenvl_jax.layers import Einsum, default_kernel_init
+from qwenvl_jax.sharding import constrain
 from qwenvl_jax.vision import VisionTransformer
 
 Array = jax.Array
@@ -94,7 +95,7 @@ class QwenVL(nn.Module):
     x = self.wte(input_ids)
     if image_features is not None:
       x = splice_images(x, input_ids, image_features, self.config.vision.image_start_id)
-    return x
+    return constrain(x, ('batch', 'length', 'act_embed'))
 
   def __call__(self, input_ids: Array, pixel_values: Array | None = None, *,
                image_features: Array | None = None, attention_mask: Array | None = None,
@@ -129,7 +130,7 @@ class QwenVL(nn.Module):
         cache=cache, cache_index=cache_index, collect_hidden=return_hidden)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [b, n, d]
-    logits = self.lm_head('btd,dv->btv', x).astype(jnp.float32)
+    logits = constrain(self.lm_head('btd,dv->btv', x).astype(jnp.float32), ('batch', 'length', 'act_vocab'))
     if cache is None and not return_hidden:
       return logits
     out = {'logits': logits}

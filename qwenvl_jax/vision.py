@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.layers import Einsum, LayerNorm, attend, resize_table, scanned
 from qwenvl_jax.resampler import Resampler
+from qwenvl_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -27,6 +28,7 @@ class VisionBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     w, h = self.width, self.heads
     k = w // h
+    x = constrain(x, ('batch', 'length', 'act_embed'))
     y = LayerNorm(self.eps, name='ln_1', **kw)(x)
     qkv = Einsum((w, 3, h, k), (3, h, k), name='in_proj', **kw)('bpw,wchk->bpchk', y)
     q, key, v = (qkv[:, :, i] for i in range(3))
