@@ -1,60 +1,384 @@
-"""Loading checkpoints: the released Hugging Face layout (safetensors, single or sharded with an index)."""
+"""Loading checkpoints: the released Hugging Face layout and the Orbax layout written by `qwenvl-convert`.
+
+Released layout: `model.safetensors`, or shards listed by `model.safetensors.index.json`; older mirrors
+ship `pytorch_model*.bin` (read only with the `torch` extra). Tensor names, shapes and dtypes come from the
+shard headers before any data is read, so a mismatched checkpoint fails before the slow part.
+
+Converted layout (`qwenvl-convert SRC DST`): `params/` (an Orbax PyTree checkpoint of the Flax params),
+`config.json`, optional `generation_config.json` and `qwen.tiktoken`, and `qwenvl_checkpoint.json`,
+written last: a directory without it is an interrupted conversion and never loads.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import mmap
 import os
 import pathlib
+from typing import Any, Iterator, Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
+from numpy.lib.array_utils import byte_bounds
 
 from qwenvl_jax.config import QwenVLConfig, as_dtype
 from qwenvl_jax.model import QwenVL
-from qwenvl_jax.params import params_from_hf
+from qwenvl_jax.params import get_path, leaf_shapes, params_from_hf, set_path
 
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
+BIN_INDEX = 'pytorch_model.bin.index.json'
+PARAMS_DIR = 'params'
+MARKER = 'qwenvl_checkpoint.json'
+FORMAT = 'qwenvl-jax/orbax'
+FORMAT_VERSION = 1
+# safetensors dtype codes of the released checkpoints.
+ST_DTYPES = {'F16': np.dtype(np.float16), 'BF16': np.dtype(ml_dtypes.bfloat16), 'F32': np.dtype(np.float32)}
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
+Path = tuple[str, ...]
+
+
+class CheckpointFormatError(ValueError):
+  """A checkpoint file or index that cannot be read as it claims to be."""
+
+
+class IncompleteCheckpointError(ValueError):
+  """A converted directory whose conversion never finished."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+  """Where one released tensor lives; `start` is the absolute byte offset (safetensors only)."""
+  name: str
+  file: pathlib.Path
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  start: int | None = None
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+
+# ------------------------------------------------------------------------------ released layout
+
+def _index_files(root: pathlib.Path, index: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str]]:
+  try:
+    weight_map = json.loads(index.read_text())['weight_map']
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointFormatError(f'{index}: not a valid index (needs a "weight_map"): {e}') from e
+  files = [root / name for name in dict.fromkeys(weight_map.values())]
+  missing = [f.name for f in files if not f.exists()]
+  if missing:
+    raise FileNotFoundError(f'{root}: shards listed in {index.name} are missing: {", ".join(missing)}')
+  return files, weight_map
+
+
+def released_files(path: str | os.PathLike) -> tuple[str, list[pathlib.Path], dict[str, str] | None]:
+  """(kind, shard files, index weight map or None); kind is 'safetensors' or 'bin'."""
+  root = pathlib.Path(path)
+  for kind, index, single in (('safetensors', SAFETENSORS_INDEX, 'model.safetensors'),
+                              ('bin', BIN_INDEX, 'pytorch_model.bin')):
+    if (root / index).exists():
+      return (kind, *_index_files(root, root / index))
+    if (root / single).exists():
+      return kind, [root / single], None
+  raise FileNotFoundError(
+      f'{root}: no released checkpoint found (expected {SAFETENSORS_INDEX}, model.safetensors, '
+      f'{BIN_INDEX} or pytorch_model.bin)')
 
 
 def safetensors_files(path: str | os.PathLike) -> list[pathlib.Path]:
   """The safetensors shards of a released-layout directory, from its index when there is one."""
-  root = pathlib.Path(path)
-  index = root / SAFETENSORS_INDEX
-  if index.exists():
-    with open(index) as f:
-      weight_map = json.load(f)['weight_map']
-    files = [root / name for name in dict.fromkeys(weight_map.values())]
-  elif (root / 'model.safetensors').exists():
-    files = [root / 'model.safetensors']
-  else:
-    raise FileNotFoundError(f'{root}: no {SAFETENSORS_INDEX} or model.safetensors found')
-  missing = [str(f) for f in files if not f.exists()]
-  if missing:
-    raise FileNotFoundError(f'{root}: shards listed in the index are missing: {", ".join(missing)}')
+  kind, files, _ = released_files(path)
+  if kind != 'safetensors':
+    raise FileNotFoundError(f'{path}: no {SAFETENSORS_INDEX} or model.safetensors found')
   return files
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Every tensor of a released-layout directory, by name."""
-  from safetensors.numpy import load_file
-  tensors: dict[str, np.ndarray] = {}
-  for file in safetensors_files(path):
+def safetensors_header(file: pathlib.Path) -> list[TensorEntry]:
+  """The tensors of one safetensors file, checked against the file's size, in the order of their data."""
+  size = file.stat().st_size
+  with open(file, 'rb') as f:
+    head = f.read(8)
+    n = int.from_bytes(head, 'little') if len(head) == 8 else -1
+    if n < 0 or n > min(size - 8, _MAX_HEADER):
+      raise CheckpointFormatError(f'{file}: not a safetensors file (bad header length; truncated?)')
     try:
-      tensors.update(load_file(str(file)))
-    except Exception as e:  # safetensors raises its own types for truncated or corrupt files
-      raise ValueError(f'{file}: not a readable safetensors file ({e})') from e
-  return tensors
+      header = json.loads(f.read(n))
+    except ValueError as e:
+      raise CheckpointFormatError(f'{file}: corrupt safetensors header ({e})') from e
+  header.pop('__metadata__', None)
+  entries, unsupported, truncated, inconsistent = [], [], [], []
+  for name, info in header.items():
+    try:
+      code, shape, (begin, end) = info['dtype'], tuple(info['shape']), info['data_offsets']
+    except (KeyError, TypeError, ValueError) as e:
+      raise CheckpointFormatError(f'{file}: corrupt header entry for {name}: {info!r}') from e
+    if code not in ST_DTYPES:
+      unsupported.append(f'{name} ({code})')
+      continue
+    entry = TensorEntry(name, file, ST_DTYPES[code], shape, 8 + n + begin)
+    if end - begin != entry.nbytes:
+      inconsistent.append(name)
+    elif 8 + n + end > size:
+      truncated.append(name)
+    entries.append(entry)
+  if unsupported:
+    raise CheckpointFormatError(f'{file}: unsupported dtypes (expected F16, BF16 or F32): '
+                                f'{", ".join(unsupported)}')
+  if inconsistent:
+    raise CheckpointFormatError(f'{file}: corrupt header, data sizes do not match shapes: '
+                                f'{", ".join(inconsistent)}')
+  if truncated:
+    raise CheckpointFormatError(f'{file}: truncated ({size} bytes); tensors cut off: {", ".join(truncated)}')
+  return sorted(entries, key=lambda e: e.start)
 
 
-def load_pretrained(path: str | os.PathLike, dtype=None, **config_overrides) -> tuple[QwenVL, dict]:
-  """(model, params) from a checkpoint directory; params in `dtype` (default: float32).
+def _import_torch():
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError('reading pytorch_model*.bin needs PyTorch: pip install "qwenvl-jax[torch]" '
+                      '(or convert the checkpoint to safetensors)') from e
+  return torch
 
+
+def _torch_load(file: pathlib.Path) -> dict:
+  torch = _import_torch()
+  try:
+    return torch.load(file, map_location='cpu', weights_only=True, mmap=True)
+  except Exception as e:  # torch raises RuntimeError, UnpicklingError, ... for unreadable files
+    raise CheckpointFormatError(f'{file}: not a readable PyTorch checkpoint ({e})') from e
+
+
+def _torch_dtype(t, name: str, file: pathlib.Path) -> np.dtype:
+  torch = _import_torch()
+  dtypes = {torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(ml_dtypes.bfloat16),
+            torch.float32: np.dtype(np.float32)}
+  if t.dtype not in dtypes:
+    raise CheckpointFormatError(f'{file}: unsupported dtype {t.dtype} for {name} '
+                                '(expected float16, bfloat16 or float32)')
+  return dtypes[t.dtype]
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+  torch = _import_torch()
+  if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()
+
+
+def _bin_header(file: pathlib.Path) -> list[TensorEntry]:
+  state = _torch_load(file)  # memory-mapped: only the pickle is read
+  return [TensorEntry(name, file, _torch_dtype(t, name, file), tuple(t.shape)) for name, t in state.items()]
+
+
+class ReleasedCheckpoint:
+  """The tensors of a released-layout directory, known from shard headers before any data is read."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.root = pathlib.Path(path)
+    self._mapped: mmap.mmap | None = None  # the shard being read
+    self.kind, self.files, weight_map = released_files(self.root)
+    scan = safetensors_header if self.kind == 'safetensors' else _bin_header
+    self.shards: dict[pathlib.Path, list[TensorEntry]] = {f: scan(f) for f in self.files}
+    self.entries: dict[str, TensorEntry] = {}
+    duplicated = []
+    for entry in (e for entries in self.shards.values() for e in entries):
+      if entry.name in self.entries:
+        duplicated.append(f'{entry.name} ({self.entries[entry.name].file.name}, {entry.file.name})')
+      self.entries[entry.name] = entry
+    if duplicated:
+      raise CheckpointFormatError(f'{self.root}: tensors stored in more than one shard: {", ".join(duplicated)}')
+    if weight_map is not None:
+      self._check_index(weight_map)
+
+  def _check_index(self, weight_map: Mapping[str, str]) -> None:
+    wrong = [f'{name} (index: {shard}, found in: {self.entries[name].file.name if name in self.entries else "none"})'
+             for name, shard in weight_map.items()
+             if name not in self.entries or self.entries[name].file.name != shard]
+    unlisted = [f'{name} (in {e.file.name})' for name, e in self.entries.items() if name not in weight_map]
+    if wrong or unlisted:
+      parts = ([f'index entries that do not match the shards: {", ".join(wrong)}'] if wrong else []) + (
+          [f'tensors missing from the index: {", ".join(unlisted)}'] if unlisted else [])
+      raise CheckpointFormatError(f'{self.root}: index and shards disagree; ' + '; '.join(parts))
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {name: e.shape for name, e in self.entries.items()}
+
+  @property
+  def nbytes(self) -> int:
+    return sum(e.nbytes for e in self.entries.values())
+
+  def dtypes(self) -> set[np.dtype]:
+    return {e.dtype for e in self.entries.values()}
+
+  def tensors(self) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+    """Every tensor as a read-only memory-mapped array, shard by shard in the order of its data.
+
+    The kernel reads the next tensor ahead; once the caller asks for the next one, the previous one's
+    pages leave this process's memory (the array stays valid: touching it again re-reads the file), so
+    about one tensor is resident whatever the shard size; `release` drops parts of it sooner.
+    """
+    for file, entries in self.shards.items():
+      if self.kind == 'bin':
+        state = _torch_load(file)
+        for e in entries:
+          yield e, _torch_to_numpy(state.pop(e.name))
+        continue
+      with open(file, 'rb') as f:
+        self._mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+      self._mapped.madvise(mmap.MADV_SEQUENTIAL)
+      for i, e in enumerate(entries):
+        if i + 1 < len(entries):
+          self._advise(mmap.MADV_WILLNEED, entries[i + 1].start, entries[i + 1].nbytes)
+        yield e, np.frombuffer(self._mapped, e.dtype, math.prod(e.shape), e.start).reshape(e.shape)
+        self._advise(mmap.MADV_DONTNEED, e.start, e.nbytes)
+      self._mapped = None
+
+  def release(self, array: np.ndarray) -> None:
+    """Drops the pages lying wholly inside `array`, a view of the tensor being read, from this process's
+    memory; a no-op for anything else."""
+    if self._mapped is None:
+      return
+    base = np.frombuffer(self._mapped, np.uint8, 1).ctypes.data
+    lo, hi = (b - base for b in byte_bounds(array))
+    if 0 <= lo and hi <= len(self._mapped):
+      start = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE
+      end = hi // mmap.PAGESIZE * mmap.PAGESIZE
+      if end > start:
+        self._mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+  def _advise(self, advice: int, offset: int, nbytes: int) -> None:
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    if nbytes:
+      self._mapped.madvise(advice, start, offset + nbytes - start)
+
+
+def read_released(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Every tensor of a released-layout directory (safetensors or .bin), by name, in memory."""
+  return {e.name: np.array(a) for e, a in ReleasedCheckpoint(path).tensors()}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Every tensor of a released-layout safetensors directory, by name (float16, bfloat16 or float32)."""
+  safetensors_files(path)
+  return read_released(path)
+
+
+# ----------------------------------------------------------------------------- converted layout
+
+def is_converted(path: str | os.PathLike) -> bool:
+  """Whether `path` holds a conversion (finished or not) rather than a released checkpoint."""
+  root = pathlib.Path(path)
+  return (root / MARKER).exists() or any(p.name.startswith(PARAMS_DIR) for p in root.iterdir())
+
+
+def read_marker(path: str | os.PathLike) -> dict[str, Any]:
+  """The completion marker of a converted directory; raises IncompleteCheckpointError without one."""
+  root = pathlib.Path(path)
+  marker = root / MARKER
+  if not marker.exists():
+    raise IncompleteCheckpointError(
+        f'{root} is an incomplete conversion ({MARKER} missing): the conversion was interrupted. '
+        'Delete it and run qwenvl-convert again.')
+  try:
+    info = json.loads(marker.read_text())
+  except ValueError as e:
+    raise CheckpointFormatError(f'{marker}: not valid JSON ({e})') from e
+  if not isinstance(info, dict) or info.get('format') != FORMAT or info.get('version') != FORMAT_VERSION:
+    raise CheckpointFormatError(f'{marker}: unknown format {info.get("format")!r} version '
+                                f'{info.get("version")!r} (expected {FORMAT!r} version {FORMAT_VERSION})')
+  if not (root / PARAMS_DIR / '_METADATA').exists():
+    raise IncompleteCheckpointError(f'{root}: {PARAMS_DIR}/ is missing or incomplete; convert again')
+  return info
+
+
+def orbax_leaf_metadata(params_dir: str | os.PathLike) -> dict[Path, Any]:
+  """Flax path -> Orbax ArrayMetadata (name, directory, shape, dtype) of every saved leaf."""
+  import orbax.checkpoint as ocp
+  tree = ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(str(k.key) for k in keys): m for keys, m in flat}
+
+
+def check_leaves(found: Mapping[Path, tuple[int, ...]], config: QwenVLConfig, where: str) -> None:
+  """Raises a ValueError naming every missing, unexpected and mis-shaped leaf."""
+  expected = leaf_shapes(config)
+  missing = sorted('/'.join(p) for p in expected.keys() - found.keys())
+  unexpected = sorted('/'.join(p) for p in found.keys() - expected.keys())
+  misshaped = sorted(f'{"/".join(p)} {tuple(found[p])} (expected {s})' for p, s in expected.items()
+                     if p in found and tuple(found[p]) != s)
+  problems = [f'{len(v)} {k}: {", ".join(v)}' for k, v in
+              (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)) if v]
+  if problems:
+    raise ValueError(f'{where} does not match config.json: ' + '; '.join(problems))
+
+
+def _sharding_tree(shardings, paths: list[Path]) -> dict[Path, jax.sharding.Sharding]:
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if isinstance(shardings, jax.sharding.Sharding):
+    return {p: shardings for p in paths}
+  flat = jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+  given = {tuple(str(k.key) for k in keys): s for keys, s in flat}
+  if given.keys() != set(paths):
+    missing = sorted('/'.join(p) for p in set(paths) - given.keys())
+    extra = sorted('/'.join(p) for p in given.keys() - set(paths))
+    raise ValueError(f'shardings do not match the params tree: missing {missing}, unexpected {extra}')
+  return given
+
+
+def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, shardings=None) -> dict:
+  """The params of a converted directory as jax.Arrays in `dtype` (default: as stored).
+
+  `shardings`: one Sharding for every leaf, or a tree of them matching params (default: the first device).
+  Each process reads only the slices its devices hold, so no host materialises the full model.
+  """
+  import orbax.checkpoint as ocp
+  root = pathlib.Path(path)
+  info = read_marker(root)
+  meta = orbax_leaf_metadata(root / PARAMS_DIR)
+  check_leaves({p: m.shape for p, m in meta.items()}, config, f'{root / PARAMS_DIR}')
+  target_dtype = as_dtype(dtype or info['dtype'])
+  placement = _sharding_tree(shardings, list(meta))
+  abstract: dict = {}
+  for p, m in meta.items():
+    set_path(abstract, p, jax.ShapeDtypeStruct(m.shape, target_dtype, sharding=placement[p]))
+  return ocp.StandardCheckpointer().restore(root / PARAMS_DIR, abstract)
+
+
+def _put(params: dict, shardings, paths: list[Path]) -> dict:
+  placement = _sharding_tree(shardings, paths)
+  out: dict = {}
+  for p in paths:
+    set_path(out, p, jax.device_put(get_path(params, p), placement[p]))
+  return out
+
+
+def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None,
+                    **config_overrides) -> tuple[QwenVL, dict]:
+  """(model, params) from a released-layout or converted directory; params in `dtype` (default float32).
+
+  `shardings`: a Sharding for every leaf or a tree of them matching params. From a converted directory the
+  params are restored straight onto them; the released layout is read whole on the host first.
   `config_overrides` go to QwenVLConfig, e.g. `dtype='bfloat16'` for bf16 compute.
   """
   root = pathlib.Path(path)
   if not root.is_dir():
     raise FileNotFoundError(f'checkpoint directory not found: {root}')
-  dtype = as_dtype(dtype or config_overrides.get('param_dtype', 'float32'))
-  config = QwenVLConfig.from_json(root, param_dtype=dtype.name, **{
-      k: v for k, v in config_overrides.items() if k != 'param_dtype'})
-  params = params_from_hf(read_safetensors(root), config, dtype=dtype)
-  return QwenVL(config), jax.tree.map(jax.numpy.asarray, params)
+  dtype = as_dtype(dtype or config_overrides.pop('param_dtype', 'float32'))
+  converted = is_converted(root)
+  if converted:
+    read_marker(root)  # before config.json, which an interrupted conversion may lack
+  config = QwenVLConfig.from_json(root, param_dtype=dtype.name, **config_overrides)
+  if converted:
+    return QwenVL(config), restore_params(root, config, dtype, shardings)
+  # Memory-mapped tensors: params_from_hf's copies are the only ones in anonymous memory.
+  tensors = {e.name: a for e, a in ReleasedCheckpoint(root).tensors()}
+  params = params_from_hf(tensors, config, dtype=dtype)
+  return QwenVL(config), _put(params, shardings, list(leaf_shapes(config)))
