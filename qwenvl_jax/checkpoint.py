@@ -192,14 +192,15 @@ class ReleasedCheckpoint:
         duplicated.append(f'{entry.name} ({self.entries[entry.name].file.name}, {entry.file.name})')
       self.entries[entry.name] = entry
     if duplicated:
-      raise CheckpointFormatError(f'{self.root}: tensors stored in more than one shard: {", ".join(duplicated)}')
+      raise CheckpointFormatError(
+          f'{self.root}: tensors stored in more than one shard: {", ".join(duplicated)}')
     if weight_map is not None:
       self._check_index(weight_map)
 
   def _check_index(self, weight_map: Mapping[str, str]) -> None:
-    wrong = [f'{name} (index: {shard}, found in: {self.entries[name].file.name if name in self.entries else "none"})'
-             for name, shard in weight_map.items()
-             if name not in self.entries or self.entries[name].file.name != shard]
+    found = {name: e.file.name for name, e in self.entries.items()}
+    wrong = [f'{name} (index: {shard}, found in: {found.get(name, "none")})'
+             for name, shard in weight_map.items() if found.get(name) != shard]
     unlisted = [f'{name} (in {e.file.name})' for name, e in self.entries.items() if name not in weight_map]
     if wrong or unlisted:
       parts = ([f'index entries that do not match the shards: {", ".join(wrong)}'] if wrong else []) + (

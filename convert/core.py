@@ -1,0 +1,190 @@
+"""Released layout <-> converted Orbax layout, streamed and atomic.
+
+Memory: source shards are memory-mapped and read in order (the kernel reads ahead); each tensor is cut
+into chunk-sized pieces along its source-major axis, and a piece's source pages are dropped once it is
+copied. Resident memory is the pieces queued for writing (WRITE_BYTES_IN_FLIGHT, plus TensorStore's copies
+and the idle pool) and one chunk of source: never a tensor, a shard or the model. Export reads and writes
+a chunk at a time the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Iterator
+
+import numpy as np
+import tqdm
+
+from convert import hf, orbax_io
+from qwenvl_jax.checkpoint import (FORMAT, FORMAT_VERSION, MARKER, PARAMS_DIR, ReleasedCheckpoint,
+                                   check_leaves, read_marker)
+from qwenvl_jax.config import QwenVLConfig, as_dtype
+from qwenvl_jax.params import Rule, check_names, rules
+
+# Files copied next to the weights when the source has them (the tokenizer's vocabulary included).
+AUX_FILES = ('generation_config.json', 'qwen.tiktoken')
+DEFAULT_SHARD_SIZE = 2 * 10**9
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: pathlib.Path, overwrite: bool = False) -> Iterator[pathlib.Path]:
+  """Yields an empty DST.tmp-XXXX next to dst, renamed to dst only when the block finishes.
+
+  On any error (Ctrl-C included) the temporary directory is removed; a killed process leaves it under its
+  .tmp- name, which never loads: the completion marker is written last.
+  """
+  if dst.exists() and not overwrite:
+    raise FileExistsError(f'{dst} already exists; pass --overwrite to replace it')
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'{dst.name}.tmp-', dir=dst.parent))
+  try:
+    yield tmp
+    if dst.exists():
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f'{dst.name}.old-', dir=dst.parent))
+      os.rename(dst, old / dst.name)
+      os.rename(tmp, dst)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, dst)
+    _fsync_dir(dst.parent)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _copy_aux(src: pathlib.Path, dst: pathlib.Path) -> None:
+  for name in AUX_FILES:
+    if (src / name).exists():
+      shutil.copyfile(src / name, dst / name)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm.tqdm:
+  return tqdm.tqdm(total=total, desc=desc, unit='B', unit_scale=True, unit_divisor=1024,
+                   disable=not enabled, dynamic_ncols=True)
+
+
+def _streamed_leaf(rule: Rule, shape: tuple[int, ...], dtype: np.dtype) -> orbax_io.StreamedLeaf:
+  """The leaf of `rule`, chunked along the axis that the torch tensor's outermost axis becomes."""
+  return orbax_io.StreamedLeaf(rule.path, shape, dtype, stacked=rule.layer is not None,
+                               chunk_axis=rule.perm.index(0) if rule.perm else 0)
+
+
+def source_dtype(src: ReleasedCheckpoint) -> np.dtype:
+  dtypes = src.dtypes()
+  if len(dtypes) != 1:
+    raise ValueError(f'{src.root} mixes dtypes ({", ".join(sorted(d.name for d in dtypes))}); '
+                     'choose one with --dtype')
+  return dtypes.pop()
+
+
+def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, overwrite: bool = False,
+                progress: bool = True) -> pathlib.Path:
+  """Converts a released-layout directory into DST (Orbax params + config); `dtype` default: the source's.
+
+  Every tensor name and shape is checked from the shard headers before any data is read.
+  """
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  if dst.exists() and not overwrite:  # fail before the slow part
+    raise FileExistsError(f'{dst} already exists; pass --overwrite to replace it')
+  if not (src / 'config.json').exists():
+    raise FileNotFoundError(f'{src}/config.json not found: the config is needed to map the tensors')
+  config = QwenVLConfig.from_json(src)
+  checkpoint = ReleasedCheckpoint(src)
+  check_names(checkpoint.shapes(), config)
+  dtype = np.dtype(as_dtype(dtype)) if dtype is not None else source_dtype(checkpoint)
+  table = rules(config)
+  leaves = {r.path: _streamed_leaf(r, r.leaf_shape, dtype) for r in table.values()}
+  pool = orbax_io.BufferPool(orbax_io.WRITE_BYTES_IN_FLIGHT)
+
+  with atomic_directory(dst, overwrite) as tmp, _progress(checkpoint.nbytes, 'converting', progress) as bar:
+    def pieces() -> Iterator[orbax_io.Piece]:
+      for entry, value in checkpoint.tensors():
+        rule = table[entry.name]
+        yield from orbax_io.leaf_pieces(leaves[rule.path], rule.layer, rule.to_flax(value), pool,
+                                        checkpoint.release)
+        bar.update(entry.nbytes)
+
+    orbax_io.save_streamed(tmp / PARAMS_DIR, leaves.values(), pieces(), pool)
+    shutil.copyfile(src / 'config.json', tmp / 'config.json')
+    _copy_aux(src, tmp)
+    marker = {'format': FORMAT, 'version': FORMAT_VERSION, 'dtype': dtype.name}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + '\n')
+  return dst
+
+
+def released_order(table: dict[str, Rule]) -> list[str]:
+  """Tensor names about as the release orders them: embeddings, decoder layers, ln_f, the visual tower's
+  layers then its other tensors, lm_head; a shard then holds consecutive layers."""
+  def key(name: str) -> tuple:
+    rule = table[name]
+    tower = (0 if name == 'transformer.wte.weight' else 3 if name == 'lm_head.weight'
+             else 1 if rule.path[0] == 'decoder' else 2)
+    return tower, rule.layer is None, rule.layer or 0
+  return sorted(table, key=key)  # stable: rules() order within a layer
+
+
+def _hf_parts(reader: orbax_io.LeafReader, rule: Rule, dtype: np.dtype) -> Iterator[np.ndarray]:
+  """One released tensor as contiguous blocks of its rows, read from the leaf a chunk at a time: the
+  inverse of hf_to_orbax's pieces (Rule.to_hf on each block)."""
+  meta = reader.metadata[rule.path]
+  leaf = _streamed_leaf(rule, tuple(meta.shape), np.dtype(meta.dtype))
+  axis, step = leaf.chunk_axis, leaf.chunk_len
+  n = leaf.slice_shape[axis] if leaf.slice_shape else 1
+  head = () if rule.layer is None else (rule.layer,)
+  for r in range(0, n, step):
+    index = head + ((slice(None),) * axis + (slice(r, min(r + step, n)),) if leaf.slice_shape else ())
+    block = reader.read(rule.path, index)
+    if rule.perm:
+      block = np.transpose(block, np.argsort(rule.perm))
+    yield orbax_io.contiguous(block, dtype)
+
+
+def _export_config(src: pathlib.Path, config: QwenVLConfig, dtype: np.dtype) -> dict:
+  saved = json.loads((src / 'config.json').read_text())
+  merged = {**saved, **config.to_dict(), 'torch_dtype': dtype.name}
+  merged.update(bf16=dtype.name == 'bfloat16', fp16=dtype.name == 'float16', fp32=dtype.name == 'float32')
+  return merged
+
+
+def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype=None,
+                shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+                progress: bool = True) -> pathlib.Path:
+  """Exports a converted directory to the released layout; `dtype` default: as stored (bit-exact)."""
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  if dst.exists() and not overwrite:
+    raise FileExistsError(f'{dst} already exists; pass --overwrite to replace it')
+  if shard_size <= 0:
+    raise ValueError(f'shard size must be positive, got {shard_size}')
+  info = read_marker(src)
+  config = QwenVLConfig.from_json(src)
+  reader = orbax_io.LeafReader(src / PARAMS_DIR)
+  check_leaves({p: m.shape for p, m in reader.metadata.items()}, config, str(src / PARAMS_DIR))
+  dtype = np.dtype(as_dtype(dtype or info['dtype']))
+  table = rules(config)
+  order = released_order(table)
+  specs = [hf.TensorSpec(name, dtype, table[name].hf_shape) for name in order]
+
+  with atomic_directory(dst, overwrite) as tmp, _progress(sum(s.nbytes for s in specs), 'exporting',
+                                                          progress) as bar:
+    def tensors() -> Iterator[Iterator[np.ndarray]]:
+      for spec in specs:
+        yield _hf_parts(reader, table[spec.name], dtype)
+        bar.update(spec.nbytes)
+
+    hf.write_released(tmp, specs, tensors(), shard_size)
+    (tmp / 'config.json').write_text(json.dumps(_export_config(src, config, dtype), indent=2) + '\n')
+    _copy_aux(src, tmp)
+  return dst
+
