@@ -1,0 +1,111 @@
+"""Chat with Qwen-VL-Chat as the original `model.chat` / `chat_stream` do: ChatML turns with history.
+
+The images of a conversation are the `<img>...</img>` references in its queries (and answers). They
+are untrusted text, so they are read through an `ImageLoader`: by default paths may not leave the
+working directory and URLs are refused. `images` maps a reference to an object (bytes, a PIL image,
+an array) to use instead of loading it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from qwenvl_jax.chat_format import decode_response, make_context
+from qwenvl_jax.generate import GenerationConfig, generate, generate_stream, load_images
+from qwenvl_jax.images import ImageLoader, ImageSource
+from qwenvl_jax.model import QwenVL
+from qwenvl_jax.tokenizer import QwenVLTokenizer, to_list_format
+
+DEFAULT_SYSTEM = 'You are a helpful assistant.'
+History = list[tuple[str, str]]
+
+
+def chat_config(tokenizer: QwenVLTokenizer, generation_config: GenerationConfig | None) -> GenerationConfig:
+  """The generation config plus the ChatML stops `<|im_end|>`, `<|im_start|>` and `<|endoftext|>`.
+
+  Ids past the tokenizer's vocabulary (the embedding's padding) are never generated.
+  """
+  g = generation_config or GenerationConfig()
+  if g.chat_format != 'chatml':
+    raise ValueError(f'chat needs chat_format "chatml", the config has {g.chat_format!r}; use generate()')
+  stops = (tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id)
+  return g.replace(stop_ids=tuple(dict.fromkeys(g.stop_ids + stops)), vocab_limit=tokenizer.vocab_size)
+
+
+def _check_tokenizer(model: QwenVL, tokenizer: QwenVLTokenizer) -> None:
+  v = model.config.vision
+  if tokenizer.image_span_length != v.n_queries:
+    raise ValueError(f'tokenizer image spans are {tokenizer.image_span_length} tokens but the model has '
+                     f'n_queries={v.n_queries}: build it with image_span_length={v.n_queries}')
+  if tokenizer.img_start_id != v.image_start_id:
+    raise ValueError(f'tokenizer <img> is id {tokenizer.img_start_id}, the model expects {v.image_start_id}')
+
+
+def load_image(ref: str, images: Mapping[str, ImageSource] | None, loader: ImageLoader) -> Image.Image:
+  """The image an `<img>ref</img>` tag names: from `images` when it holds ref, else loaded by path/URL."""
+  return loader.load((images or {}).get(ref, ref))
+
+
+def _pixels(model: QwenVL, tokenizer: QwenVLTokenizer, tokens: Sequence[int],
+            images: Mapping[str, ImageSource] | None, loader: ImageLoader) -> np.ndarray | None:
+  refs = tokenizer.image_paths(tokens)
+  if not refs:
+    return None
+  return load_images([load_image(ref, images, loader) for ref in refs], model.config)
+
+
+def _prepare(model, tokenizer, query, history, system, images, generation_config, image_loader):
+  _check_tokenizer(model, tokenizer)
+  g = chat_config(tokenizer, generation_config)
+  _, tokens = make_context(tokenizer, query, history, system, g.max_window_size, g.chat_format)
+  loader = image_loader or ImageLoader(allowed_root=os.getcwd())
+  return g, tokens, _pixels(model, tokenizer, tokens, images, loader)
+
+
+def chat(model: QwenVL, params, tokenizer: QwenVLTokenizer, query: str, history: History | None = None,
+         system: str = DEFAULT_SYSTEM, *, images: Mapping[str, ImageSource] | None = None,
+         generation_config: GenerationConfig | None = None, image_loader: ImageLoader | None = None,
+         seed: int = 0) -> tuple[str, History]:
+  """(response, history + [(query, response)]); the history passed in is not modified."""
+  g, tokens, pixels = _prepare(model, tokenizer, query, history, system, images, generation_config,
+                               image_loader)
+  out = generate(model, params, [tokens], pixels, generation_config=g, seed=seed)
+  response = decode_response(out[0], tokenizer, len(tokens), g.chat_format)
+  return response, list(history or []) + [(query, response)]
+
+
+def chat_stream(model: QwenVL, params, tokenizer: QwenVLTokenizer, query: str,
+                history: History | None = None, system: str = DEFAULT_SYSTEM, *,
+                images: Mapping[str, ImageSource] | None = None,
+                generation_config: GenerationConfig | None = None,
+                image_loader: ImageLoader | None = None, seed: int = 0) -> Iterator[str]:
+  """Yields the response so far as it grows; the last text equals `chat`'s response for the same seed.
+
+  As with the original, the caller appends (query, last text) to the history.
+  """
+  g, tokens, pixels = _prepare(model, tokenizer, query, history, system, images, generation_config,
+                               image_loader)
+  new: list[int] = []
+  shown = None
+  for step in generate_stream(model, params, [tokens], pixels, generation_config=g, seed=seed):
+    new.append(int(step[0]))
+    # Bytes of a character split across tokens are held back until it is complete.
+    text = decode_response(new, tokenizer, 0, g.chat_format, errors='ignore')
+    if text != shown:
+      shown = text
+      yield text
+  final = decode_response(new, tokenizer, 0, g.chat_format)
+  if final != shown:
+    yield final
+
+
+def latest_image(response: str, history: History) -> str | None:
+  """The image the original draws an answer's boxes on: the last `<img>` of the newest turn having one."""
+  for text in [response] + [q for q, _ in reversed(history)]:
+    refs = [item['image'] for item in to_list_format(text) if 'image' in item]
+    if refs:
+      return refs[-1]
+  return None

@@ -1,0 +1,512 @@
+"""Text generation: a jitted prefill, then a decode loop on the device over a preallocated KV cache.
+
+Prompts are left-padded to a length bucket, so prompts of another length in the same bucket reuse the
+compiled program. Each row gets its own rotary positions (0.. over its real tokens), dynamic-NTK factor
+(from its real length, fixed at prefill) and key mask, so a row generates the same tokens in a padded
+batch as alone. The original Qwen-VL code does not: its rotary positions run over the padding too, so
+left-padded rows there differ from the same prompts run one by one.
+
+Decoding is bound by reading the weights once per step, so it runs the model's decoder blocks over
+per-layer parameters and caches (`DecodeParams`) rather than the scanned stack, whose per-step slicing
+would copy every layer's weights; images are encoded once, before the prefill.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenvl_jax.config import QwenVLConfig
+from qwenvl_jax.decoder import DecoderBlock, KVCache, logn_scale, ntk_alpha, rotary_tables
+from qwenvl_jax.images import ImageLoader, ImageSource
+from qwenvl_jax.layers import Einsum, RMSNorm
+from qwenvl_jax.model import QwenVL, causal_mask, check_image_spans
+from qwenvl_jax.params import get_path, set_path
+from qwenvl_jax.preprocess import preprocess_images
+
+Array = jax.Array
+ENDOFTEXT_ID = 151643  # `<|endoftext|>` of the Qwen vocabulary: eos and pad of the released checkpoints.
+GENERATION_CONFIG = 'generation_config.json'
+# Keys of generation_config.json that would change the output but are not implemented, with the value
+# that means "off".
+_UNSUPPORTED = {'num_beams': 1, 'repetition_penalty': 1.0, 'no_repeat_ngram_size': 0, 'typical_p': 1.0,
+                'epsilon_cutoff': 0.0, 'eta_cutoff': 0.0, 'length_penalty': 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """Decoding settings; the defaults are those of the released Qwen-VL-Chat generation_config.json.
+
+  Sampling follows Hugging Face's logits warpers in their order: temperature, then top_k (0: off), then
+  top_p (1: off), each keeping at least one token. `stop_ids` end a row (the stop token is kept, the rest
+  of the row is `pad_id`); `min_new_tokens` suppresses them until that many tokens were generated.
+  `vocab_limit` (None: off) keeps ids at or above it from being generated: checkpoints pad the embedding
+  past the tokenizer's vocabulary, and those ids cannot be decoded.
+  """
+  max_new_tokens: int = 512
+  min_new_tokens: int = 0
+  do_sample: bool = True
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 0.5
+  stop_ids: tuple[int, ...] = (ENDOFTEXT_ID,)
+  pad_id: int = ENDOFTEXT_ID
+  vocab_limit: int | None = None
+  chat_format: str = 'chatml'
+  max_window_size: int = 6144
+
+  def __post_init__(self):
+    object.__setattr__(self, 'stop_ids', tuple(int(i) for i in self.stop_ids))
+    if self.max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be at least 1, got {self.max_new_tokens}')
+    if self.min_new_tokens < 0:
+      raise ValueError(f'min_new_tokens must be >= 0, got {self.min_new_tokens}')
+    if not self.temperature > 0:
+      raise ValueError(f'temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}')
+    if self.top_k < 0:
+      raise ValueError(f'top_k must be >= 0 (0 turns it off), got {self.top_k}')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p must be in (0, 1] (1 turns it off), got {self.top_p}')
+    if self.vocab_limit is not None and self.vocab_limit < 1:
+      raise ValueError(f'vocab_limit must be positive or None, got {self.vocab_limit}')
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any], **overrides) -> 'GenerationConfig':
+    """From generation_config.json keys (eos_token_id may be an int or a list)."""
+    for key, off in _UNSUPPORTED.items():
+      if d.get(key, off) != off:
+        raise ValueError(f'generation config sets {key}={d[key]!r}, which qwenvl_jax does not implement')
+    kw: dict[str, Any] = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+    if 'eos_token_id' in d:
+      eos = d['eos_token_id']
+      kw['stop_ids'] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    if d.get('pad_token_id') is not None:
+      kw['pad_id'] = d['pad_token_id']
+    return cls(**{**kw, **overrides})
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike, **overrides) -> 'GenerationConfig':
+    """From a checkpoint directory's generation_config.json (or the file); defaults when it has none."""
+    path = pathlib.Path(path)
+    file = path / GENERATION_CONFIG if path.is_dir() else path
+    if not file.exists():
+      if path.is_dir():
+        return cls(**overrides)
+      raise FileNotFoundError(f'generation config not found: {file}')
+    with open(file) as f:
+      try:
+        d = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{file}: not valid JSON ({e})') from e
+    return cls.from_dict(d, **overrides)
+
+  def replace(self, **kw) -> 'GenerationConfig':
+    unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+    if unknown:
+      raise TypeError(f'unknown generation settings {sorted(unknown)}; known: '
+                      f'{[f.name for f in dataclasses.fields(self)]}')
+    return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+  """Padded sizes: lengths are powers of two from `min_length` up to `step`, then multiples of `step`.
+
+  Batch and image counts are padded to powers of two. Each bucket compiles once.
+  """
+  min_length: int = 32
+  step: int = 512
+
+  def __post_init__(self):
+    powers = all(n > 0 and n & (n - 1) == 0 for n in (self.min_length, self.step))
+    if not powers or self.min_length > self.step:
+      raise ValueError(f'Buckets need powers of two with min_length <= step, got {self}')
+
+  def length(self, n: int) -> int:
+    if n <= self.step:
+      return max(self.min_length, 1 << max(n - 1, 0).bit_length())
+    return -(-n // self.step) * self.step
+
+  @staticmethod
+  def count(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sampler:
+  """The static part of a GenerationConfig: changing it recompiles, changing token counts does not."""
+  do_sample: bool
+  temperature: float
+  top_k: int
+  top_p: float
+  stop_ids: tuple[int, ...]
+  pad_id: int
+  vocab_limit: int | None = None
+
+  @classmethod
+  def of(cls, g: GenerationConfig) -> '_Sampler':
+    if not g.do_sample:  # greedy ignores the warpers, as Hugging Face does
+      return cls(False, 1.0, 0, 1.0, g.stop_ids, g.pad_id, g.vocab_limit)
+    return cls(True, g.temperature, g.top_k, g.top_p, g.stop_ids, g.pad_id, g.vocab_limit)
+
+
+_TOP_P_CANDIDATES = 256  # top-p first looks among this many best tokens; a full sort costs ~35 ms at 152k
+
+
+def _top_p_threshold(descending: Array, lse: Array, top_p: float) -> tuple[Array, Array]:
+  """(smallest kept logit [b, 1], whether the candidates hold top_p of the mass [b]).
+
+  Hugging Face removes a token when the ascending cumulative probability up to it is <= 1 - top_p,
+  i.e. when the tokens above it already hold top_p: the kept tokens are a prefix of `descending`.
+  """
+  probs = jnp.exp(descending - lse[:, None])
+  mass_above = jnp.cumsum(probs, axis=-1) - probs
+  n_kept = jnp.maximum((mass_above < top_p).sum(-1), 1)  # the best token always stays
+  return jnp.take_along_axis(descending, n_kept[:, None] - 1, axis=-1), probs.sum(-1) >= top_p
+
+
+def warp_logits(logits: Array, temperature: float, top_k: int, top_p: float) -> Array:
+  """Hugging Face's TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper in that order; [b, v].
+
+  Removed tokens get -inf. Ties at a threshold are all kept (torch keeps an arbitrary subset).
+  """
+  if temperature != 1.0:
+    logits = logits / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    candidates = jax.lax.top_k(logits, min(_TOP_P_CANDIDATES, logits.shape[-1]))[0]
+    threshold, enough = _top_p_threshold(candidates, lse, top_p)
+    threshold = jax.lax.cond(  # flat distributions need every token sorted
+        enough.all(), lambda: threshold,
+        lambda: _top_p_threshold(-jnp.sort(-logits, axis=-1), lse, top_p)[0])
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def _select(logits: Array, step: Array, min_new: Array, key: Array, s: _Sampler) -> Array:
+  """The next token [b] from raw logits [b, v] for the step-th new token."""
+  if s.vocab_limit is not None and s.vocab_limit < logits.shape[-1]:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < s.vocab_limit, logits, -jnp.inf)
+  stops = [i for i in s.stop_ids if i < logits.shape[-1]]
+  if stops:  # Hugging Face's MinNewTokensLengthLogitsProcessor, applied to every stop id
+    logits = logits.at[:, jnp.array(stops)].set(jnp.where(step < min_new, -jnp.inf, logits[:, stops]))
+  if not s.do_sample:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = warp_logits(logits, s.temperature, s.top_k, s.top_p)
+  return jax.random.categorical(jax.random.fold_in(key, step), logits, axis=-1).astype(jnp.int32)
+
+
+class DecodeParams(NamedTuple):
+  """Parameters laid out for generation: each decoder layer's weights are arrays of their own.
+
+  In the scanned layout (a leading [layers] axis) every decode step copies each layer's slice out of
+  the stacked arrays before its matmuls, tripling the memory traffic of a step that should read every
+  weight once. `decode_params` converts once; `generate` converts on each call when given the usual tree.
+  """
+  layers: tuple[dict, ...]  # per decoder layer: {'ln_1', 'attn', 'ln_2', 'mlp'}
+  rest: dict  # the other parameters: wte, decoder.ln_f, lm_head, visual
+
+
+def decode_params(params, *, consume: bool = False) -> DecodeParams:
+  """The `QwenVL` parameter tree split per decoder layer (a DecodeParams is returned as it is).
+
+  consume=True removes each stacked leaf from `params` once split, so that (with no other reference to
+  it) its memory is freed before the next leaf is split: the peak stays near one copy of the weights.
+  """
+  if isinstance(params, DecodeParams):
+    return params
+  decoder = params['decoder']
+  stacked = decoder.pop('layers') if consume else decoder['layers']
+  paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(stacked)[0]]
+  layers: list[dict] = [{} for _ in range(get_path(stacked, paths[0]).shape[0])]
+  for path in paths:
+    leaf = _pop_path(stacked, path) if consume else get_path(stacked, path)
+    for layer, piece in zip(layers, jnp.unstack(jnp.asarray(leaf))):
+      set_path(layer, path, piece)
+    del leaf
+  rest = {k: v for k, v in params.items() if k != 'decoder'}
+  rest['decoder'] = {k: v for k, v in decoder.items() if k != 'layers'}
+  return DecodeParams(tuple(layers), rest)
+
+
+def _pop_path(tree: dict, path: tuple[str, ...]):
+  for key in path[:-1]:
+    tree = tree[key]
+  return tree.pop(path[-1])
+
+
+class DecodeState(NamedTuple):
+  """What a decode step carries: the caches and, per row, its real prompt length and NTK factor."""
+  caches: tuple[KVCache, ...]  # per layer, k and v [b, slots, heads, head_dim]
+  token: Array  # [b] last chosen token, fed at the next step
+  step: Array  # [] tokens generated so far
+  done: Array  # [b] row has emitted a stop token (or is batch padding)
+  key_mask: Array  # [b, slots] real prompt tokens and every generated slot
+  lengths: Array  # [b] real prompt lengths
+  alpha: Array  # [b] dynamic-NTK factor chosen at prefill
+
+
+def _forward(p: DecodeParams, ids: Array, features: Array | None, key_mask: Array, positions: Array,
+             alpha: Array, caches: tuple[KVCache, ...], cache_index: Array, config: QwenVLConfig):
+  """QwenVL's cached forward (ids [b, t] at slots cache_index..) over per-layer parameters and caches.
+
+  Built from the model's own modules, so the numerics are the model's. Returns (logits of the last
+  position [b, vocab] float32, updated caches).
+  """
+  t = config.text
+  kw = dict(dtype=config.compute_dtype, param_dtype=config.weights_dtype)
+  x = QwenVL(config).apply({'params': p.rest}, ids, features, method=QwenVL.embed)
+  rope = rotary_tables(positions, alpha, t)
+  q_scale = (logn_scale(positions, t.seq_length) if t.use_logn_attn
+             else jnp.ones(positions.shape, jnp.float32))
+  mask = causal_mask(key_mask, ids.shape[1], cache_index)
+  block = DecoderBlock(t, **kw)
+  updated = []
+  for layer, cache in zip(p.layers, caches):
+    x, (cache, _) = block.apply({'params': layer}, x, cache, rope, q_scale, mask, cache_index)
+    updated.append(cache)
+  x = RMSNorm(t.layer_norm_eps, **kw).apply({'params': p.rest['decoder']['ln_f']}, x[:, -1:])
+  lm_head = Einsum((t.hidden_size, t.vocab_size), **kw)
+  logits = lm_head.apply({'params': p.rest['lm_head']}, 'btd,dv->btv', x)
+  return logits[:, 0].astype(jnp.float32), tuple(updated)
+
+
+def _finish(state: DecodeState, logits: Array, min_new: Array, key: Array, s: _Sampler):
+  token = _select(logits, state.step, min_new, key, s)
+  token = jnp.where(state.done, s.pad_id, token)
+  done = state.done | jnp.isin(token, jnp.array(s.stop_ids or (-1,), jnp.int32))
+  return state._replace(token=token, step=state.step + 1, done=done)
+
+
+def _prefill(params: DecodeParams, ids: Array, mask: Array, features: Array, min_new: Array, key: Array,
+             *, config: QwenVLConfig, sampler: _Sampler, slots: int) -> tuple[DecodeState, Array]:
+  """Runs the left-padded prompts ids [b, p] through the model; returns the state and logits [b, v]."""
+  b, p = ids.shape
+  t = config.text
+  lengths = mask.sum(-1)
+  alpha = ntk_alpha(lengths, t.seq_length) if t.use_dynamic_ntk else jnp.ones((b,), jnp.float32)
+  key_mask = jnp.concatenate([mask, jnp.ones((b, slots - p), bool)], axis=1)
+  shape = (b, slots, t.num_heads, t.head_dim)
+  caches = tuple(KVCache(jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
+                 for _ in params.layers)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  logits, caches = _forward(params, ids, features, key_mask, positions, alpha, caches, jnp.int32(0), config)
+  state = DecodeState(caches, jnp.zeros((b,), jnp.int32), jnp.zeros((), jnp.int32), lengths == 0,
+                      key_mask, lengths, alpha)
+  return _finish(state, logits, min_new, key, sampler), logits
+
+
+def _advance(params: DecodeParams, state: DecodeState, prompt_slots: int, min_new: Array, key: Array, *,
+             config: QwenVLConfig, sampler: _Sampler) -> tuple[DecodeState, Array]:
+  """Feeds the last token (at slot prompt_slots + step - 1) and chooses the next; logits [b, v]."""
+  last = state.step - 1
+  fed = jnp.where(state.done, 0, state.token)[:, None]  # finished rows feed an in-vocabulary dummy
+  logits, caches = _forward(params, fed, None, state.key_mask, (state.lengths + last)[:, None], state.alpha,
+                            state.caches, prompt_slots + last, config)
+  return _finish(state._replace(caches=caches), logits, min_new, key, sampler), logits
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'sampler', 'slots', 'output_logits'))
+def _generate_on_device(params, ids: Array, mask: Array, features: Array, max_new: Array, min_new: Array,
+                        key: Array, *, config: QwenVLConfig, sampler: _Sampler, slots: int,
+                        output_logits: bool) -> tuple[Array, Array, Array | None]:
+  """Prefill plus a while_loop of decode steps; returns (new tokens [b, n], steps run, logits or None)."""
+  b, p = ids.shape
+  n = slots - p
+  state, logits = _prefill(params, ids, mask, features, min_new, key, config=config, sampler=sampler,
+                           slots=slots)
+  tokens = jnp.full((b, n), sampler.pad_id, jnp.int32).at[:, 0].set(state.token)
+  all_logits = (jnp.zeros((b, n, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+                if output_logits else None)
+
+  def cond(carry):
+    state = carry[0]
+    return (state.step < max_new) & ~state.done.all()
+
+  def body(carry):
+    state, tokens, all_logits = carry
+    state, logits = _advance(params, state, p, min_new, key, config=config, sampler=sampler)
+    at = state.step - 1
+    tokens = jax.lax.dynamic_update_slice(tokens, state.token[:, None], (0, at))
+    if all_logits is not None:
+      all_logits = jax.lax.dynamic_update_slice(all_logits, logits[:, None], (0, at, 0))
+    return state, tokens, all_logits
+
+  state, tokens, all_logits = jax.lax.while_loop(cond, body, (state, tokens, all_logits))
+  return tokens, state.step, all_logits
+
+
+_prefill_jit = jax.jit(_prefill, static_argnames=('config', 'sampler', 'slots'))
+_advance_jit = jax.jit(_advance, static_argnames=('prompt_slots', 'config', 'sampler'), donate_argnums=1)
+
+
+@functools.partial(jax.jit, static_argnames='config')
+def _encode_images(params, pixel_values: Array, *, config: QwenVLConfig) -> Array:
+  return QwenVL(config).apply({'params': params}, pixel_values, method=QwenVL.encode_images)
+
+
+class _Batch(NamedTuple):
+  ids: np.ndarray  # [b', p'] left-padded to the buckets, padding id 0
+  mask: np.ndarray  # [b', p']
+  prompt: np.ndarray  # [b, p] the prompts as returned: left-padded with pad_id to the longest
+  n_rows: int
+
+
+def _as_rows(input_ids, attention_mask) -> list[np.ndarray]:
+  """The real tokens of each row, from ragged lists or a left-padded [b, t] array plus mask."""
+  if isinstance(input_ids, (np.ndarray, jax.Array)) or (
+      len(input_ids) and not isinstance(input_ids[0], (list, tuple, np.ndarray))):
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+      ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f'input_ids must be integer [batch, length], got {ids.dtype} {ids.shape}')
+    if attention_mask is None:
+      return list(ids)
+    mask = np.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+      raise ValueError(f'attention_mask {mask.shape} does not match input_ids {ids.shape}')
+    if np.any(mask[:, :-1] & ~mask[:, 1:]):
+      raise ValueError('attention_mask must be left padding (zeros, then ones) in every row')
+    return [row[m] for row, m in zip(ids, mask)]
+  if attention_mask is not None:
+    raise ValueError('attention_mask is only accepted with a [batch, length] array of input_ids')
+  return [np.asarray(row, np.int64).reshape(-1) for row in input_ids]
+
+
+def _make_batch(input_ids, attention_mask, config: QwenVLConfig, pad_id: int, buckets: Buckets) -> _Batch:
+  rows = _as_rows(input_ids, attention_mask)
+  if not rows:
+    raise ValueError('input_ids holds no rows')
+  vocab = config.text.vocab_size
+  for r, row in enumerate(rows):
+    if row.size == 0:
+      raise ValueError(f'row {r} of input_ids holds no tokens')
+    if row.min() < 0 or row.max() >= vocab:
+      raise ValueError(f'row {r} of input_ids holds ids outside the vocabulary [0, {vocab})')
+  longest = max(len(r) for r in rows)
+  b, p = buckets.count(len(rows)), buckets.length(longest)
+  ids, mask = np.zeros((b, p), np.int32), np.zeros((b, p), bool)
+  prompt = np.full((len(rows), longest), pad_id, np.int64)
+  for r, row in enumerate(rows):
+    ids[r, p - len(row):], mask[r, p - len(row):] = row, True
+    prompt[r, longest - len(row):] = row
+  return _Batch(ids, mask, prompt, len(rows))
+
+
+def load_images(images: Sequence[ImageSource], config: QwenVLConfig,
+                loader: ImageLoader | None = None) -> np.ndarray:
+  """Paths, URLs, bytes, PIL images or HWC arrays -> normalised pixels [n, S, S, 3] for the model.
+
+  Loading happens on the host through `loader` (default: `ImageLoader()`, no URLs).
+  """
+  loader = loader or ImageLoader()
+  return preprocess_images([loader.load(im) for im in images], config.vision.image_size)
+
+
+def _image_features(params, pixel_values, config: QwenVLConfig, n_images_in_ids: int) -> Array:
+  """Encodes the images once, padded with zero features to a power-of-two count (at least 1)."""
+  v = config.vision
+  if pixel_values is None:
+    if n_images_in_ids:
+      raise ValueError(f'input_ids hold {n_images_in_ids} image spans but no pixel_values were given')
+    return jnp.zeros((1, v.n_queries, config.text.hidden_size), config.compute_dtype)
+  if not isinstance(pixel_values, (np.ndarray, jax.Array)):
+    pixel_values = load_images(pixel_values, config)
+  expected = (v.image_size, v.image_size, 3)
+  if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+    raise ValueError(f'pixel_values must be [n, {v.image_size}, {v.image_size}, 3] (NHWC, normalised), '
+                     f'got {tuple(pixel_values.shape)}')
+  n = pixel_values.shape[0]
+  if n != n_images_in_ids:
+    raise ValueError(f'input_ids hold {n_images_in_ids} image spans but {n} images were given')
+  features = _encode_images(params, jnp.asarray(pixel_values, jnp.float32), config=config)
+  return jnp.pad(features, ((0, Buckets.count(n) - n), (0, 0), (0, 0)))
+
+
+def _resolve(generation_config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+  return (generation_config or GenerationConfig()).replace(**overrides)
+
+
+def _as_key(seed: int | Array) -> Array:
+  return jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+
+
+def _prepare(model: QwenVL, params, input_ids, pixel_values, attention_mask, g: GenerationConfig,
+             buckets: Buckets) -> tuple[DecodeParams, _Batch, Array, int]:
+  config = model.config
+  batch = _make_batch(input_ids, attention_mask, config, g.pad_id, buckets)
+  n_images = check_image_spans(batch.ids[:batch.n_rows], config)
+  params = decode_params(params)
+  features = _image_features(params.rest, pixel_values, config, n_images)
+  slots = batch.ids.shape[1] + buckets.length(g.max_new_tokens)
+  return params, batch, features, slots
+
+
+def generate(model: QwenVL, params, input_ids, pixel_values=None, *, attention_mask=None,
+             generation_config: GenerationConfig | None = None, seed: int | Array = 0,
+             output_logits: bool = False, buckets: Buckets = Buckets(), **overrides):
+  """Prompt plus new tokens, [b, t + steps] int64 (t: longest prompt, steps: until every row stopped).
+
+  Args:
+    model, params: a QwenVL and its parameters, best converted once with `decode_params` (a tree in the
+      scanned layout is converted on every call).
+    input_ids: a [b, t] integer array (left-padded when `attention_mask` is given), or a list of rows
+      of different lengths. Image spans are checked against `pixel_values`.
+    pixel_values: normalised [n, S, S, 3] pixels (`preprocess_images`), or a list of paths, bytes, PIL
+      images or HWC arrays (loaded with `ImageLoader()`: no URLs); the images of the spans in row-major
+      order.
+    generation_config: defaults to `GenerationConfig()`; keyword `overrides` replace its fields, e.g.
+      `max_new_tokens=40, do_sample=False`.
+    seed: an int or a jax PRNG key for sampling.
+    output_logits: also return the raw logits of every step, [b, steps, vocab] float32.
+  Rows that stop early are filled with `pad_id`; prompts shorter than the longest are left-padded with it.
+  """
+  g = _resolve(generation_config, overrides)
+  params, batch, features, slots = _prepare(model, params, input_ids, pixel_values, attention_mask, g,
+                                            buckets)
+  tokens, steps, logits = _generate_on_device(
+      params, batch.ids, batch.mask, features, jnp.int32(g.max_new_tokens), jnp.int32(g.min_new_tokens),
+      _as_key(seed), config=model.config, sampler=_Sampler.of(g), slots=slots, output_logits=output_logits)
+  steps = int(steps)
+  new = np.asarray(tokens)[:batch.n_rows, :steps]
+  out = np.concatenate([batch.prompt, new], axis=1)
+  if output_logits:
+    return out, np.asarray(logits)[:batch.n_rows, :steps]
+  return out
+
+
+def generate_stream(model: QwenVL, params, input_ids, pixel_values=None, *, attention_mask=None,
+                    generation_config: GenerationConfig | None = None, seed: int | Array = 0,
+                    buckets: Buckets = Buckets(), **overrides) -> Iterator[np.ndarray]:
+  """Like `generate`, but yields each step's new tokens [b] as soon as they are chosen.
+
+  Rows that have stopped yield `pad_id`; the iteration ends when every row stopped or after
+  max_new_tokens. Uses a jitted prefill and a jitted single decode step (each compiled once per bucket)
+  driven from Python, since the host must see every token.
+  """
+  g = _resolve(generation_config, overrides)
+  params, batch, features, slots = _prepare(model, params, input_ids, pixel_values, attention_mask, g,
+                                            buckets)
+  sampler, key = _Sampler.of(g), _as_key(seed)
+  min_new = jnp.int32(g.min_new_tokens)
+  state, _ = _prefill_jit(params, batch.ids, batch.mask, features, min_new, key, config=model.config,
+                          sampler=sampler, slots=slots)
+  prompt_slots = batch.ids.shape[1]
+  while True:
+    token, done = jax.device_get((state.token, state.done))
+    yield token[:batch.n_rows].astype(np.int64)
+    if int(state.step) >= g.max_new_tokens or done[:batch.n_rows].all():
+      return
+    state, _ = _advance_jit(params, state, prompt_slots, min_new, key, config=model.config,
+                            sampler=sampler)

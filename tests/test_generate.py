@@ -1,0 +1,244 @@
+"""Generation: golden parity, left-padded batches, compile counts, sampling, stop ids, streaming."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qwenvl_jax as q
+from qwenvl_jax import generate as gen
+from qwenvl_jax.generate import Buckets, GenerationConfig, generate, generate_stream, warp_logits
+
+GREEDY = dict(do_sample=False)
+
+
+@pytest.fixture(scope='module')
+def tiny(golden_dir):
+  return q.load_pretrained(golden_dir / 'checkpoint')
+
+
+@pytest.fixture(scope='module')
+def poster(tiny, golden_dir):
+  model, _ = tiny
+  return q.preprocess_images([golden_dir / 'img' / 'poster.jpg'], model.config.vision.image_size)
+
+
+@pytest.fixture(scope='module')
+def long_row(golden):
+  return golden['long.input_ids'][0]  # 80 text tokens
+
+
+@pytest.fixture(scope='module')
+def text_prompt(long_row):
+  return long_row[:20]
+
+
+@pytest.fixture
+def compiles():
+  """Names of the functions XLA compiles while the test runs, starting from empty caches."""
+  jax.clear_caches()
+  names = []
+
+  def listen(event, duration, **kw):
+    if event == '/jax/core/compile/backend_compile_duration':
+      names.append(kw.get('fun_name', '?'))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  yield names
+  jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_golden_greedy_generation(tiny, poster, golden):
+  model, params = tiny
+  ids, logits = generate(model, params, golden['generate.prompt_ids'], poster, max_new_tokens=40,
+                         min_new_tokens=40, output_logits=True, **GREEDY)
+  np.testing.assert_array_equal(ids, golden['generate.output_ids'])
+  chex.assert_trees_all_close(logits, golden['generate.step_logits'], atol=1e-4, rtol=0)
+
+
+def test_left_padded_batch_equals_single_rows(tiny, poster, golden):
+  """An image row of 30 tokens (NTK alpha 1) next to a text row of 45 (alpha 3): different padding."""
+  model, params = tiny
+  image_row, text_row = golden['batch.input_ids'][0], golden['long.input_ids'][0, :45]
+  kw = dict(max_new_tokens=24, min_new_tokens=24, output_logits=True, **GREEDY)
+  ids, logits = generate(model, params, [image_row, text_row], poster, **kw)
+  alone = [generate(model, params, [image_row], poster, **kw), generate(model, params, [text_row], **kw)]
+  for r, (row_ids, row_logits) in enumerate(alone):
+    np.testing.assert_array_equal(ids[r, -24:], row_ids[0, -24:])
+    chex.assert_trees_all_close(logits[r], row_logits[0], atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(ids[0, :15], np.full(15, GenerationConfig().pad_id))  # left padding
+
+
+def test_left_padded_array_with_mask_equals_ragged_rows(tiny, text_prompt):
+  model, params = tiny
+  rows = [text_prompt[:12], text_prompt]
+  padded = np.zeros((2, 20), np.int32)
+  padded[0, 8:], padded[1] = rows
+  mask = padded != 0
+  mask[1] = True
+  kw = dict(max_new_tokens=6, **GREEDY)
+  np.testing.assert_array_equal(generate(model, params, padded, attention_mask=mask, **kw)[:, -6:],
+                                generate(model, params, rows, **kw)[:, -6:])
+
+
+def test_one_compile_per_bucket(tiny, long_row, compiles):
+  """Three prompt lengths in the 32 bucket and 40 decode steps: one XLA program for the whole loop."""
+  model, params = tiny
+  for length in (20, 25, 31):
+    out = generate(model, params, [long_row[:length]], max_new_tokens=40, min_new_tokens=40, **GREEDY)
+    assert out.shape == (1, length + 40)
+  loops = [n for n in compiles if '_generate_on_device' in n]
+  assert len(loops) == 1, compiles
+  compiles.clear()
+  generate(model, params, [long_row[:28]], max_new_tokens=33, **GREEDY)  # same buckets
+  assert compiles == []
+
+
+def test_stream_compiles_prefill_and_step_once(tiny, long_row, compiles):
+  model, params = tiny
+  for length in (18, 27):
+    steps = list(generate_stream(model, params, [long_row[:length]], max_new_tokens=40,
+                                 min_new_tokens=40, **GREEDY))
+    assert len(steps) == 40
+  assert sum('_prefill' in n for n in compiles) == 1, compiles
+  assert sum('_advance' in n for n in compiles) == 1, compiles
+
+
+@pytest.mark.parametrize('sampling', [dict(do_sample=False),
+                                      dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, seed=5)])
+def test_stream_matches_generate(tiny, poster, golden, sampling):
+  model, params = tiny
+  prompts = [golden['batch.input_ids'][0], golden['long.input_ids'][0, :9]]
+  ids = generate(model, params, prompts, poster, max_new_tokens=12, **sampling)
+  steps = list(generate_stream(model, params, prompts, poster, max_new_tokens=12, **sampling))
+  np.testing.assert_array_equal(np.stack(steps, 1), ids[:, 30:])
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(tiny, text_prompt):
+  model, params = tiny
+  greedy = generate(model, params, [text_prompt], max_new_tokens=16, **GREEDY)
+  for kw in (dict(top_k=1, temperature=5.0), dict(top_p=1e-6, temperature=5.0)):
+    sampled = generate(model, params, [text_prompt], max_new_tokens=16, do_sample=True, seed=7, **kw)
+    np.testing.assert_array_equal(sampled, greedy, err_msg=str(kw))
+
+
+def test_seeded_sampling_is_reproducible(tiny, text_prompt):
+  model, params = tiny
+  kw = dict(max_new_tokens=24, do_sample=True, top_p=1.0, temperature=1.5)
+  a, b = (generate(model, params, [text_prompt], seed=11, **kw) for _ in range(2))
+  other = generate(model, params, [text_prompt], seed=jax.random.key(12), **kw)
+  np.testing.assert_array_equal(a, b)
+  assert (a != other).any()
+
+
+def test_stop_id_ends_row_and_pads(tiny, text_prompt, golden):
+  model, params = tiny
+  prompts = [text_prompt, golden['long.input_ids'][0, 30:44]]
+  free = generate(model, params, prompts, max_new_tokens=20, stop_ids=(), **GREEDY)[:, 20:]
+  row0 = free[0]
+  first = {int(t): i for i, t in reversed(list(enumerate(row0)))}  # first step of each token
+  stop, at = next((t, i) for t, i in sorted(first.items(), key=lambda kv: kv[1]) if i >= 3
+                  and t not in free[1])
+  out = generate(model, params, prompts, max_new_tokens=20, stop_ids=(stop,), pad_id=1023, **GREEDY)[:, 20:]
+  np.testing.assert_array_equal(out[0, :at + 1], row0[:at + 1])
+  assert (out[0, at + 1:] == 1023).all() and at + 1 < 20
+  np.testing.assert_array_equal(out[1], free[1])
+  alone = generate(model, params, [text_prompt], max_new_tokens=20, stop_ids=(stop,), **GREEDY)
+  assert alone.shape == (1, 20 + at + 1)  # the loop ends once every row stopped
+  held = generate(model, params, [text_prompt], max_new_tokens=20, min_new_tokens=at + 2,
+                  stop_ids=(stop,), **GREEDY)[0, 20:]
+  assert held[at] != stop
+
+
+def _hf_warp(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+  """Hugging Face's warpers written out in numpy, index by index."""
+  x = logits / temperature
+  if top_k:
+    x = np.where(x < np.sort(x, -1)[:, -top_k][:, None], -np.inf, x)
+  order = np.argsort(x, -1)
+  ascending = np.take_along_axis(x, order, -1)
+  p = np.exp(ascending - ascending.max(-1, keepdims=True))
+  remove = np.cumsum(p / p.sum(-1, keepdims=True), -1) <= 1 - top_p
+  remove[:, -1] = False
+  out = x.copy()
+  np.put_along_axis(out, order, np.where(remove, -np.inf, ascending), -1)
+  return out
+
+
+@pytest.mark.parametrize('scale', [3.0, 0.1])  # peaked: top-p among the best 256; flat: full sort
+@pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, 0, 0.5), (0.6, 0, 0.9), (1.3, 40, 0.8),
+                                                     (1.0, 5, 1.0), (2.0, 0, 1.0)])
+def test_warpers_match_hugging_face(temperature, top_k, top_p, scale):
+  logits = np.random.default_rng(0).normal(size=(3, 1000)).astype(np.float32) * scale
+  ours = np.asarray(warp_logits(jnp.asarray(logits), temperature, top_k, top_p))
+  np.testing.assert_allclose(ours, _hf_warp(logits, temperature, top_k, top_p), rtol=1e-6)
+
+
+def test_sample_frequencies_follow_temperature():
+  logits = jnp.log(jnp.array([[0.6, 0.3, 0.1]]))
+  sampler = gen._Sampler(True, 2.0, 0, 1.0, (), 0)
+  draws = jax.vmap(lambda s: gen._select(logits, s, 0, jax.random.key(0), sampler))(jnp.arange(4000))
+  freq = np.bincount(np.asarray(draws)[:, 0], minlength=3) / 4000
+  expected = np.sqrt([0.6, 0.3, 0.1]) / np.sqrt([0.6, 0.3, 0.1]).sum()  # p ** (1 / T), renormalised
+  np.testing.assert_allclose(freq, expected, atol=0.03)
+  assert abs(freq[0] - 0.6) > 0.1  # the flattened distribution, not the original
+
+
+def test_generation_config_from_checkpoint(golden_dir, tmp_path):
+  g = GenerationConfig.from_pretrained(golden_dir / 'checkpoint')
+  assert (g.do_sample, g.top_k, g.top_p, g.stop_ids, g.pad_id, g.max_new_tokens) == (
+      True, 0, 0.5, (151643,), 151643, 512)
+  assert GenerationConfig.from_pretrained(tmp_path) == GenerationConfig()
+  (tmp_path / 'generation_config.json').write_text('{"num_beams": 4}')
+  with pytest.raises(ValueError, match='num_beams'):
+    GenerationConfig.from_pretrained(tmp_path)
+  with pytest.raises(TypeError, match='max_tokens'):
+    g.replace(max_tokens=3)
+  with pytest.raises(ValueError, match='top_p'):
+    g.replace(top_p=0.0)
+
+
+def test_buckets():
+  b = Buckets()
+  assert [b.length(n) for n in (1, 32, 33, 64, 300, 512, 513, 1100)] == [32, 32, 64, 64, 512, 512, 1024, 1536]
+  assert [Buckets.count(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+
+
+def test_bad_inputs(tiny, poster, golden):
+  model, params = tiny
+  image_row = golden['batch.input_ids'][:1]
+  with pytest.raises(ValueError, match='1 image spans but no pixel_values'):
+    generate(model, params, image_row, max_new_tokens=2)
+  with pytest.raises(ValueError, match='0 image spans but 1 images'):
+    generate(model, params, golden['long.input_ids'][:, :10], poster, max_new_tokens=2)
+  with pytest.raises(ValueError, match='left padding'):
+    generate(model, params, image_row, poster, attention_mask=np.arange(30)[None] < 20, max_new_tokens=2)
+  with pytest.raises(ValueError, match='outside the vocabulary'):
+    generate(model, params, [[5, 2000]], max_new_tokens=2)
+  with pytest.raises(ValueError, match='holds no tokens'):
+    generate(model, params, [[5], []], max_new_tokens=2)
+  with pytest.raises(ValueError, match=r'pixel_values must be \[n, 112, 112, 3\]'):
+    generate(model, params, image_row, poster[:, :50], max_new_tokens=2)
+
+
+def test_images_given_as_paths(tiny, poster, golden, golden_dir):
+  model, params = tiny
+  prompt = golden['generate.prompt_ids']
+  kw = dict(max_new_tokens=5, **GREEDY)
+  np.testing.assert_array_equal(generate(model, params, prompt, [str(golden_dir / 'img' / 'poster.jpg')], **kw),
+                                generate(model, params, prompt, poster, **kw))
+
+
+def test_decode_params_layout(tiny, text_prompt):
+  model, params = tiny
+  split = gen.decode_params(params)
+  assert gen.decode_params(split) is split and len(split.layers) == model.config.text.num_layers
+  np.testing.assert_array_equal(split.layers[1]['mlp']['w1']['kernel'],
+                                params['decoder']['layers']['mlp']['w1']['kernel'][1])
+  kw = dict(max_new_tokens=5, **GREEDY)
+  np.testing.assert_array_equal(generate(model, split, [text_prompt], **kw),
+                                generate(model, params, [text_prompt], **kw))
+  copy = jax.tree.map(lambda x: x, params)
+  consumed = gen.decode_params(copy, consume=True)
+  assert 'layers' not in copy['decoder'] and 'ln_f' in consumed.rest['decoder']
+  chex.assert_trees_all_equal(consumed, split)

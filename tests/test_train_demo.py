@@ -1,0 +1,80 @@
+"""The demo's pieces that need no training: the grounding world, its records, IoU, finding the vocabulary."""
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwenvl_jax.grounding import extract_boxes
+from qwenvl_jax.tokenizer import QwenVLTokenizer
+from train import world
+from train.config import load_json
+from train.data import Encoder
+from train.demo import demo_vocab, iou
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory):
+  root = tmp_path_factory.mktemp('world')
+  train, test = world.make_world(root, 12, 3, seed=4, cfg=world.WorldConfig(size=90, grid=3, max_objects=3))
+  return root, train, test
+
+
+def test_boxes_cover_the_drawn_shapes(scenes):
+  root, train, test = scenes
+  assert len(train) == 12 and len(test) == 3
+  for s in train + test:
+    assert 2 <= len(s.things) <= 3
+    assert len({t.colour for t in s.things}) == len(s.things)  # "the red ..." is unambiguous
+    pixels = np.asarray(Image.open(root / s.image).convert('RGB')).astype(int)
+    for t in s.things:
+      x1, y1, x2, y2 = (int(v / 1000 * 90) for v in t.box)
+      centre = pixels[(y1 + y2) // 2 + 3, (x1 + x2) // 2]  # a little low: triangles are wide there
+      assert np.abs(centre - world.COLOURS[t.colour]).max() < 30
+      outside = pixels[max(0, y1 - 2), max(0, x1 - 2)]
+      assert outside.min() >= 200  # background just outside the box
+
+
+def test_records_of_every_stage_are_valid(scenes, vocab_file):
+  root, train, _ = scenes
+  tok = QwenVLTokenizer(vocab_file, image_span_length=16)
+  rng = random.Random(0)
+  for fmt, records in [('caption', world.caption_records(train)),
+                       ('multitask', world.multitask_records(train, rng)),
+                       ('chat', world.chat_records(train, rng))]:
+    encoder = Encoder(tok, fmt, max_images=1)
+    for i, r in enumerate(records):
+      encoder.check(r, f'record {i}')
+      ex = encoder(r)
+      assert ex.images and (root / ex.images[0]).is_file() and ex.target.any()
+  chats = world.chat_records(train, rng)
+  grounding = [c for c in chats if c['conversations'][0]['value'].endswith('?')
+               and 'Where is' in c['conversations'][0]['value']]
+  assert len(grounding) == sum(len(s.things) for s in train)
+  by_image = {s.image: s for s in train}
+  for c in grounding:
+    user, answer = c['conversations'][0]['value'], c['conversations'][1]['value']
+    image = user.split('<img>')[1].split('</img>')[0]
+    (box,) = extract_boxes(answer)
+    thing = next(t for t in by_image[image].things if f'the {t.name}' == box['ref'])
+    assert box['box'] == list(thing.box) and thing.name in user
+
+
+def test_iou():
+  assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+  assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+  assert iou([10, 10, 0, 0], [0, 0, 10, 10]) == 1.0  # corners in either order
+  assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+
+
+def test_demo_vocab_from_environment(monkeypatch, vocab_file):
+  monkeypatch.setenv('QWENVL_VOCAB', str(vocab_file))
+  assert demo_vocab() == vocab_file
+
+
+def test_demo_config_describes_three_stages():
+  demo = load_json('demo')
+  assert set(demo['stages']) == {'1', '2', '3'}
+  sizes = [demo['stages'][s]['image_size'] for s in '123']
+  assert sizes[0] < sizes[1] == sizes[2]
+  assert demo['model']['vocab_size'] == 151936

@@ -1,0 +1,52 @@
+"""`qwenvl-train --config stage2 data=train.jsonl init_from=ckpt/ [key=value ...] [--resume]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from train.config import TrainConfig
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='qwenvl-train', description='Train Qwen-VL: one stage of the paper per run.',
+      epilog='Overrides are key=value pairs of TrainConfig fields (values parse as JSON when they can), '
+             'e.g. steps=100 peak_lr=1e-5 seq_buckets=[512,1024] lora=true.')
+  parser.add_argument('--config', required=True,
+                      help='a JSON config file, or a packaged one: stage1, stage2, stage3')
+  parser.add_argument('overrides', nargs='*', metavar='key=value')
+  parser.add_argument('--resume', action='store_true',
+                      help="continue from the latest checkpoint in out_dir (params, optimizer, data order)")
+  parser.add_argument('--stop-after', type=int, default=None, metavar='N',
+                      help='stop (with a checkpoint) after N steps in all, keeping the schedule of `steps`')
+  parser.add_argument('--mesh', default='',
+                      help='device mesh, e.g. "data=-1" or "fsdp=8" or "data=2,fsdp=4,tensor=1" '
+                           '(default: one device)')
+  parser.add_argument('--rules', default='', help='parameter sharding rules: fsdp, tp, fsdp_tp')
+  parser.add_argument('--print-config', action='store_true', help='print the resolved config and exit')
+  parser.add_argument('--no-progress', action='store_true', help='no progress bar (metrics file only)')
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    cfg = TrainConfig.from_json(args.config, args.overrides)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'qwenvl-train: {e}', file=sys.stderr)
+    return 2
+  if args.print_config:
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+  from train.trainer import run  # imports JAX: only once the arguments are known to be good
+  _, _, logged = run(cfg, resume=args.resume, mesh=args.mesh, rules=args.rules,
+                     progress=not args.no_progress, stop_after=args.stop_after)
+  if logged:
+    print(f'step {logged[-1]["step"]}: loss {logged[-1]["loss"]:.4f}; metrics in {cfg.out_dir}/metrics.jsonl')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

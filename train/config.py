@@ -1,0 +1,197 @@
+"""Training configuration: one frozen dataclass, per-stage defaults in `train/configs/stage{1,2,3}.json`.
+
+The stage files hold the paper's hyper-parameters (Qwen-VL, Bai et al. 2023, appendix Table 8); any field
+can be overridden on the command line as `key=value`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import typing
+from typing import Any, Mapping, Sequence
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
+STAGES = (1, 2, 3)
+DATA_FORMATS = ('caption', 'multitask', 'chat')
+CHAT_LABELS = ('official', 'assistant')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything one training run needs; see README 'Training' for the meaning of each stage."""
+  stage: int = 2
+  # Model: a released-layout checkpoint to start from, or a config.json for a random init.
+  init_from: str = ''
+  model_config: str = ''
+  vocab: str = ''  # qwen.tiktoken (or a folder holding it); default: init_from's folder, then $QWENVL_VOCAB
+  image_size: int = 448  # the ViT position table is resized to this grid at run time
+  dtype: str = 'bfloat16'  # compute dtype; parameters and optimizer state stay float32
+  remat: str = 'none'  # 'none', 'full', 'dots', 'dots_no_batch'
+  # Data.
+  data: str = ''
+  data_root: str = ''  # image paths are relative to it; default: the data file's folder
+  data_format: str = 'multitask'  # 'caption' (stage 1), 'multitask' (stage 2), 'chat' (stage 3)
+  chat_labels: str = 'official'  # 'official': as finetune.py; 'assistant': assistant turns only
+  seq_buckets: tuple[int, ...] = (2048,)  # padded lengths; longer samples are truncated to the last
+  target_step: int = 256  # logits are computed at a multiple of this many positions per row
+  max_images: int = 1  # image slots per row; a sample with more images is refused
+  bucket_window: int = 8  # batches whose samples are sorted by length together
+  # Optimisation.
+  batch_size: int = 4096  # global, all hosts together
+  grad_accum: int = 8
+  steps: int = 19000
+  warmup_steps: int = 400
+  peak_lr: float = 5e-5
+  min_lr: float = 1e-5
+  weight_decay: float = 0.05
+  b1: float = 0.9
+  b2: float = 0.98
+  eps: float = 1e-6
+  clip_norm: float = 1.0
+  vit_lr_decay: float = 0.95
+  # LoRA (official finetune.py defaults).
+  lora: bool = False
+  lora_rank: int = 64
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.05
+  lora_targets: tuple[str, ...] = ('c_attn', 'attn.c_proj', 'w1', 'w2')
+  # Run.
+  seed: int = 0
+  out_dir: str = 'out/train'
+  save_every: int = 1000
+  keep: int = 3
+  log_every: int = 10
+  export_dir: str = ''  # released-layout export (LoRA merged) at the end, when set
+  peak_tflops: float = 0.0  # per device, for MFU; 0 measures a matmul once at start
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    problems = []
+    if self.stage not in STAGES:
+      problems.append(f'stage must be one of {STAGES}, got {self.stage}')
+    if self.data_format not in DATA_FORMATS:
+      problems.append(f'data_format must be one of {DATA_FORMATS}, got {self.data_format!r}')
+    if self.chat_labels not in CHAT_LABELS:
+      problems.append(f'chat_labels must be one of {CHAT_LABELS}, got {self.chat_labels!r}')
+    if not self.seq_buckets or any(b < 2 for b in self.seq_buckets):
+      problems.append(f'seq_buckets must be lengths >= 2, got {self.seq_buckets}')
+    if list(self.seq_buckets) != sorted(set(self.seq_buckets)):
+      problems.append(f'seq_buckets must be strictly increasing, got {self.seq_buckets}')
+    for name in ('batch_size', 'grad_accum', 'steps', 'target_step', 'bucket_window', 'save_every',
+                 'keep', 'log_every', 'lora_rank', 'image_size'):
+      if getattr(self, name) < 1:
+        problems.append(f'{name} must be positive, got {getattr(self, name)}')
+    if self.max_images < 0:
+      problems.append(f'max_images must be >= 0, got {self.max_images}')
+    if self.batch_size % self.grad_accum:
+      problems.append(f'batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}')
+    if not 0 <= self.warmup_steps <= self.steps:
+      problems.append(f'warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}')
+    if not 0 <= self.min_lr <= self.peak_lr:
+      problems.append(f'need 0 <= min_lr <= peak_lr, got min_lr={self.min_lr}, peak_lr={self.peak_lr}')
+    if not 0 <= self.vit_lr_decay <= 1:
+      problems.append(f'vit_lr_decay must lie in [0, 1], got {self.vit_lr_decay}')
+    if not 0 <= self.lora_dropout < 1:
+      problems.append(f'lora_dropout must lie in [0, 1), got {self.lora_dropout}')
+    if problems:
+      raise ValueError('invalid training config: ' + '; '.join(problems))
+
+  @property
+  def micro_batch(self) -> int:
+    return self.batch_size // self.grad_accum
+
+  def replace(self, **kw: Any) -> 'TrainConfig':
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in dataclasses.fields(self)}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'TrainConfig':
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f'unknown training config keys {unknown}; known keys: {sorted(fields)}')
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
+
+  @classmethod
+  def from_json(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> 'TrainConfig':
+    """A JSON file (or a packaged name: 'stage1', 'stage2', 'stage3'), then `key=value` overrides."""
+    d = load_json(path)
+    d.update(parse_overrides(overrides))
+    return cls.from_dict(d)
+
+
+def resolve_config_path(name: str | os.PathLike) -> pathlib.Path:
+  """A path as given, else a config shipped in train/configs ('stage2' or 'stage2.json')."""
+  path = pathlib.Path(name)
+  if path.is_file():
+    return path
+  packaged = CONFIG_DIR / (path.name if path.suffix == '.json' else f'{path.name}.json')
+  if packaged.is_file():
+    return packaged
+  shipped = sorted(p.stem for p in CONFIG_DIR.glob('*.json'))
+  raise FileNotFoundError(f'config {name!r} not found: neither a file nor one of the packaged {shipped}')
+
+
+def load_json(name: str | os.PathLike) -> dict[str, Any]:
+  path = resolve_config_path(name)
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}: not valid JSON ({e})') from e
+  if not isinstance(d, dict):
+    raise ValueError(f'{path}: expected a JSON object at the top level')
+  return {k: v for k, v in d.items() if not k.startswith('_')}  # '_comment' keys document the file
+
+
+def stage_config(stage: int, **overrides: Any) -> TrainConfig:
+  """The packaged defaults of a stage, with Python overrides."""
+  if stage not in STAGES:
+    raise ValueError(f'stage must be one of {STAGES}, got {stage}')
+  d = load_json(f'stage{stage}')
+  d.update(overrides)
+  return TrainConfig.from_dict(d)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+  """['steps=10', 'seq_buckets=[64,128]'] -> dict; values are JSON when they parse, else strings."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep or not key:
+      raise ValueError(f'override {item!r} is not of the form key=value')
+    try:
+      out[key.strip()] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key.strip()] = value
+  return out
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+  """JSON values to the field's type, with a clear error for a wrong type."""
+  origin = typing.get_origin(hint)
+  try:
+    if origin is tuple:
+      (item_type, _) = typing.get_args(hint)
+      items = value.split(',') if isinstance(value, str) else value
+      return tuple(item_type(v) for v in items)
+    if hint is bool:
+      if isinstance(value, str) and value.lower() in ('true', 'false'):
+        return value.lower() == 'true'
+      if not isinstance(value, bool):
+        raise TypeError
+      return value
+    if hint is int and isinstance(value, float) and not value.is_integer():
+      raise TypeError
+    return hint(value)
+  except (TypeError, ValueError):
+    type_name = getattr(hint, '__name__', hint)
+    raise ValueError(f'config key {name}: cannot use {value!r} as {type_name}') from None

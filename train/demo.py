@@ -1,0 +1,168 @@
+"""`make demo`: build a grounding world, train a small Qwen-VL through the paper's three stages with the
+real tokenizer, then ask it where things are on held-out images.
+
+Settings come from train/configs/demo.json. Everything is written under demo_out/: the world (images and
+the three stages' data files), each stage's checkpoints and metrics.jsonl, and answers/ with the
+held-out images and the boxes the model drew.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from typing import Sequence
+
+import numpy as np
+
+VOCAB_IN_WHEEL = 'dashscope/resources/qwen.tiktoken'
+CACHE = pathlib.Path.home() / '.cache' / 'qwenvl_jax'
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def demo_vocab() -> pathlib.Path:
+  """qwen.tiktoken from $QWENVL_VOCAB, ../shared, the user cache, else PyPI's dashscope wheel (the file
+  only: the SDK is not installed)."""
+  candidates = [os.environ.get('QWENVL_VOCAB', ''), 'shared/qwen.tiktoken', '../shared/qwen.tiktoken',
+                REPO.parent / 'shared' / 'qwen.tiktoken', CACHE / 'qwen.tiktoken']
+  for c in candidates:
+    if c and pathlib.Path(c).is_file():
+      return pathlib.Path(c)
+  print('downloading the Qwen vocabulary (qwen.tiktoken) from the dashscope wheel on PyPI ...', flush=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run([sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '--only-binary=:all:',
+                    'dashscope', '-d', tmp], check=True)
+    wheels = glob.glob(os.path.join(tmp, 'dashscope-*.whl'))
+    if not wheels:
+      raise FileNotFoundError('pip download dashscope produced no wheel')
+    with zipfile.ZipFile(wheels[0]) as z:
+      if VOCAB_IN_WHEEL not in z.namelist():
+        raise FileNotFoundError(f'{wheels[0]} holds no {VOCAB_IN_WHEEL}')
+      data = z.read(VOCAB_IN_WHEEL)
+  CACHE.mkdir(parents=True, exist_ok=True)
+  target = CACHE / 'qwen.tiktoken'
+  target.write_bytes(data)
+  return target
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+  ax1, ay1, ax2, ay2 = min(a[0], a[2]), min(a[1], a[3]), max(a[0], a[2]), max(a[1], a[3])
+  bx1, by1, bx2, by2 = b
+  inter = max(0, min(ax2, bx2) - max(ax1, bx1)) * max(0, min(ay2, by2) - max(ay1, by1))
+  union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+  return inter / union if union > 0 else 0.0
+
+
+def ask_all(model, params, tokenizer, root: pathlib.Path, questions: list[tuple[str, str]],
+            batch: int, max_new_tokens: int) -> list[str]:
+  """Greedy answers to single-turn chat questions (image path, question text), in batches."""
+  from qwenvl_jax.chat import DEFAULT_SYSTEM, chat_config
+  from qwenvl_jax.chat_format import decode_response, make_context
+  from qwenvl_jax.generate import GenerationConfig, generate
+  from qwenvl_jax.preprocess import preprocess_images
+  g = chat_config(tokenizer, GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens))
+  answers = []
+  for start in range(0, len(questions), batch):
+    chunk = questions[start:start + batch]
+    prompts = [make_context(tokenizer, f'Picture 1: <img>{image}</img>\n{q}', system=DEFAULT_SYSTEM)[1]
+               for image, q in chunk]
+    pixels = preprocess_images([root / image for image, _ in chunk], model.config.vision.image_size)
+    out = generate(model, params, prompts, pixels, generation_config=g)  # prompts left-padded to the longest
+    longest = max(len(p) for p in prompts)
+    answers += [decode_response(row, tokenizer, longest, g.chat_format) for row in out]
+  return answers
+
+
+def _boxes(answer: str) -> list[dict]:
+  """The boxes of an answer; none when the model wrote malformed markup."""
+  from qwenvl_jax.grounding import extract_boxes
+  try:
+    return extract_boxes(answer)
+  except ValueError:
+    return []
+
+
+def evaluate(model, params, tokenizer, root: pathlib.Path, scenes, out_dir: pathlib.Path, ev: dict,
+             show: int) -> float:
+  from PIL import Image
+  from qwenvl_jax.grounding import draw_boxes
+  from train.world import where_question
+  questions, truths, owners = [], [], []
+  for i, s in enumerate(scenes):
+    for t in s.things:
+      questions.append((s.image, where_question(t)))
+      truths.append(t.box)
+      owners.append(i)
+  answers = ask_all(model, params, tokenizer, root, questions, ev['batch'], ev['max_new_tokens'])
+  found = [_boxes(a) for a in answers]
+  hits = [bool(boxes) and iou(boxes[0]['box'], truth) >= 0.5 for boxes, truth in zip(found, truths)]
+  out_dir.mkdir(parents=True, exist_ok=True)
+  for i, s in enumerate(scenes[:ev['save_images']]):
+    mine = [b for boxes, o in zip(found, owners) if o == i for b in boxes[:1]]
+    with Image.open(root / s.image) as im:
+      draw_boxes(im.resize((448, 448)), mine).save(out_dir / f'{pathlib.Path(s.image).stem}.png')
+  for (image, q), a, ok in list(zip(questions, answers, hits))[:show]:
+    print(f'  [{image}] {q}\n    -> {a}   {"(correct)" if ok else "(wrong)"}')
+  return 100.0 * float(np.mean(hits))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m train.demo', description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', default='demo', help='demo settings (default: train/configs/demo.json)')
+  parser.add_argument('--out', default='demo_out')
+  parser.add_argument('--seed', type=int, default=None, help='override the config seed')
+  args = parser.parse_args(argv)
+  start = time.perf_counter()
+
+  import jax
+  from qwenvl_jax.config import QwenVLConfig
+  from qwenvl_jax.model import QwenVL
+  from qwenvl_jax.tokenizer import QwenVLTokenizer
+  from train import world
+  from train.config import load_json, stage_config
+  from train.trainer import run
+
+  demo = load_json(args.config)
+  seed = demo['seed'] if args.seed is None else args.seed
+  out = pathlib.Path(args.out)
+  shutil.rmtree(out, ignore_errors=True)
+  root = out / 'world'
+  wcfg = world.WorldConfig(**demo['world']['scene'])
+  train_scenes, test_scenes = world.make_world(
+      root, demo['world']['train_images'], demo['world']['test_images'], seed, wcfg)
+  rng = random.Random(seed)
+  files = {1: world.write_json(world.caption_records(train_scenes), root / 'stage1.json'),
+           2: world.write_json(world.multitask_records(train_scenes, rng), root / 'stage2.json'),
+           3: world.write_json(world.chat_records(train_scenes, rng), root / 'stage3.json')}
+  model_config = QwenVLConfig.from_dict(demo['model'])
+  tokenizer = QwenVLTokenizer(demo_vocab(), image_span_length=model_config.vision.n_queries)
+  print(f'world: {len(train_scenes)} training and {len(test_scenes)} held-out images in {root}; '
+        f'model: {model_config.text.num_layers}-layer decoder ({model_config.text.hidden_size} wide), '
+        f'{model_config.vision.layers}-layer ViT, vocabulary {model_config.text.vocab_size}; '
+        f'{jax.devices()[0].platform} ({time.perf_counter() - start:.0f} s)', flush=True)
+
+  params = None
+  for stage in (1, 2, 3):
+    cfg = stage_config(stage, **demo['stages'][str(stage)], data=str(files[stage]),
+                       out_dir=str(out / f'stage{stage}'), seed=seed)
+    model_config, params, logged = run(cfg, model_config=model_config, params=params, tokenizer=tokenizer,
+                                       desc=f'stage {stage} ({cfg.image_size}px)')
+    print(f'stage {stage}: {cfg.steps} steps, final loss {logged[-1]["loss"]:.3f} '
+          f'({time.perf_counter() - start:.0f} s)', flush=True)
+
+  model = QwenVL(model_config.replace(dtype='float32'))
+  accuracy = evaluate(model, params, tokenizer, root, test_scenes, out / 'answers', demo['eval'], show=6)
+  print(f'boxes drawn on held-out images: {out / "answers"}; total {time.perf_counter() - start:.0f} s')
+  print(f'grounding accuracy (IoU>=0.5): {accuracy:.1f}%')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

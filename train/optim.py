@@ -1,0 +1,125 @@
+"""Which parameters each stage trains, the paper's AdamW chain, ViT layer-wise lr decay, the schedule.
+
+The optimiser works on the tree `{'params': model params, 'lora': LoRA params ({} without LoRA)}`.
+Frozen leaves go through `optax.set_to_zero()` inside `multi_transform`, so they hold no optimiser state.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train.config import TrainConfig
+
+TRAIN, FROZEN = 'train', 'frozen'
+# The resampler's 2D sin-cos table: requires_grad=False in the original, so no stage trains it.
+NEVER_TRAINED = ('visual', 'attn_pool', 'pos_embed')
+# ViT leaves below the blocks: they get the deepest layer-wise decay.
+VIT_EMBEDDINGS = ('conv1', 'positional_embedding', 'ln_pre')
+NO_DECAY = ('bias', 'scale')  # norm scales and biases take no weight decay
+
+Schedule = Callable[[Any], jax.Array]
+
+
+def path_keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def stage_trains(stage: int, keys: tuple[str, ...]) -> bool:
+  """Whether `stage` trains the model leaf at `keys` (e.g. ('visual', 'blocks', 'c_fc', 'kernel')).
+
+  1: the ViT and the adapter (resampler, ln_post, proj). 2: everything. 3: the LLM and the resampler
+  (attn_pool), the rest of the visual tower frozen, as the official finetune.py's fix_vit does.
+  """
+  if keys[:len(NEVER_TRAINED)] == NEVER_TRAINED:
+    return False
+  if stage == 1:
+    return keys[0] == 'visual'
+  if stage == 2:
+    return True
+  if stage == 3:
+    return keys[0] != 'visual' or keys[1] == 'attn_pool'
+  raise ValueError(f'stage must be 1, 2 or 3, got {stage}')
+
+
+def labels(cfg: TrainConfig, tree: dict) -> dict:
+  """'train'/'frozen' per leaf of {'params', 'lora'}; with LoRA the whole base model is frozen."""
+  def label(path, _):
+    keys = path_keys(path)
+    if keys[0] == 'lora':
+      return TRAIN
+    return TRAIN if not cfg.lora and stage_trains(cfg.stage, keys[1:]) else FROZEN
+  return jax.tree_util.tree_map_with_path(label, tree)
+
+
+def trainable_mask(cfg: TrainConfig, tree: dict) -> dict:
+  return jax.tree.map(lambda lab: lab == TRAIN, labels(cfg, tree))
+
+
+def lr_schedule(cfg: TrainConfig) -> Schedule:
+  """Linear warmup to peak_lr over warmup_steps (step s gets (s+1)/warmup of it), then cosine to min_lr
+  at `steps`."""
+  peak, low, warmup, total = cfg.peak_lr, cfg.min_lr, cfg.warmup_steps, cfg.steps
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * jnp.minimum(1.0, (step + 1.0) / max(warmup, 1))
+    progress = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+    cosine = low + (peak - low) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    return jnp.where(step < warmup, warm, cosine)
+  return schedule
+
+
+def vit_layer_scale(keys: tuple[str, ...], shape: tuple[int, ...], num_layers: int, decay: float):
+  """lr factor of one leaf: decay**(L - i) for ViT block i (a vector along the stacked axis 0),
+  decay**(L + 1) for the patch embedding, positions and ln_pre, 1 for the adapter and the LLM."""
+  if len(keys) < 2 or keys[:2] != ('params', 'visual'):
+    return 1.0
+  if keys[2] == 'blocks':
+    factors = decay ** (num_layers - np.arange(num_layers, dtype=np.float64))
+    return factors.astype(np.float32).reshape((num_layers,) + (1,) * (len(shape) - 1))
+  if keys[2] in VIT_EMBEDDINGS:
+    return float(decay ** (num_layers + 1))
+  return 1.0
+
+
+def scale_vit_layers(num_layers: int, decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by its leaf's layer-wise lr factor; stateless."""
+  def update(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: u * jnp.asarray(vit_layer_scale(path_keys(path), u.shape, num_layers, decay),
+                                        u.dtype), updates)
+    return scaled, state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _decay_mask(tree):
+  return jax.tree_util.tree_map_with_path(lambda path, _: path_keys(path)[-1] not in NO_DECAY, tree)
+
+
+def trainables(params: dict, lora: dict | None = None) -> dict:
+  """The tree the optimiser works on."""
+  return {'params': params, 'lora': lora or {}}
+
+
+def make_optimizer(cfg: TrainConfig, params: dict, lora: dict | None = None) -> optax.GradientTransformation:
+  """AdamW (b1, b2, eps), decoupled weight decay, clipping, ViT layer-wise decay, warmup + cosine.
+
+  Its state and updates are for `trainables(params, lora)`; only the structure of the trees is read.
+  """
+  tree = trainables(params, lora)
+  vit_layers = jax.tree.leaves(params['visual']['blocks'])[0].shape[0]
+  chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+  chain += [
+      optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+      optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
+      scale_vit_layers(vit_layers, cfg.vit_lr_decay),
+      optax.scale_by_learning_rate(lr_schedule(cfg)),
+  ]
+  return optax.multi_transform({TRAIN: optax.chain(*chain), FROZEN: optax.set_to_zero()},
+                               labels(cfg, tree))

@@ -1,0 +1,124 @@
+"""The train step: a pure function `step(state, batch) -> (state, metrics)`, ready for jit with shardings.
+
+A batch (global rows, split into `grad_accum` micro-batches by a scan inside the step):
+  input_ids [B, T] int32, attention_mask [B, T] (real tokens; right padding),
+  targets [B, N] int32: positions p whose next token p+1 is a training target (padding: 0),
+  target_mask [B, N] float32: 1 for real targets, 0 for padding,
+  pixel_values [B, M, S, S, 3] float32: M image slots per row, filled in order, zeros when unused.
+The loss is the mean cross entropy over all real targets of the global batch. Logits are computed only at
+the target positions (the model's `logits_at`): the 152k-vocabulary head dominates otherwise.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qwenvl_jax.model import QwenVL
+from train.config import TrainConfig
+from train.lora import apply_lora
+from train.optim import lr_schedule, make_optimizer, trainable_mask, trainables
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+__all__ = ['TrainState', 'init_state', 'make_optimizer', 'make_train_step', 'image_order', 'target_nll']
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: updates applied so far
+  params: Any  # float32 master weights
+  opt_state: Any
+  lora: Any = None  # LoRA tree when training with LoRA
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, lora: Any = None) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(trainables(params, lora)), lora)
+
+
+def image_order(input_ids: jax.Array, image_start_id: int, slots: int) -> jax.Array:
+  """[b * slots] slot index of each image in row-major order of its `<img>` token (the order the model
+  splices features in), from per-row slots (row r owns slots r*slots ... r*slots + slots - 1)."""
+  b = input_ids.shape[0]
+  is_start = input_ids == image_start_id
+  slot = jnp.arange(b)[:, None] * slots + jnp.cumsum(is_start, axis=1) - 1  # [b, t]
+  (pos,) = jnp.nonzero(is_start.reshape(-1), size=b * slots, fill_value=0)
+  return jnp.clip(slot.reshape(-1)[pos], 0, b * slots - 1)
+
+
+def target_nll(logits: jax.Array, input_ids: jax.Array, targets: jax.Array) -> jax.Array:
+  """[b, n] negative log-likelihood of token targets+1 under logits [b, n, vocab] taken at targets."""
+  labels = jnp.take_along_axis(input_ids, targets + 1, axis=1)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+
+
+def _split(tree: Any, mask: Any) -> tuple[Any, Any]:
+  """(trainable leaves, frozen leaves), None where a leaf belongs to the other part."""
+  train = jax.tree.map(lambda x, m: x if m else None, tree, mask)
+  frozen = jax.tree.map(lambda x, m: None if m else x, tree, mask)
+  return train, frozen
+
+
+def _merge(train: Any, frozen: Any) -> Any:
+  return jax.tree.map(lambda a, b: b if a is None else a, train, frozen, is_leaf=lambda x: x is None)
+
+
+def _micro_batches(batch: Batch, n: int) -> Batch:
+  """[B, ...] -> [n, B/n, ...] with micro-batch i = rows i, i+n, ...: with the rows split over devices,
+  every micro-batch is spread over all of them."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), batch)
+
+
+def make_train_step(model: QwenVL, optimizer: optax.GradientTransformation,
+                    cfg: TrainConfig) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """`cfg` gives the stage mask, LoRA settings, grad_accum and the lr schedule of the metrics."""
+  start_id = model.config.vision.image_start_id
+  schedule = lr_schedule(cfg)
+
+  def loss_sum(train, frozen, mb: Batch, rng: jax.Array) -> jax.Array:
+    tree = _merge(train, frozen)
+    params = tree['params']
+    if cfg.lora:
+      params = apply_lora(params, tree['lora'], cfg.lora_alpha, cfg.lora_dropout, rng)
+    variables = {'params': params}
+    ids, pixels = mb['input_ids'], mb['pixel_values']
+    b, slots = pixels.shape[:2]
+    features = None
+    if slots:
+      features = model.apply(variables, pixels.reshape((b * slots,) + pixels.shape[2:]),
+                             method=QwenVL.encode_images)  # [b*slots, q, d]
+      features = features[image_order(ids, start_id, slots)]
+    logits = model.apply(variables, ids, image_features=features, attention_mask=mb['attention_mask'],
+                         logits_at=mb['targets'], train=True)  # [b, n, vocab]
+    return (target_nll(logits, ids, mb['targets']) * mb['target_mask']).sum()
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    tree = trainables(state.params, state.lora)
+    mask = trainable_mask(cfg, tree)
+    train, frozen = _split(tree, mask)
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)  # LoRA dropout, fixed per step
+
+    def accumulate(carry, mb):
+      loss, grads = jax.value_and_grad(loss_sum)(train, frozen, mb, rng)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, train))
+    (total_loss, grads), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, cfg.grad_accum))
+    count = batch['target_mask'].astype(jnp.float32).sum()
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.global_norm(grads)
+    full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = optimizer.update(full_grads, state.opt_state, tree)
+    # Frozen leaves are passed through untouched, so they stay bit-identical (x + 0.0 would flip -0.0).
+    new_tree = jax.tree.map(lambda p, u, m: (p + u).astype(p.dtype) if m else p, tree, updates, mask)
+    new_state = TrainState(state.step + 1, new_tree['params'], opt_state,
+                           new_tree['lora'] if state.lora is not None else None)
+    metrics = {'loss': total_loss / denom, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+               'targets': count, 'tokens': batch['attention_mask'].astype(jnp.float32).sum()}
+    return new_state, metrics
+
+  return step
