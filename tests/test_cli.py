@@ -90,7 +90,7 @@ def test_image_outside_root_refused(ckpt, vocab_file, images, capsys):
 
 def test_boxes_saved_on_latest_image(ckpt, vocab_file, images, capsys, monkeypatch):
   answer = '<ref>poster</ref><box>(100,100),(900,500)</box>'
-  monkeypatch.setattr('qwenvl_jax.chat.chat_stream', lambda *a, **k: iter([answer[:10], answer]))
+  monkeypatch.setattr(sys.modules['qwenvl_jax.chat'], 'chat_stream', lambda *a, **k: iter([answer[:10], answer]))
   assert cli.main(_args(ckpt, vocab_file, '--image', 'pic.jpg', '--save-dir', 'out', 'Where?')) == 0
   saved = images / 'out' / 'turn1_pic_boxes.png'
   assert f'1 box(es) drawn on pic.jpg: {saved.relative_to(images)}' in capsys.readouterr().out

@@ -1,4 +1,6 @@
 """Generation: golden parity, left-padded batches, compile counts, sampling, stop ids, streaming."""
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,9 @@ import numpy as np
 import pytest
 
 import qwenvl_jax as q
-from qwenvl_jax import generate as gen
+
+# The package exports the function `generate`, which shadows the module of that name as an attribute.
+gen = importlib.import_module('qwenvl_jax.generate')
 from qwenvl_jax.generate import Buckets, GenerationConfig, generate, generate_stream, warp_logits
 
 GREEDY = dict(do_sample=False)

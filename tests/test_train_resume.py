@@ -57,6 +57,7 @@ def _losses(out_dir):
   return {r['step']: r['loss'] for r in map(json.loads, lines)}
 
 
+@pytest.mark.slow
 def test_six_steps_equal_three_plus_resume_plus_three(setup):
   root, cfg = setup
   straight_dir, split_dir = root / 'straight', root / 'split'
