@@ -59,7 +59,10 @@ class InProjection(nn.Module):
   @nn.compact
   def __call__(self, *inputs: Array) -> tuple[Array, ...]:
     h, k = self.num_heads, self.head_dim
-    w = self.param('kernel', nn.initializers.normal(0.02), (inputs[0].shape[-1], 3, h, k), self.param_dtype)
+    # xavier-uniform over the packed [3d, d] matrix, as torch initialises it: with normal(0.02) every
+    # query starts attending almost uniformly, so all image tokens begin as the same patch average.
+    init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2, 3))
+    w = self.param('kernel', init, (inputs[0].shape[-1], 3, h, k), self.param_dtype)
     b = self.param('bias', nn.initializers.zeros, (3, h, k), self.param_dtype)
     return tuple(jnp.einsum('bpd,dhk->bphk', t, w[:, i].astype(self.dtype)) + b[i].astype(self.dtype)
                  for i, t in enumerate(inputs))

@@ -50,23 +50,8 @@ def model_and_params(cfg: TrainConfig, model_config: QwenVLConfig | None = None,
   model_config = model_config.replace(dtype=cfg.dtype, param_dtype='float32', remat=cfg.remat,
                                       vision={'image_size': cfg.image_size})
   if params is None:
-    params = xavier_in_proj(init_params(QwenVL(model_config), jax.random.key(cfg.seed)),
-                            jax.random.key(cfg.seed + 2))
+    params = init_params(QwenVL(model_config), jax.random.key(cfg.seed))
   return model_config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-
-
-def xavier_in_proj(params: dict, rng: jax.Array) -> dict:
-  """The resampler's packed q/k/v projection drawn as the original initialises it: it is the
-  in_proj_weight of a torch nn.MultiheadAttention, xavier-uniform over [3d, d], where the model's init
-  uses normal(0.02). From scratch this matters: at 0.02 the queries attend almost uniformly, every image
-  token gets the same average of the patches, and the demo's small model does not learn to localise."""
-  kernel = params['visual']['attn_pool']['in_proj']['kernel']  # [d, 3, h, k]
-  d = kernel.shape[0]
-  bound = (6.0 / (d + 3 * d)) ** 0.5
-  pool = dict(params['visual']['attn_pool'])
-  drawn = jax.random.uniform(rng, kernel.shape, kernel.dtype, -bound, bound)
-  pool['in_proj'] = dict(pool['in_proj'], kernel=drawn)
-  return {**params, 'visual': {**params['visual'], 'attn_pool': pool}}
 
 
 def vocab_path(cfg: TrainConfig) -> pathlib.Path:
