@@ -13,11 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qwenvl_jax.plan import trainable
 from train.config import TrainConfig
 
 TRAIN, FROZEN = 'train', 'frozen'
-# The resampler's 2D sin-cos table: requires_grad=False in the original, so no stage trains it.
-NEVER_TRAINED = ('visual', 'attn_pool', 'pos_embed')
 # ViT leaves below the blocks: they get the deepest layer-wise decay.
 VIT_EMBEDDINGS = ('conv1', 'positional_embedding', 'ln_pre')
 NO_DECAY = ('bias', 'scale')  # norm scales and biases take no weight decay
@@ -30,20 +29,8 @@ def path_keys(path) -> tuple[str, ...]:
 
 
 def stage_trains(stage: int, keys: tuple[str, ...]) -> bool:
-  """Whether `stage` trains the model leaf at `keys` (e.g. ('visual', 'blocks', 'c_fc', 'kernel')).
-
-  1: the ViT and the adapter (resampler, ln_post, proj). 2: everything. 3: the LLM and the resampler
-  (attn_pool), the rest of the visual tower frozen, as the official finetune.py's fix_vit does.
-  """
-  if keys[:len(NEVER_TRAINED)] == NEVER_TRAINED:
-    return False
-  if stage == 1:
-    return keys[0] == 'visual'
-  if stage == 2:
-    return True
-  if stage == 3:
-    return keys[0] != 'visual' or keys[1] == 'attn_pool'
-  raise ValueError(f'stage must be 1, 2 or 3, got {stage}')
+  """Whether `stage` trains the leaf at `keys`; the stages are defined once, in `qwenvl_jax.plan`."""
+  return trainable(keys, stage)
 
 
 def labels(cfg: TrainConfig, tree: dict) -> dict:
