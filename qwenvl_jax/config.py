@@ -97,7 +97,6 @@ class QwenVLConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: str = 'none'
-  scan_layers: bool = True
 
   @classmethod
   def from_dict(cls, d: dict[str, Any], **overrides) -> 'QwenVLConfig':
