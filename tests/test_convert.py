@@ -375,8 +375,8 @@ def test_failure_mid_write_leaves_nothing(golden_ckpt, tmp_path, monkeypatch):
   assert len(calls) == 20 and list(tmp_path.iterdir()) == []
 
 
-def test_killed_conversion_never_loads(golden_ckpt, tmp_path):
-  """SIGKILL half-way through the writes: DST never appears and the leftover .tmp- dir refuses to load."""
+def _convert_and_signal(golden_ckpt, tmp_path, sig: str) -> subprocess.CompletedProcess:
+  """Runs a conversion in a subprocess that sends itself `signal.<sig>` at the 30th piece written."""
   script = textwrap.dedent(f'''
       import os, signal
       from convert import core, orbax_io
@@ -384,12 +384,17 @@ def test_killed_conversion_never_loads(golden_ckpt, tmp_path):
       def pieces(*args):
         count[0] += 1
         if count[0] == 30:
-          os.kill(os.getpid(), signal.SIGKILL)
+          os.kill(os.getpid(), signal.{sig})
         return real(*args)
       orbax_io.leaf_pieces = pieces
       core.hf_to_orbax({str(golden_ckpt)!r}, {str(tmp_path / 'o')!r}, progress=False)
       ''')
-  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
+  return subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_killed_conversion_never_loads(golden_ckpt, tmp_path):
+  """SIGKILL half-way through the writes: DST never appears and the leftover .tmp- dir refuses to load."""
+  result = _convert_and_signal(golden_ckpt, tmp_path, 'SIGKILL')
   assert result.returncode == -9, result.stderr[-2000:]
   assert not (tmp_path / 'o').exists()
   [leftover] = tmp_path.glob('o.tmp-*')
@@ -402,19 +407,7 @@ def test_killed_conversion_never_loads(golden_ckpt, tmp_path):
 
 def test_ctrl_c_stops_the_writer_and_cleans_up(golden_ckpt, tmp_path):
   """SIGINT half-way: the writer thread stops, the temporary directory goes, nothing is left."""
-  script = textwrap.dedent(f'''
-      import os, signal
-      from convert import core, orbax_io
-      real, count = orbax_io.leaf_pieces, [0]
-      def pieces(*args):
-        count[0] += 1
-        if count[0] == 30:
-          os.kill(os.getpid(), signal.SIGINT)
-        return real(*args)
-      orbax_io.leaf_pieces = pieces
-      core.hf_to_orbax({str(golden_ckpt)!r}, {str(tmp_path / 'o')!r}, progress=False)
-      ''')
-  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
+  result = _convert_and_signal(golden_ckpt, tmp_path, 'SIGINT')
   assert result.returncode != 0 and 'KeyboardInterrupt' in result.stderr, result.stderr[-2000:]
   assert list(tmp_path.iterdir()) == []
 
