@@ -5,8 +5,12 @@
 Builds a bfloat16 released-layout checkpoint in DIR: the 7B's full embeddings and lm_head (151936 x 4096),
 `--layers` decoder layers of 7B shape and a ViT of the released width with `--vit-layers` blocks, in
 2 GB shards with an index, like the release. Then, on the same disk and in the same run:
-  read speed    every shard read once with 64 MiB reads, cold (dropped from the page cache first);
+  read speed    every shard read once, cold (dropped from the page cache first), twice: with 64 MiB
+                reads through the page cache (the kernel reads ahead), and with O_DIRECT by
+                READ_THREADS threads (as the converter reads); the faster is the disk's read speed;
   write speed   a file as large as the largest shard written and fsynced;
+  copy speed    the shards copied with O_DIRECT reads and writes by READ_THREADS threads: about the
+                most a conversion, which reads and writes every byte once, can reach on this disk;
   conversion    `hf_to_orbax` in a child process on the cold shards: wall time (fsync included), CPU
                 time of all its threads and peak resident memory (VmHWM).
 Prints throughput / read speed and peak RSS / largest shard, as JSON with the figures behind them.
@@ -23,7 +27,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent import futures
+from typing import Callable
 
 if __package__ in (None, ''):  # run as a file: its own folder would shadow the `convert` package
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
@@ -34,6 +41,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GB = 10**9
 READ_BLOCK = 64 << 20
+READ_THREADS = 4  # O_DIRECT reads in flight: one at a time leaves the disk idle between requests
 
 
 def synthetic_config(layers: int, vit_layers: int) -> dict:
@@ -85,6 +93,7 @@ def drop_cache(files: list[pathlib.Path]) -> None:
 
 
 def read_speed(files: list[pathlib.Path]) -> float:
+  """Cold reads through the page cache."""
   drop_cache(files)
   buf = memoryview(bytearray(READ_BLOCK))
   total = 0
@@ -96,6 +105,55 @@ def read_speed(files: list[pathlib.Path]) -> float:
   seconds = time.perf_counter() - start
   drop_cache(files)
   return total / seconds
+
+
+def _each_block(files: list[pathlib.Path], job: Callable[[pathlib.Path, int, np.ndarray], int]) -> int:
+  """Runs job(file, offset, buffer) on every READ_BLOCK of the files, READ_THREADS at a time, each thread
+  with its own aligned buffer; returns the sum of what the jobs return."""
+  from convert import orbax_io
+  local = threading.local()
+
+  def run(task: tuple[pathlib.Path, int]) -> int:
+    if not hasattr(local, 'buf'):
+      local.buf = orbax_io.BufferPool(0).get(READ_BLOCK)
+    return job(*task, local.buf)
+
+  tasks = [(f, offset) for f in files for offset in range(0, f.stat().st_size, READ_BLOCK)]
+  with futures.ThreadPoolExecutor(READ_THREADS) as pool:
+    return sum(pool.map(run, tasks))
+
+
+def direct_read_speed(files: list[pathlib.Path]) -> float:
+  """Cold reads with O_DIRECT, READ_THREADS at a time."""
+  from convert import source
+  drop_cache(files)
+  start = time.perf_counter()
+  total = _each_block(files, source.pread)
+  return total / (time.perf_counter() - start)
+
+
+def copy_speed(files: list[pathlib.Path], work: pathlib.Path) -> float:
+  """Cold shards copied into work/ with O_DIRECT both ways and synced: the most that a conversion, which
+  reads and writes every byte once, can reach on this disk."""
+  from convert import orbax_io, source
+  drop_cache(files)
+  fds = {f: orbax_io.open_direct(work / f.name, os.O_WRONLY | os.O_CREAT)[0] for f in files}
+
+  def copy(file: pathlib.Path, offset: int, buf: np.ndarray) -> int:
+    n = source.pread(file, offset, buf)
+    os.pwrite(fds[file], buf[:orbax_io.aligned(n)], offset)  # whole blocks; the copies are not kept
+    return n
+
+  try:
+    start = time.perf_counter()
+    total = _each_block(files, copy)
+    for fd in fds.values():
+      os.fsync(fd)
+    return total / (time.perf_counter() - start)
+  finally:
+    for f, fd in fds.items():
+      os.close(fd)
+      (work / f.name).unlink()
 
 
 def write_speed(path: pathlib.Path, nbytes: int) -> float:
@@ -152,8 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     src, dst = work / 'released', work / 'orbax'
     files = write_checkpoint(src, layers, args.vit_layers, int(args.shard_gb * GB))
     sizes = [f.stat().st_size for f in files]
-    read = read_speed(files)
+    buffered, direct = read_speed(files), direct_read_speed(files)
+    read = max(buffered, direct)
     write = write_speed(work / 'write-test', max(sizes))
+    copy = copy_speed(files, work)
     out = subprocess.run([sys.executable, '-m', 'bench.convert', '--child', str(src), str(dst)],
                          cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
     run = json.loads(out.strip().splitlines()[-1])
@@ -163,11 +223,14 @@ def main(argv: list[str] | None = None) -> None:
         'load_avg_at_start': load_at_start, 'load_avg_at_end': os.getloadavg()[0],
         'decoder_layers': layers, 'vit_layers': args.vit_layers, 'shards': len(files),
         'checkpoint_gb': total / GB, 'largest_shard_gb': max(sizes) / GB,
-        'read_gb_s': read / GB, 'write_gb_s': write / GB,
+        'read_gb_s': read / GB, 'read_buffered_gb_s': buffered / GB, 'read_direct_gb_s': direct / GB,
+        'write_gb_s': write / GB, 'copy_gb_s': copy / GB,
         'convert_s': run['seconds'], 'convert_gb_s': total / run['seconds'] / GB,
         'convert_cpu_s': run['cpu_seconds'],  # all threads, user + system
         'throughput_vs_read': total / run['seconds'] / read,
+        'throughput_vs_buffered_read': total / run['seconds'] / buffered,
         'throughput_vs_write': total / run['seconds'] / write,
+        'throughput_vs_copy': total / run['seconds'] / copy,
         'peak_rss_gb': run['peak_rss'] / GB, 'baseline_rss_gb': run['baseline_rss'] / GB,
         'peak_rss_vs_largest_shard': run['peak_rss'] / max(sizes),
     }

@@ -1,10 +1,10 @@
 """Released layout <-> converted Orbax layout, streamed and atomic.
 
-Memory: source shards are memory-mapped and read in order (the kernel reads ahead); each tensor is cut
-into chunk-sized pieces along its source-major axis, and a piece's source pages are dropped once it is
-copied. Resident memory is the pieces queued for writing (WRITE_BYTES_IN_FLIGHT, plus TensorStore's copies
-and the idle pool) and one chunk of source: never a tensor, a shard or the model. Export reads and writes
-a chunk at a time the same way.
+Memory: each tensor is cut into chunk-sized pieces along its source-major axis; a few writer threads
+each read a piece's rows (O_DIRECT, convert.source), copy them into the chunk's layout and dtype and write
+the chunk file (O_DIRECT, convert.orbax_io). Resident memory is two chunk-sized buffers per writer thread
+plus the idle buffer pool (WRITE_BYTES_IN_FLIGHT at most): never a tensor, a shard or the model. Export
+reads and writes a chunk at a time the same way.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import tqdm
 
-from convert import hf, orbax_io
+from convert import hf, orbax_io, source
 from qwenvl_jax.checkpoint import (FORMAT, FORMAT_VERSION, MARKER, PARAMS_DIR, ReleasedCheckpoint,
                                    check_leaves, read_marker)
 from qwenvl_jax.config import QwenVLConfig, as_dtype
@@ -106,17 +106,16 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, over
   dtype = np.dtype(as_dtype(dtype)) if dtype is not None else source_dtype(checkpoint)
   table = rules(config)
   leaves = {r.path: _streamed_leaf(r, r.leaf_shape, dtype) for r in table.values()}
-  pool = orbax_io.BufferPool(orbax_io.WRITE_BYTES_IN_FLIGHT)
 
   with atomic_directory(dst, overwrite) as tmp, _progress(checkpoint.nbytes, 'converting', progress) as bar:
     def pieces() -> Iterator[orbax_io.Piece]:
-      for entry, value in checkpoint.tensors():
+      for entry, rows in source.released_rows(checkpoint):
         rule = table[entry.name]
-        yield from orbax_io.leaf_pieces(leaves[rule.path], rule.layer, rule.to_flax(value), pool,
-                                        checkpoint.release)
+        rows = rows.reshape(rule.view or rule.hf_shape)
+        yield from orbax_io.leaf_pieces(leaves[rule.path], rule.layer, rows, rule.perm)
         bar.update(entry.nbytes)
 
-    orbax_io.save_streamed(tmp / PARAMS_DIR, leaves.values(), pieces(), pool)
+    orbax_io.save_streamed(tmp / PARAMS_DIR, leaves.values(), pieces())
     shutil.copyfile(src / 'config.json', tmp / 'config.json')
     _copy_aux(src, tmp)
     marker = {'format': FORMAT, 'version': FORMAT_VERSION, 'dtype': dtype.name}

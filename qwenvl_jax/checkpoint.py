@@ -21,7 +21,6 @@ from typing import Any, Iterator, Mapping
 import jax
 import ml_dtypes
 import numpy as np
-from numpy.lib.array_utils import byte_bounds
 
 from qwenvl_jax.config import QwenVLConfig, as_dtype
 from qwenvl_jax.model import QwenVL
@@ -239,19 +238,6 @@ class ReleasedCheckpoint:
         yield e, np.frombuffer(self._mapped, e.dtype, math.prod(e.shape), e.start).reshape(e.shape)
         self._advise(mmap.MADV_DONTNEED, e.start, e.nbytes)
       self._mapped = None
-
-  def release(self, array: np.ndarray) -> None:
-    """Drops the pages lying wholly inside `array`, a view of the tensor being read, from this process's
-    memory; a no-op for anything else."""
-    if self._mapped is None:
-      return
-    base = np.frombuffer(self._mapped, np.uint8, 1).ctypes.data
-    lo, hi = (b - base for b in byte_bounds(array))
-    if 0 <= lo and hi <= len(self._mapped):
-      start = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE
-      end = hi // mmap.PAGESIZE * mmap.PAGESIZE
-      if end > start:
-        self._mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
   def _advise(self, advice: int, offset: int, nbytes: int) -> None:
     start = offset // mmap.PAGESIZE * mmap.PAGESIZE

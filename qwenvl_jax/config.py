@@ -116,6 +116,9 @@ class QwenVLConfig:
         max_position_embeddings=d.get('max_position_embeddings', 8192))
     if text.hidden_size != vision.output_dim:
       raise ValueError(f'visual.output_dim ({vision.output_dim}) must equal hidden_size ({text.hidden_size})')
+    if vision.resampler_heads < 1:
+      raise ValueError(f'visual.output_dim ({vision.output_dim}) must be at least 128: the resampler has '
+                       'output_dim // 128 attention heads')
     if text.num_heads * text.kv_channels != text.hidden_size:
       raise ValueError('num_attention_heads * kv_channels must equal hidden_size')
     if d.get('tie_word_embeddings', False):

@@ -16,7 +16,11 @@ Array = jax.Array
 
 
 class KVCache(NamedTuple):
-  """Per-layer keys and values, [layers, batch, slots, heads, head_dim]; slot s holds token s of the row."""
+  """Per-layer keys and values, [layers, batch, slots, heads, head_dim]; slot s holds token s of the row.
+
+  A block reaches one layer's arrays through `write` and `read` only, so a subclass may store them in
+  another layout (generation does: `generate.SlotsLastCache`).
+  """
   k: Array
   v: Array
 
@@ -24,6 +28,17 @@ class KVCache(NamedTuple):
   def zeros(cls, text: TextConfig, batch: int, slots: int, dtype) -> 'KVCache':
     shape = (text.num_layers, batch, slots, text.num_heads, text.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  def write(self, keys: Array, values: Array, index: Array) -> 'KVCache':
+    """One layer's cache with keys and values [b, t, h, k] stored at slots index..index+t."""
+    def put(cache: Array, new: Array) -> Array:
+      new = jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
+      return constrain(new, ('batch', 'length', 'act_heads', 'head_dim'))
+    return type(self)(put(self.k, keys), put(self.v, values))
+
+  def read(self) -> tuple[Array, Array]:
+    """One layer's keys and values, [b, slots, h, k]."""
+    return self.k, self.v
 
 
 def ntk_alpha(length: Array | int, seq_length: int) -> Array:
@@ -74,26 +89,35 @@ class Attention(nn.Module):
     q = apply_rotary(q, *rope) * q_scale[:, :, None, None].astype(self.dtype)
     key = apply_rotary(key, *rope)
     if cache is not None:  # write this step's keys at their slots, attend over every slot
-      key = jax.lax.dynamic_update_slice_in_dim(cache.k, key.astype(cache.k.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
-      cache = KVCache(*(constrain(c, ('batch', 'length', 'act_heads', 'head_dim')) for c in (key, v)))
+      cache = cache.write(key, v, cache_index)
+      key, v = cache.read()
     y = constrain(attend(q, key, v, mask, self.dtype), ('batch', 'length', 'act_heads', 'head_dim'))
     return Einsum((h, k, d), name='c_proj', **kw)('bthk,hkd->btd', y), cache
 
 
 class MLP(nn.Module):
-  """SwiGLU as the original writes it: c_proj(w1(x) * silu(w2(x)))."""
+  """SwiGLU as the original writes it: c_proj(w1(x) * silu(w2(x))).
+
+  decode_layout reads generation's weight layout (`generate.decode_params`): w1 and w2 as one kernel w12
+  [d, 2, f] and c_proj transposed to [d, f], which XLA's CPU matrix-vector products read faster.
+  """
   text: TextConfig
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  decode_layout: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, f = self.text.hidden_size, self.text.mlp_width
-    up = Einsum((d, f), name='w1', **kw)('btd,df->btf', x)
-    gate = Einsum((d, f), name='w2', **kw)('btd,df->btf', x)
+    if self.decode_layout:
+      up, gate = jnp.unstack(Einsum((d, 2, f), name='w12', **kw)('btd,dcf->btcf', x), axis=2)
+    else:
+      up = Einsum((d, f), name='w1', **kw)('btd,df->btf', x)
+      gate = Einsum((d, f), name='w2', **kw)('btd,df->btf', x)
     hidden = constrain(up * nn.silu(gate), ('batch', 'length', 'act_mlp'))
+    if self.decode_layout:
+      return Einsum((d, f), name='c_proj', **kw)('btf,df->btd', hidden)
     return Einsum((f, d), name='c_proj', **kw)('btf,fd->btd', hidden)
 
 
@@ -102,6 +126,7 @@ class DecoderBlock(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   collect_hidden: bool = False
+  decode_layout: bool = False  # see MLP
 
   @nn.compact
   def __call__(self, x: Array, cache: KVCache | None, rope: tuple[Array, Array], q_scale: Array,
@@ -112,7 +137,8 @@ class DecoderBlock(nn.Module):
     y, cache = Attention(self.text, name='attn', **kw)(
         RMSNorm(eps, name='ln_1', **kw)(x), cache, rope, q_scale, mask, cache_index)
     x = x + y
-    x = x + MLP(self.text, name='mlp', **kw)(RMSNorm(eps, name='ln_2', **kw)(x))
+    mlp = MLP(self.text, decode_layout=self.decode_layout, name='mlp', **kw)
+    x = x + mlp(RMSNorm(eps, name='ln_2', **kw)(x))
     return x, (cache, x_in if self.collect_hidden else None)
 
 

@@ -1,4 +1,5 @@
 """qwenvl-convert: released layout -> Orbax -> released layout, validation, atomicity, sharded restore."""
+import errno
 import json
 import os
 import pathlib
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from convert import cli, core, hf, orbax_io
+from convert import cli, core, hf, orbax_io, source
 from qwenvl_jax import load_pretrained
 from qwenvl_jax.checkpoint import MARKER, PARAMS_DIR, IncompleteCheckpointError, read_released
 from qwenvl_jax.config import QwenVLConfig
@@ -445,33 +446,82 @@ def test_pieces_are_chunk_aligned_and_exact(monkeypatch):
   leaf = orbax_io.StreamedLeaf(('k',), (2, 10, 40), f32, stacked=True, chunk_axis=1)
   assert leaf.chunk_shape == (1, 10, 10)
   pool = orbax_io.BufferPool(cap=1 << 20)
-  pieces = list(orbax_io.leaf_pieces(leaf, 1, hf_value.T, pool))
-  assert [p[1] for p in pieces] == [(1, slice(None), slice(r, r + 10)) for r in (0, 10, 20, 30)]
-  np.testing.assert_array_equal(np.concatenate([p[2] for p in pieces], axis=1), hf_value.T)
-  assert all(p[2].flags.c_contiguous and not np.shares_memory(p[2], hf_value) for p in pieces)
+  pieces = list(orbax_io.leaf_pieces(leaf, 1, source.ArrayRows(hf_value), (1, 0)))
+  assert [(p.chunk, p.shape) for p in pieces] == [((1, 0, i), (10, 10)) for i in range(4)]
+  blocks = []
+  for p in pieces:
+    with p.open(pool) as value:
+      blocks.append(np.array(value))
+  np.testing.assert_array_equal(np.concatenate(blocks, axis=1), hf_value.T)
   with pytest.raises(ValueError, match='expected'):
-    list(orbax_io.leaf_pieces(leaf, 0, hf_value, pool))
+    list(orbax_io.leaf_pieces(leaf, 0, source.ArrayRows(hf_value), None))
   rows = orbax_io.StreamedLeaf(('b',), (10, 40), f32, stacked=False)
   monkeypatch.setattr(orbax_io, 'CHUNK_BYTES', 4 * 40 * 4)
   assert rows.chunk_shape == (4, 40)
-  assert [p[1] for p in orbax_io.leaf_pieces(rows, None, hf_value.T, pool)] == [
-      (slice(r, min(r + 4, 10)),) for r in (0, 4, 8)]
+  pieces = orbax_io.leaf_pieces(rows, None, source.ArrayRows(hf_value.T), None)
+  assert [(p.chunk, p.shape) for p in pieces] == [((0, 0), (4, 40)), ((1, 0), (4, 40)), ((2, 0), (2, 40))]
   monkeypatch.setattr(orbax_io, 'CHUNK_BYTES', 6 * 40 * 4)
   assert rows.chunk_shape == (5, 40)
 
 
-def test_buffer_pool_reuses_and_caps():
-  pool = orbax_io.BufferPool(cap=100)
-  a = pool.get((4, 5), np.dtype(np.float32))
+def test_edge_chunks_are_padded_with_zeros(tmp_path, monkeypatch):
+  """10 rows in chunks of 4: the last chunk file holds 2 rows then 2 rows of zeros, and reads back."""
+  monkeypatch.setattr(orbax_io, 'CHUNK_BYTES', 4 * 3 * 4)
+  value = np.arange(1, 31, dtype=np.float32).reshape(10, 3)
+  leaf = orbax_io.StreamedLeaf(('x',), (10, 3), np.dtype(np.float32), stacked=False)
+  pieces = orbax_io.leaf_pieces(leaf, None, source.ArrayRows(value), None)
+  orbax_io.save_streamed(tmp_path / 'p', [leaf], pieces)
+  np.testing.assert_array_equal(orbax_io.LeafReader(tmp_path / 'p').read(('x',)), value)
+  last = np.frombuffer((tmp_path / 'p' / 'x' / '2.0').read_bytes(), np.float32)
+  np.testing.assert_array_equal(last, np.concatenate([value[8:].ravel(), np.zeros(6, np.float32)]))
+
+
+@pytest.mark.parametrize('direct', [True, False])
+def test_direct_io_with_and_without_o_direct(tmp_path, monkeypatch, direct):
+  """Unaligned tensors read back exactly; files are cut to size; filesystems that refuse O_DIRECT work."""
+  if not direct:
+    real_open = os.open
+
+    def refuse_direct(path, flags, *args):
+      if flags & getattr(os, 'O_DIRECT', 0):
+        raise OSError(errno.EINVAL, 'O_DIRECT refused (simulated)')
+      return real_open(path, flags, *args)
+    monkeypatch.setattr(os, 'open', refuse_direct)
+  data = np.random.default_rng(2).standard_normal((300, 7)).astype(np.float32)
+  file = tmp_path / 'shard'
+  file.write_bytes(b'x' * 1001 + data.tobytes())
+  pool = orbax_io.BufferPool(cap=1 << 20)
+  rows = source.FileRows(file, 1001, (300, 7), np.dtype(np.float32))
+  with rows.read(250, 300, pool) as block:
+    np.testing.assert_array_equal(block, data[250:])
+  with rows.reshape((2100,)).read(3, 10, pool) as block:
+    np.testing.assert_array_equal(block, data.ravel()[3:10])
+  with pytest.raises(OSError, match='ends 28 bytes early'):
+    with source.FileRows(file, 1001, (301, 7), np.dtype(np.float32)).read(299, 301, pool):
+      pass
+  buf = pool.get(5000)
+  buf[:] = np.arange(buf.size) % 251
+  orbax_io.write_file(str(tmp_path / 'out'), buf, 5000)
+  assert (tmp_path / 'out').read_bytes() == buf[:5000].tobytes()
+
+
+def test_buffer_pool_reuses_aligns_and_caps():
+  align = orbax_io.ALIGN
+  pool = orbax_io.BufferPool(cap=4 * align)
+  a = pool.get(100)
+  assert a.dtype == np.uint8 and a.nbytes == align and a.ctypes.data % align == 0
   pool.put(a)
-  b = pool.get((20,), np.dtype(np.float32))
-  assert np.shares_memory(a, b) and b.shape == (20,)
-  c = pool.get((20,), np.dtype(np.float32))
-  assert not np.shares_memory(b, c)
+  assert pool.get(align) is a
+  b, c = pool.get(3 * align - 5), pool.get(3 * align)
+  assert b.nbytes == c.nbytes == 3 * align and not np.shares_memory(b, c)
   pool.put(b)
   pool.put(c)  # over the cap: dropped
-  assert np.shares_memory(pool.get((80,), np.dtype(np.uint8)), b)
-  assert pool.get((80,), np.dtype(np.uint8)).base is None  # a fresh buffer: c was not kept
+  assert pool.get(3 * align) is b
+  assert pool.get(3 * align) is not c
+  pool = orbax_io.BufferPool(cap=1 << 26)
+  rows = pool.get((16 << 20) + 100)
+  pool.put(rows)
+  assert pool.get((16 << 20) + 3 * align) is rows  # rows at another offset: the same size class
 
 
 def test_blocked_copy_matches_numpy(monkeypatch):
@@ -481,3 +531,5 @@ def test_blocked_copy_matches_numpy(monkeypatch):
     view = np.transpose(a, perm)
     out = orbax_io.contiguous(view, np.dtype(ml_dtypes.bfloat16))
     np.testing.assert_array_equal(out, view.astype(ml_dtypes.bfloat16))
+    same = np.transpose(a.astype(ml_dtypes.bfloat16), perm)  # copied as 16-bit integers
+    assert orbax_io.contiguous(same, same.dtype).tobytes() == np.ascontiguousarray(same).tobytes()

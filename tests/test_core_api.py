@@ -24,7 +24,11 @@ def test_config_replace_and_errors(golden_dir):
     cfg.replace(dtype='float8').compute_dtype
   bad = json.loads((golden_dir / 'checkpoint' / 'config.json').read_text())
   bad['visual']['output_dim'] = 128
-  with pytest.raises(ValueError, match='output_dim'):
+  with pytest.raises(ValueError, match='must equal hidden_size'):
+    QwenVLConfig.from_dict(bad)
+  bad['visual']['output_dim'] = bad['hidden_size'] = 64
+  bad['kv_channels'] = 64 // bad['num_attention_heads']
+  with pytest.raises(ValueError, match='at least 128'):
     QwenVLConfig.from_dict(bad)
 
 

@@ -237,8 +237,11 @@ def test_decode_params_layout(tiny, text_prompt):
   model, params = tiny
   split = gen.decode_params(params)
   assert gen.decode_params(split) is split and len(split.layers) == model.config.text.num_layers
-  np.testing.assert_array_equal(split.layers[1]['mlp']['w1']['kernel'],
-                                params['decoder']['layers']['mlp']['w1']['kernel'][1])
+  stacked, layer = params['decoder']['layers'], split.layers[1]
+  np.testing.assert_array_equal(layer['attn']['c_attn']['kernel'], stacked['attn']['c_attn']['kernel'][1])
+  mlp = {k: v['kernel'][1] for k, v in stacked['mlp'].items()}
+  np.testing.assert_array_equal(layer['mlp']['w12']['kernel'], np.stack([mlp['w1'], mlp['w2']], axis=1))
+  np.testing.assert_array_equal(layer['mlp']['c_proj']['kernel'], mlp['c_proj'].T)
   kw = dict(max_new_tokens=5, **GREEDY)
   np.testing.assert_array_equal(generate(model, split, [text_prompt], **kw),
                                 generate(model, params, [text_prompt], **kw))
@@ -246,3 +249,18 @@ def test_decode_params_layout(tiny, text_prompt):
   consumed = gen.decode_params(copy, consume=True)
   assert 'layers' not in copy['decoder'] and 'ln_f' in consumed.rest['decoder']
   chex.assert_trees_all_equal(consumed, split)
+
+
+@pytest.mark.parametrize('batch', [1, 3])  # a batch of 1 is stored without its b axis
+def test_slots_last_cache_reads_what_was_written(tiny, batch):
+  text = tiny[0].config.text
+  shape = (batch, 5, text.num_heads, text.head_dim)
+  slots_first = q.KVCache(jnp.zeros((batch, 12) + shape[2:]), jnp.zeros((batch, 12) + shape[2:]))
+  slots_last = gen.SlotsLastCache.empty(text, batch, 12, jnp.float32)
+  keys, values = np.random.default_rng(0).normal(size=(2,) + shape).astype(np.float32)
+  for cache in (slots_first, slots_last):
+    cache = cache.write(jnp.asarray(keys), jnp.asarray(values), jnp.int32(4))
+    k, v = cache.read()
+    np.testing.assert_array_equal(k[:, 4:9], keys)
+    np.testing.assert_array_equal(v[:, 4:9], values)
+    assert not np.asarray(k[:, :4]).any() and not np.asarray(v[:, 9:]).any()

@@ -132,6 +132,13 @@ def test_vit_layer_scale():
   assert vit_layer_scale(('params', 'visual', 'conv1', 'kernel'), (2, 2, 3, 8), L, d) == pytest.approx(d ** 5)
   assert vit_layer_scale(('params', 'visual', 'proj'), (8, 8), L, d) == 1.0
   assert vit_layer_scale(('params', 'decoder', 'layers', 'mlp', 'w1', 'kernel'), (2, 8, 8), L, d) == 1.0
+  # visual_lr_scale multiplies every visual factor (adapter included) and leaves the LLM alone
+  block = vit_layer_scale(('params', 'visual', 'blocks', 'c_fc', 'kernel'), (L, 3, 5), L, d, 0.3)
+  np.testing.assert_allclose(block.reshape(-1), 0.3 * np.array([d ** 4, d ** 3, d ** 2, d]), rtol=1e-6)
+  assert vit_layer_scale(('params', 'visual', 'conv1', 'kernel'), (2, 2, 3, 8), L, d, 0.3) == pytest.approx(
+      0.3 * d ** 5)
+  assert vit_layer_scale(('params', 'visual', 'attn_pool', 'query'), (8, 8), L, d, 0.3) == pytest.approx(0.3)
+  assert vit_layer_scale(('params', 'lm_head', 'kernel'), (8, 8), L, d, 0.3) == 1.0
 
 
 def test_update_follows_adamw_with_layer_decay_and_clipping():

@@ -51,6 +51,7 @@ class TrainConfig:
   eps: float = 1e-6
   clip_norm: float = 1.0
   vit_lr_decay: float = 0.95
+  visual_lr_scale: float = 1.0  # lr factor of the whole visual tower (ViT and adapter), times the decay
   # LoRA (official finetune.py defaults).
   lora: bool = False
   lora_rank: int = 64
@@ -95,6 +96,8 @@ class TrainConfig:
       problems.append(f'need 0 <= min_lr <= peak_lr, got min_lr={self.min_lr}, peak_lr={self.peak_lr}')
     if not 0 <= self.vit_lr_decay <= 1:
       problems.append(f'vit_lr_decay must lie in [0, 1], got {self.vit_lr_decay}')
+    if self.visual_lr_scale < 0:
+      problems.append(f'visual_lr_scale must be >= 0, got {self.visual_lr_scale}')
     if not 0 <= self.lora_dropout < 1:
       problems.append(f'lora_dropout must lie in [0, 1), got {self.lora_dropout}')
     if problems:

@@ -7,6 +7,7 @@ frozen and off the path 1x. Element-wise work, norms and softmax are not counted
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -41,6 +42,7 @@ def step_flops(config: QwenVLConfig, batch_shapes: Mapping[str, tuple[int, ...]]
   return float(sum(m * f for m, f in zip(mult, (vit, adapter, llm, head))))
 
 
+@functools.lru_cache  # once per process: every stage of a run shares the machine
 def measure_peak_flops(dtype: Any, size: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of one device on a square matmul in `dtype`, best of `repeats`: the MFU reference where the
   hardware peak is not configured (on CPU there is no published one)."""

@@ -61,25 +61,27 @@ def lr_schedule(cfg: TrainConfig) -> Schedule:
   return schedule
 
 
-def vit_layer_scale(keys: tuple[str, ...], shape: tuple[int, ...], num_layers: int, decay: float):
+def vit_layer_scale(keys: tuple[str, ...], shape: tuple[int, ...], num_layers: int, decay: float,
+                    visual: float = 1.0):
   """lr factor of one leaf: decay**(L - i) for ViT block i (a vector along the stacked axis 0),
-  decay**(L + 1) for the patch embedding, positions and ln_pre, 1 for the adapter and the LLM."""
+  decay**(L + 1) for the patch embedding, positions and ln_pre, 1 for the adapter; all of these times
+  `visual`. 1 for the LLM."""
   if len(keys) < 2 or keys[:2] != ('params', 'visual'):
     return 1.0
   if keys[2] == 'blocks':
-    factors = decay ** (num_layers - np.arange(num_layers, dtype=np.float64))
+    factors = visual * decay ** (num_layers - np.arange(num_layers, dtype=np.float64))
     return factors.astype(np.float32).reshape((num_layers,) + (1,) * (len(shape) - 1))
   if keys[2] in VIT_EMBEDDINGS:
-    return float(decay ** (num_layers + 1))
-  return 1.0
+    return float(visual * decay ** (num_layers + 1))
+  return float(visual)
 
 
-def scale_vit_layers(num_layers: int, decay: float) -> optax.GradientTransformation:
-  """Multiplies each update by its leaf's layer-wise lr factor; stateless."""
+def scale_vit_layers(num_layers: int, decay: float, visual: float = 1.0) -> optax.GradientTransformation:
+  """Multiplies each update by its leaf's lr factor (`vit_layer_scale`); stateless."""
   def update(updates, state, params=None):
     del params
     scaled = jax.tree_util.tree_map_with_path(
-        lambda path, u: u * jnp.asarray(vit_layer_scale(path_keys(path), u.shape, num_layers, decay),
+        lambda path, u: u * jnp.asarray(vit_layer_scale(path_keys(path), u.shape, num_layers, decay, visual),
                                         u.dtype), updates)
     return scaled, state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
@@ -105,7 +107,7 @@ def make_optimizer(cfg: TrainConfig, params: dict, lora: dict | None = None) -> 
   chain += [
       optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
       optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
-      scale_vit_layers(vit_layers, cfg.vit_lr_decay),
+      scale_vit_layers(vit_layers, cfg.vit_lr_decay, cfg.visual_lr_scale),
       optax.scale_by_learning_rate(lr_schedule(cfg)),
   ]
   return optax.multi_transform({TRAIN: optax.chain(*chain), FROZEN: optax.set_to_zero()},
