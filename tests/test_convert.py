@@ -381,6 +381,9 @@ def _convert_and_signal(golden_ckpt, tmp_path, sig: str) -> subprocess.Completed
   script = textwrap.dedent(f'''
       import os, signal
       from convert import core, orbax_io
+      # A shell starts background jobs with SIGINT ignored, which Python then keeps (and so does the
+      # converter, rightly); the test is of a process that Ctrl-C can reach.
+      signal.signal(signal.SIGINT, signal.default_int_handler)
       real, count = orbax_io.leaf_pieces, [0]
       def pieces(*args):
         count[0] += 1
