@@ -96,8 +96,6 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, over
   Every tensor name and shape is checked from the shard headers before any data is read.
   """
   src, dst = pathlib.Path(src), pathlib.Path(dst)
-  if dst.exists() and not overwrite:  # fail before the slow part
-    raise FileExistsError(f'{dst} already exists; pass --overwrite to replace it')
   if not (src / 'config.json').exists():
     raise FileNotFoundError(f'{src}/config.json not found: the config is needed to map the tensors')
   config = QwenVLConfig.from_json(src)
@@ -162,8 +160,6 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype=None,
                 progress: bool = True) -> pathlib.Path:
   """Exports a converted directory to the released layout; `dtype` default: as stored (bit-exact)."""
   src, dst = pathlib.Path(src), pathlib.Path(dst)
-  if dst.exists() and not overwrite:
-    raise FileExistsError(f'{dst} already exists; pass --overwrite to replace it')
   if shard_size <= 0:
     raise ValueError(f'shard size must be positive, got {shard_size}')
   info = read_marker(src)

@@ -89,14 +89,6 @@ def released_files(path: str | os.PathLike) -> tuple[str, list[pathlib.Path], di
       f'{BIN_INDEX} or pytorch_model.bin)')
 
 
-def safetensors_files(path: str | os.PathLike) -> list[pathlib.Path]:
-  """The safetensors shards of a released-layout directory, from its index when there is one."""
-  kind, files, _ = released_files(path)
-  if kind != 'safetensors':
-    raise FileNotFoundError(f'{path}: no {SAFETENSORS_INDEX} or model.safetensors found')
-  return files
-
-
 def safetensors_header(file: pathlib.Path) -> list[TensorEntry]:
   """The tensors of one safetensors file, checked against the file's size, in the order of their data."""
   size = file.stat().st_size
@@ -180,7 +172,6 @@ class ReleasedCheckpoint:
 
   def __init__(self, path: str | os.PathLike):
     self.root = pathlib.Path(path)
-    self._mapped: mmap.mmap | None = None  # the shard being read
     self.kind, self.files, weight_map = released_files(self.root)
     scan = safetensors_header if self.kind == 'safetensors' else _bin_header
     self.shards: dict[pathlib.Path, list[TensorEntry]] = {f: scan(f) for f in self.files}
@@ -221,7 +212,8 @@ class ReleasedCheckpoint:
 
     The kernel reads the next tensor ahead; once the caller asks for the next one, the previous one's
     pages leave this process's memory (the array stays valid: touching it again re-reads the file), so
-    about one tensor is resident whatever the shard size; `release` drops parts of it sooner.
+    about one tensor is resident whatever the shard size (for callers that use each array before asking
+    for the next).
     """
     for file, entries in self.shards.items():
       if self.kind == 'bin':
@@ -230,30 +222,25 @@ class ReleasedCheckpoint:
           yield e, _torch_to_numpy(state.pop(e.name))
         continue
       with open(file, 'rb') as f:
-        self._mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-      self._mapped.madvise(mmap.MADV_SEQUENTIAL)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+      mapped.madvise(mmap.MADV_SEQUENTIAL)
       for i, e in enumerate(entries):
         if i + 1 < len(entries):
-          self._advise(mmap.MADV_WILLNEED, entries[i + 1].start, entries[i + 1].nbytes)
-        yield e, np.frombuffer(self._mapped, e.dtype, math.prod(e.shape), e.start).reshape(e.shape)
-        self._advise(mmap.MADV_DONTNEED, e.start, e.nbytes)
-      self._mapped = None
+          _advise(mapped, mmap.MADV_WILLNEED, entries[i + 1].start, entries[i + 1].nbytes)
+        yield e, np.frombuffer(mapped, e.dtype, math.prod(e.shape), e.start).reshape(e.shape)
+        _advise(mapped, mmap.MADV_DONTNEED, e.start, e.nbytes)
 
-  def _advise(self, advice: int, offset: int, nbytes: int) -> None:
-    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
-    if nbytes:
-      self._mapped.madvise(advice, start, offset + nbytes - start)
+
+def _advise(mapped: mmap.mmap, advice: int, offset: int, nbytes: int) -> None:
+  start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+  if nbytes:
+    mapped.madvise(advice, start, offset + nbytes - start)
 
 
 def read_released(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Every tensor of a released-layout directory (safetensors or .bin), by name, in memory."""
   return {e.name: np.array(a) for e, a in ReleasedCheckpoint(path).tensors()}
 
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Every tensor of a released-layout safetensors directory, by name (float16, bfloat16 or float32)."""
-  safetensors_files(path)
-  return read_released(path)
 
 
 # ----------------------------------------------------------------------------- converted layout

@@ -191,16 +191,14 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: QwenVLConfig, dtype=N
   params: dict = {}
   stacked: dict[Path, np.ndarray] = {}
   for name, rule in rules(cfg).items():
-    a = rule.to_flax(np.asarray(tensors[name]))
-    if dtype is not None:
-      a = a.astype(dtype)
+    a = rule.to_flax(np.asarray(tensors[name]))  # a view where only axes move
     if rule.layer is None:
-      set_path(params, rule.path, a)
+      set_path(params, rule.path, a if dtype is None else a.astype(dtype, copy=False))
       continue
     if rule.path not in stacked:
-      stacked[rule.path] = np.empty(rule.leaf_shape, a.dtype)
+      stacked[rule.path] = np.empty(rule.leaf_shape, a.dtype if dtype is None else dtype)
       set_path(params, rule.path, stacked[rule.path])
-    stacked[rule.path][rule.layer] = a
+    stacked[rule.path][rule.layer] = a  # cast and layout change in this one copy
   return params
 
 

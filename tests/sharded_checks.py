@@ -24,7 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from qwenvl_jax import sharding as sh
-from qwenvl_jax.checkpoint import read_safetensors
+from qwenvl_jax.checkpoint import read_released
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.generate import generate
 from qwenvl_jax.model import QwenVL, lm_loss
@@ -40,7 +40,7 @@ TOL = dict(atol=2e-5, rtol=2e-5)  # fp32: only the order of reductions differs b
 def load_tiny(golden_dir: pathlib.Path) -> tuple[QwenVL, dict]:
   """The tiny golden model with host (numpy) params."""
   config = QwenVLConfig.from_json(golden_dir / 'checkpoint')
-  return QwenVL(config), params_from_hf(read_safetensors(golden_dir / 'checkpoint'), config)
+  return QwenVL(config), params_from_hf(read_released(golden_dir / 'checkpoint'), config)
 
 
 def golden_batch(golden: dict, rows: int = ROWS) -> dict[str, np.ndarray]:
