@@ -8,14 +8,13 @@ under nn.scan, one ViT block and one decoder block are compiled whatever the dep
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import jax
 import jax.numpy as jnp
 
 from qwenvl_jax import QwenVL, qwen_vl_7b
-from qwenvl_jax.model import init_params
+from qwenvl_jax.model import param_shapes
 
 
 def main(argv=None):
@@ -29,7 +28,7 @@ def main(argv=None):
   cfg = qwen_vl_7b(dtype=args.dtype, param_dtype=args.dtype, remat=args.remat)
   model = QwenVL(cfg)
   t0 = time.perf_counter()
-  params = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+  params = param_shapes(model)
   t_shape = time.perf_counter() - t0
   n_params = sum(x.size for x in jax.tree.leaves(params))
   size = cfg.vision.image_size

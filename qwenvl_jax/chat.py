@@ -11,15 +11,13 @@ import os
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
 
-from qwenvl_jax.chat_format import decode_response, make_context
+from qwenvl_jax.chat_format import DEFAULT_SYSTEM, decode_response, make_context
 from qwenvl_jax.generate import GenerationConfig, generate, generate_stream, load_images
 from qwenvl_jax.images import ImageLoader, ImageSource
 from qwenvl_jax.model import QwenVL
-from qwenvl_jax.tokenizer import QwenVLTokenizer, to_list_format
+from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, to_list_format
 
-DEFAULT_SYSTEM = 'You are a helpful assistant.'
 History = list[tuple[str, str]]
 
 
@@ -35,30 +33,17 @@ def chat_config(tokenizer: QwenVLTokenizer, generation_config: GenerationConfig 
   return g.replace(stop_ids=tuple(dict.fromkeys(g.stop_ids + stops)), vocab_limit=tokenizer.vocab_size)
 
 
-def _check_tokenizer(model: QwenVL, tokenizer: QwenVLTokenizer) -> None:
-  v = model.config.vision
-  if tokenizer.image_span_length != v.n_queries:
-    raise ValueError(f'tokenizer image spans are {tokenizer.image_span_length} tokens but the model has '
-                     f'n_queries={v.n_queries}: build it with image_span_length={v.n_queries}')
-  if tokenizer.img_start_id != v.image_start_id:
-    raise ValueError(f'tokenizer <img> is id {tokenizer.img_start_id}, the model expects {v.image_start_id}')
-
-
-def load_image(ref: str, images: Mapping[str, ImageSource] | None, loader: ImageLoader) -> Image.Image:
-  """The image an `<img>ref</img>` tag names: from `images` when it holds ref, else loaded by path/URL."""
-  return loader.load((images or {}).get(ref, ref))
-
-
 def _pixels(model: QwenVL, tokenizer: QwenVLTokenizer, tokens: Sequence[int],
             images: Mapping[str, ImageSource] | None, loader: ImageLoader) -> np.ndarray | None:
   refs = tokenizer.image_paths(tokens)
   if not refs:
     return None
-  return load_images([load_image(ref, images, loader) for ref in refs], model.config)
+  # an `<img>ref</img>` tag names an image of `images` when it holds ref, else a path or URL
+  return load_images([(images or {}).get(ref, ref) for ref in refs], model.config, loader)
 
 
 def _prepare(model, tokenizer, query, history, system, images, generation_config, image_loader):
-  _check_tokenizer(model, tokenizer)
+  check_tokenizer(tokenizer, model.config)
   g = chat_config(tokenizer, generation_config)
   _, tokens = make_context(tokenizer, query, history, system, g.max_window_size, g.chat_format)
   loader = image_loader or ImageLoader(allowed_root=os.getcwd())

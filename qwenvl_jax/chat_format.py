@@ -26,6 +26,9 @@ def _turn(tokenizer: QwenVLTokenizer, role: str, content: str) -> tuple[str, lis
   return f'{IM_START}{role}\n{content}{IM_END}', ids
 
 
+DEFAULT_SYSTEM = 'You are a helpful assistant.'  # the original chat()'s system message
+
+
 def make_context(tokenizer: QwenVLTokenizer, query: str, history: History | None = None,
                  system: str = '', max_window_size: int = 6144,
                  chat_format: str = 'chatml') -> tuple[str, list[int]]:

@@ -49,12 +49,7 @@ def _parser(with_plan: bool) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   want_plan = argv[:1] == ['plan']
-  try:
-    parser = _parser(with_plan=want_plan)
-  except ImportError as e:
-    print(f'qwenvl-jax plan is not available: {e}', file=sys.stderr)
-    return 2
-  args = parser.parse_args(argv)
+  args = _parser(with_plan=want_plan).parse_args(argv)
   if args.command == 'plan':
     from qwenvl_jax import plan as plan_lib
     return plan_lib.run(args)
@@ -114,7 +109,7 @@ class _Session:
     return shown
 
   def _save_boxes(self, response: str, out: TextIO) -> None:
-    from qwenvl_jax.chat import latest_image, load_image
+    from qwenvl_jax.chat import latest_image
     from qwenvl_jax.grounding import draw_boxes, extract_boxes
     try:
       boxes = extract_boxes(response)
@@ -126,7 +121,7 @@ class _Session:
       return
     self.save_dir.mkdir(parents=True, exist_ok=True)
     path = self.save_dir / f'turn{len(self.history)}_{pathlib.Path(ref).stem or "image"}_boxes.png'
-    draw_boxes(load_image(ref, None, self.loader), boxes).save(path)
+    draw_boxes(self.loader.load(ref), boxes).save(path)
     out.write(f'[{len(boxes)} box(es) drawn on {ref}: {path}]\n')
 
 

@@ -240,7 +240,7 @@ def decode_params(params, *, consume: bool = False) -> DecodeParams:
   paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(stacked)[0]]
   layers: list[dict] = [{} for _ in range(get_path(stacked, paths[0]).shape[0])]
   for path in paths:
-    leaf = _pop_path(stacked, path) if consume else get_path(stacked, path)
+    leaf = get_path(stacked, path[:-1]).pop(path[-1]) if consume else get_path(stacked, path)
     for layer, piece in zip(layers, jnp.unstack(jnp.asarray(leaf))):
       set_path(layer, path, piece)
     del leaf
@@ -249,12 +249,6 @@ def decode_params(params, *, consume: bool = False) -> DecodeParams:
   rest = {k: v for k, v in params.items() if k != 'decoder'}
   rest['decoder'] = {k: v for k, v in decoder.items() if k != 'layers'}
   return DecodeParams(tuple(layers), rest)
-
-
-def _pop_path(tree: dict, path: tuple[str, ...]):
-  for key in path[:-1]:
-    tree = tree[key]
-  return tree.pop(path[-1])
 
 
 class SlotsLastCache(KVCache):
@@ -536,10 +530,12 @@ def generate_stream(model: QwenVL, params, input_ids, pixel_values=None, *, atte
   state, _ = _prefill_jit(params, batch.ids, batch.mask, features, min_new, key, config=model.config,
                           sampler=sampler, slots=slots)
   prompt_slots = batch.ids.shape[1]
+  chosen = 1  # state.step, counted here rather than fetched from the device at every token
   while True:
     token, done = jax.device_get((state.token, state.done))
     yield token[:batch.n_rows].astype(np.int64)
-    if int(state.step) >= g.max_new_tokens or done[:batch.n_rows].all():
+    if chosen >= g.max_new_tokens or done[:batch.n_rows].all():
       return
     state, _ = _advance_jit(params, state, prompt_slots, min_new, key, config=model.config,
                             sampler=sampler)
+    chosen += 1

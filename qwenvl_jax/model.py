@@ -1,6 +1,7 @@
 """QwenVL: image features written over the `<img>` spans of the token embeddings, then the decoder."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -152,6 +153,11 @@ def example_inputs(config: QwenVLConfig, batch: int = 1) -> tuple[np.ndarray, np
 def init_params(model: QwenVL, rng: Array) -> dict:
   """Random parameters (initializer_range 0.02, as the original); use under jax.eval_shape for shapes only."""
   return model.init(rng, *example_inputs(model.config))['params']
+
+
+def param_shapes(model: QwenVL) -> dict:
+  """The params tree as ShapeDtypeStructs (init under jax.eval_shape): nothing is allocated."""
+  return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
 
 
 def lm_loss(logits: Array, labels: Array, loss_mask: Array | None = None) -> Array:

@@ -19,7 +19,7 @@ import jax
 
 from qwenvl_jax import sharding as sh
 from qwenvl_jax.config import QwenVLConfig, as_dtype, qwen_vl_7b
-from qwenvl_jax.model import QwenVL, init_params
+from qwenvl_jax.model import QwenVL, param_shapes
 from qwenvl_jax.params import get_path
 
 GiB = 1024 ** 3
@@ -80,7 +80,7 @@ def _split(sizes: Mapping[str, int], rules, name: str, size: int) -> int:
 @functools.lru_cache(maxsize=8)
 def abstract_params(config: QwenVLConfig):
   """ShapeDtypeStructs of the params (jax.eval_shape of init): nothing allocated."""
-  return jax.eval_shape(functools.partial(init_params, QwenVL(config)), jax.random.key(0))
+  return param_shapes(QwenVL(config))
 
 
 def param_bytes(config: QwenVLConfig, sizes: Mapping[str, int], rules, stage: int, dtype) -> dict[str, int]:

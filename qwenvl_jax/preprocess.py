@@ -15,7 +15,7 @@ ImageLike = Union[str, os.PathLike, Image.Image]
 
 def _open_rgb(image: ImageLike) -> Image.Image:
   if isinstance(image, Image.Image):
-    return image.convert('RGB')
+    return image if image.mode == 'RGB' else image.convert('RGB')
   try:
     with Image.open(image) as im:
       return im.convert('RGB')

@@ -301,8 +301,8 @@ def abstract_params(model, mesh: Mesh, rules: str | Rules) -> Any:
   This is the restore target for Orbax (`StandardCheckpointer().restore(path, target)`): each process then
   reads only the slices of its own devices.
   """
-  from qwenvl_jax.model import init_params  # the model imports this module for `constrain`
-  shapes = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+  from qwenvl_jax.model import param_shapes  # the model imports this module for `constrain`
+  shapes = param_shapes(model)
   return with_shardings(shapes, param_shardings(mesh, shapes, rules))
 
 
@@ -317,10 +317,13 @@ def shard_init(model, mesh: Mesh, rules: str | Rules, rng: jax.Array) -> Any:
 
 
 def put(tree: Any, shardings: Any) -> Any:
-  """Host arrays (numpy, memory-mapped) onto shardings; each process reads only the slices its devices
-  hold, so this works across hosts without any host holding more than its share on device."""
+  """Arrays onto shardings. Host arrays (numpy, memory-mapped): each process reads only the slices its
+  devices hold, so this works across hosts without any host holding more than its share on device.
+  jax.Arrays move device to device, never through the host."""
   def one(x, s):
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if isinstance(x, jax.Array):
+      return jax.device_put(x, s)
+    x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x[idx]))
   return jax.tree.map(one, tree, shardings)
 

@@ -246,3 +246,17 @@ class QwenVLTokenizer:
 
   to_list_format = staticmethod(to_list_format)
   from_list_format = staticmethod(from_list_format)
+
+
+def check_tokenizer(tokenizer: QwenVLTokenizer, config: Any) -> None:
+  """Raises ValueError unless the tokenizer's image spans, `<img>` id and vocabulary fit `config`
+  (a QwenVLConfig)."""
+  v = config.vision
+  if tokenizer.image_span_length != v.n_queries:
+    raise ValueError(f'tokenizer image spans are {tokenizer.image_span_length} tokens but the model has '
+                     f'n_queries={v.n_queries}: build it with image_span_length={v.n_queries}')
+  if tokenizer.img_start_id != v.image_start_id:
+    raise ValueError(f'tokenizer <img> is id {tokenizer.img_start_id}, the model expects {v.image_start_id}')
+  if tokenizer.vocab_size > config.text.vocab_size:
+    raise ValueError(f'tokenizer has {tokenizer.vocab_size} ids, more than the model vocab_size '
+                     f'{config.text.vocab_size}')

@@ -1,5 +1,4 @@
 """`qwenvl-jax plan`: per-device memory of the released model, from shapes only."""
-import functools
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 
 from qwenvl_jax import QwenVL, qwen_vl_7b
 from qwenvl_jax import plan as pl
-from qwenvl_jax.model import init_params
+from qwenvl_jax.model import param_shapes
 
 RELEASED_PARAMS = 9_656_935_168
 V4_32 = 'data=1,fsdp=16,tensor=1'
@@ -17,7 +16,7 @@ V4_32 = 'data=1,fsdp=16,tensor=1'
 
 @pytest.fixture(scope='module')
 def released_leaves():
-  tree = jax.eval_shape(functools.partial(init_params, QwenVL(qwen_vl_7b())), jax.random.key(0))
+  tree = param_shapes(QwenVL(qwen_vl_7b()))
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {tuple(k.key for k in path): leaf.size for path, leaf in flat}
 

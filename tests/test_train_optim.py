@@ -6,8 +6,9 @@ import optax
 import pytest
 
 from qwenvl_jax import load_pretrained
+from qwenvl_jax.plan import trainable
 from train.config import TrainConfig, stage_config
-from train.optim import (TRAIN, labels, lr_schedule, make_optimizer, path_keys, stage_trains, trainables,
+from train.optim import (TRAIN, labels, lr_schedule, make_optimizer, path_keys, trainables,
                          vit_layer_scale)
 from train.step import init_state, make_train_step
 
@@ -77,16 +78,16 @@ def test_stage_mask_freezes_exactly_and_keeps_no_state(golden_model, stage):
   assert len(masked) == len(before) - len(expected)
 
 
-def test_stage_trains_rules():
-  assert stage_trains(1, ('visual', 'blocks', 'c_fc', 'kernel'))
-  assert stage_trains(1, ('visual', 'proj'))
-  assert not stage_trains(1, ('decoder', 'layers', 'mlp', 'w1', 'kernel'))
-  assert not stage_trains(2, ('visual', 'attn_pool', 'pos_embed'))
-  assert stage_trains(3, ('visual', 'attn_pool', 'query'))
-  assert not stage_trains(3, ('visual', 'ln_post', 'scale'))
-  assert stage_trains(3, ('lm_head', 'kernel'))
+def test_stage_rules():
+  assert trainable(('visual', 'blocks', 'c_fc', 'kernel'), 1)
+  assert trainable(('visual', 'proj'), 1)
+  assert not trainable(('decoder', 'layers', 'mlp', 'w1', 'kernel'), 1)
+  assert not trainable(('visual', 'attn_pool', 'pos_embed'), 2)
+  assert trainable(('visual', 'attn_pool', 'query'), 3)
+  assert not trainable(('visual', 'ln_post', 'scale'), 3)
+  assert trainable(('lm_head', 'kernel'), 3)
   with pytest.raises(ValueError, match='stage'):
-    stage_trains(4, ('wte', 'embedding'))
+    trainable(('wte', 'embedding'), 4)
 
 
 def test_lora_freezes_the_base():

@@ -103,10 +103,6 @@ class TrainConfig:
     if problems:
       raise ValueError('invalid training config: ' + '; '.join(problems))
 
-  @property
-  def micro_batch(self) -> int:
-    return self.batch_size // self.grad_accum
-
   def replace(self, **kw: Any) -> 'TrainConfig':
     return dataclasses.replace(self, **kw)
 

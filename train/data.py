@@ -30,11 +30,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from qwenvl_jax.chat_format import DEFAULT_SYSTEM
 from qwenvl_jax.images import ImageLoader
 from qwenvl_jax.preprocess import preprocess_images
 from qwenvl_jax.tokenizer import QwenVLTokenizer
 
-SYSTEM_MESSAGE = 'You are a helpful assistant.'
 IMG_TAG = re.compile(r'<img>(.*?)</img>', re.DOTALL)
 TASK_FIELDS = {
     'caption': ('image', 'caption'),
@@ -168,7 +168,7 @@ class Encoder:
     turns = list(r['conversations'])
     if turns[0]['from'] != 'user':  # the original drops a leading non-user turn
       turns = turns[1:]
-    system = [tok.im_start_id] + tok.encode('system') + nl + tok.encode(SYSTEM_MESSAGE) + [tok.im_end_id] + nl
+    system = [tok.im_start_id] + tok.encode('system') + nl + tok.encode(DEFAULT_SYSTEM) + [tok.im_end_id] + nl
     ids = list(system)
     target = [official] + [False] * (len(system) - 3) + [official, official]
     for turn in turns:

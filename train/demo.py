@@ -65,9 +65,10 @@ def ask_all(model, params, tokenizer, root: pathlib.Path, questions: list[tuple[
   """Greedy answers to single-turn chat questions (image path, question text), in batches."""
   from qwenvl_jax.chat import DEFAULT_SYSTEM, chat_config
   from qwenvl_jax.chat_format import decode_response, make_context
-  from qwenvl_jax.generate import GenerationConfig, generate
+  from qwenvl_jax.generate import GenerationConfig, decode_params, generate
   from qwenvl_jax.preprocess import preprocess_images
   g = chat_config(tokenizer, GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens))
+  params = decode_params(params)  # once, not at every batch
   answers = []
   for start in range(0, len(questions), batch):
     chunk = questions[start:start + batch]

@@ -28,18 +28,13 @@ def path_keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
-def stage_trains(stage: int, keys: tuple[str, ...]) -> bool:
-  """Whether `stage` trains the leaf at `keys`; the stages are defined once, in `qwenvl_jax.plan`."""
-  return trainable(keys, stage)
-
-
 def labels(cfg: TrainConfig, tree: dict) -> dict:
   """'train'/'frozen' per leaf of {'params', 'lora'}; with LoRA the whole base model is frozen."""
   def label(path, _):
     keys = path_keys(path)
     if keys[0] == 'lora':
       return TRAIN
-    return TRAIN if not cfg.lora and stage_trains(cfg.stage, keys[1:]) else FROZEN
+    return TRAIN if not cfg.lora and trainable(keys[1:], cfg.stage) else FROZEN  # stages: qwenvl_jax.plan
   return jax.tree_util.tree_map_with_path(label, tree)
 
 

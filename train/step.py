@@ -19,12 +19,12 @@ import optax
 from qwenvl_jax.model import QwenVL
 from train.config import TrainConfig
 from train.lora import apply_lora
-from train.optim import lr_schedule, make_optimizer, trainable_mask, trainables
+from train.optim import lr_schedule, trainable_mask, trainables
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-__all__ = ['TrainState', 'init_state', 'make_optimizer', 'make_train_step', 'image_order', 'target_nll']
+__all__ = ['TrainState', 'init_state', 'make_train_step', 'image_order', 'target_nll']
 
 
 class TrainState(NamedTuple):

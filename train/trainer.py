@@ -17,13 +17,14 @@ from qwenvl_jax.checkpoint import load_pretrained
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.model import QwenVL, init_params
 from qwenvl_jax.params import params_to_hf
-from qwenvl_jax.tokenizer import QwenVLTokenizer, find_vocab
+from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, find_vocab
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig
 from train.data import LoaderConfig, make_loader, read_records
 from train.lora import init_lora, merge_lora
 from train.metrics import MetricsLog, measure_peak_flops, step_flops
-from train.step import TrainState, init_state, make_optimizer, make_train_step
+from train.optim import make_optimizer
+from train.step import TrainState, init_state, make_train_step
 
 METRICS_FILE = 'metrics.jsonl'
 CHECKPOINT_DIR = 'checkpoints'
@@ -61,18 +62,6 @@ def vocab_path(cfg: TrainConfig) -> pathlib.Path:
   if cfg.init_from and (pathlib.Path(cfg.init_from) / 'qwen.tiktoken').is_file():
     return pathlib.Path(cfg.init_from) / 'qwen.tiktoken'
   return find_vocab(None)
-
-
-def check_tokenizer(tokenizer: QwenVLTokenizer, config: QwenVLConfig) -> None:
-  v = config.vision
-  if tokenizer.image_span_length != v.n_queries:
-    raise ValueError(f'tokenizer image spans are {tokenizer.image_span_length} tokens but the model has '
-                     f'n_queries={v.n_queries}')
-  if tokenizer.img_start_id != v.image_start_id:
-    raise ValueError(f'tokenizer <img> is id {tokenizer.img_start_id}, the model expects {v.image_start_id}')
-  if tokenizer.vocab_size > config.text.vocab_size:
-    raise ValueError(f'tokenizer has {tokenizer.vocab_size} ids, more than the model vocab_size '
-                     f'{config.text.vocab_size}')
 
 
 def export(params: Any, config: QwenVLConfig, directory: str | os.PathLike,
