@@ -29,10 +29,44 @@ def test_boxes_cover_the_drawn_shapes(scenes):
     pixels = np.asarray(Image.open(root / s.image).convert('RGB')).astype(int)
     for t in s.things:
       x1, y1, x2, y2 = (int(v / 1000 * 90) for v in t.box)
-      centre = pixels[(y1 + y2) // 2 + 3, (x1 + x2) // 2]  # a little low: triangles are wide there
-      assert np.abs(centre - world.COLOURS[t.colour]).max() < 30
+      below_letter = pixels[y1 + round(0.9 * (y2 - y1)), (x1 + x2) // 2]  # triangles are wide there
+      assert np.abs(below_letter - world.COLOURS[t.colour]).max() < 30
       outside = pixels[max(0, y1 - 2), max(0, x1 - 2)]
       assert outside.min() >= 200  # background just outside the box
+      assert t.letter in world.LETTERS and len(t.letter) == 1
+      assert (letter_area(pixels, t.box, 90).min(-1) > 240).sum() >= 4  # the white letter
+
+
+def letter_area(pixels, box, size):
+  """Where the letter is written: inside every shape, whatever its form."""
+  x1, y1, x2, y2 = (int(v / 1000 * size) for v in box)
+  h, w = y2 - y1, x2 - x1
+  return pixels[y1 + round(0.55 * h):y1 + round(0.8 * h), x1 + round(0.35 * w):x1 + round(0.65 * w)]
+
+
+def test_letters_can_be_left_out(tmp_path):
+  scenes, _ = world.make_world(tmp_path, 4, 0, seed=1, cfg=world.WorldConfig(size=90, letters=''))
+  for s in scenes:
+    assert all(t.letter == '' for t in s.things) and s.text() == '' and 'marked' not in s.caption()
+    pixels = np.asarray(Image.open(tmp_path / s.image).convert('RGB')).astype(int)
+    for t in s.things:
+      assert (np.abs(letter_area(pixels, t.box, 90) - world.COLOURS[t.colour]).max(-1) < 30).all()
+
+
+def test_stage2_mix_is_mostly_grounding(scenes):
+  _, train, _ = scenes
+  shapes = sum(len(s.things) for s in train)
+  only = world.multitask_records(train, random.Random(0), other_tasks=0.0)
+  assert len(only) == shapes and {r['task'] for r in only} == {'ref_grounding'}
+  every = world.multitask_records(train, random.Random(0), other_tasks=1.0)
+  assert len(every) == shapes + len(train)
+  many = world.multitask_records(train * 20, random.Random(0), other_tasks=1.0)
+  assert {r['task'] for r in many} == {'ref_grounding', 'caption', 'vqa', 'ocr', 'caption_grounding',
+                                       'grounded_caption'}
+  by_image = {s.image: s for s in train}
+  for r in many:
+    if r['task'] == 'ocr':
+      assert r['text'] == by_image[r['image']].text()
 
 
 def test_records_of_every_stage_are_valid(scenes, vocab_file):
@@ -58,6 +92,13 @@ def test_records_of_every_stage_are_valid(scenes, vocab_file):
     (box,) = extract_boxes(answer)
     thing = next(t for t in by_image[image].things if f'the {t.name}' == box['ref'])
     assert box['box'] == list(thing.box) and thing.name in user
+  letters = [c for c in chats if 'What letter' in c['conversations'][0]['value']]
+  assert letters
+  for c in letters:
+    user, answer = c['conversations'][0]['value'], c['conversations'][1]['value']
+    image = user.split('<img>')[1].split('</img>')[0]
+    (thing,) = [t for t in by_image[image].things if world.letter_question(t) in user]
+    assert answer == world.letter_answer(thing) and thing.letter in answer
 
 
 def test_iou():

@@ -91,27 +91,32 @@ def _boxes(answer: str) -> list[dict]:
 
 
 def evaluate(model, params, tokenizer, root: pathlib.Path, scenes, out_dir: pathlib.Path, ev: dict,
-             show: int) -> float:
+             show: int) -> tuple[float, float]:
+  """(grounding accuracy, letter-reading accuracy) in % on `scenes`: every shape is asked for (IoU >= 0.5
+  with its box counts) and every letter read (the exact answer counts)."""
   from PIL import Image
   from qwenvl_jax.grounding import draw_boxes
-  from train.world import where_question
-  questions, truths, owners = [], [], []
+  from train.world import letter_answer, letter_question, where_question
+  asks = []  # (scene index, question, the truth: a box, or the expected answer)
   for i, s in enumerate(scenes):
-    for t in s.things:
-      questions.append((s.image, where_question(t)))
-      truths.append(t.box)
-      owners.append(i)
-  answers = ask_all(model, params, tokenizer, root, questions, ev['batch'], ev['max_new_tokens'])
-  found = [_boxes(a) for a in answers]
-  hits = [bool(boxes) and iou(boxes[0]['box'], truth) >= 0.5 for boxes, truth in zip(found, truths)]
+    asks += [(i, where_question(t), t.box) for t in s.things]
+    asks += [(i, letter_question(t), letter_answer(t)) for t in s.things if t.letter]
+  answers = ask_all(model, params, tokenizer, root, [(scenes[i].image, q) for i, q, _ in asks],
+                    ev['batch'], ev['max_new_tokens'])
+  is_letter = [isinstance(truth, str) for _, _, truth in asks]
+  found = [[] if letter else _boxes(a) for letter, a in zip(is_letter, answers)]
+  hits = [a.strip() == truth if letter else bool(boxes) and iou(boxes[0]['box'], truth) >= 0.5
+          for (_, _, truth), letter, a, boxes in zip(asks, is_letter, answers, found)]
+  grounding = [h for h, letter in zip(hits, is_letter) if not letter]
+  reading = [h for h, letter in zip(hits, is_letter) if letter]
   out_dir.mkdir(parents=True, exist_ok=True)
   for i, s in enumerate(scenes[:ev['save_images']]):
-    mine = [b for boxes, o in zip(found, owners) if o == i for b in boxes[:1]]
+    mine = [b for (owner, _, _), boxes in zip(asks, found) if owner == i for b in boxes[:1]]
     with Image.open(root / s.image) as im:
       draw_boxes(im.resize((448, 448)), mine).save(out_dir / f'{pathlib.Path(s.image).stem}.png')
-  for (image, q), a, ok in list(zip(questions, answers, hits))[:show]:
-    print(f'  [{image}] {q}\n    -> {a}   {"(correct)" if ok else "(wrong)"}')
-  return 100.0 * float(np.mean(hits))
+  for (i, q, _), a, ok in list(zip(asks, answers, hits))[:show]:
+    print(f'  [{scenes[i].image}] {q}\n    -> {a}   {"(correct)" if ok else "(wrong)"}')
+  return 100.0 * float(np.mean(grounding)), 100.0 * float(np.mean(reading)) if reading else float('nan')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,8 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   train_scenes, test_scenes = world.make_world(
       root, demo['world']['train_images'], demo['world']['test_images'], seed, wcfg)
   rng = random.Random(seed)
+  stage2 = world.multitask_records(train_scenes, rng, demo['world']['stage2_other_tasks'])
   files = {1: world.write_json(world.caption_records(train_scenes), root / 'stage1.json'),
-           2: world.write_json(world.multitask_records(train_scenes, rng), root / 'stage2.json'),
+           2: world.write_json(stage2, root / 'stage2.json'),
            3: world.write_json(world.chat_records(train_scenes, rng), root / 'stage3.json')}
   model_config = QwenVLConfig.from_dict(demo['model'])
   tokenizer = QwenVLTokenizer(demo_vocab(), image_span_length=model_config.vision.n_queries)
@@ -159,9 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f'({time.perf_counter() - start:.0f} s)', flush=True)
 
   model = QwenVL(model_config.replace(dtype='float32'))
-  accuracy = evaluate(model, params, tokenizer, root, test_scenes, out / 'answers', demo['eval'], show=6)
+  grounding, reading = evaluate(model, params, tokenizer, root, test_scenes, out / 'answers', demo['eval'],
+                                show=6)
   print(f'boxes drawn on held-out images: {out / "answers"}; total {time.perf_counter() - start:.0f} s')
-  print(f'grounding accuracy (IoU>=0.5): {accuracy:.1f}%')
+  print(f'letter reading accuracy: {reading:.1f}%')
+  print(f'grounding accuracy (IoU>=0.5): {grounding:.1f}%')
   return 0
 
 
