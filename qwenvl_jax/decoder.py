@@ -76,15 +76,22 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 
 class Attention(nn.Module):
+  """decode_layout reads generation's weight layout (`generate.decode_params`): c_attn as [3, h, k, d]
+  and c_proj as [d, h, k], applied weight-major (`layers.weight_major_einsum`)."""
   text: TextConfig
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  decode_layout: bool = False
 
   @nn.compact
   def __call__(self, x, cache, rope, q_scale, mask, cache_index):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, h, k = self.text.hidden_size, self.text.num_heads, self.text.head_dim
-    qkv = Einsum((d, 3, h, k), (3, h, k), name='c_attn', **kw)('btd,dchk->btchk', x)
+    if self.decode_layout:
+      kw['weight_major'] = True
+      qkv = Einsum((3, h, k, d), (3, h, k), name='c_attn', **kw)('btd,chkd->btchk', x)
+    else:
+      qkv = Einsum((d, 3, h, k), (3, h, k), name='c_attn', **kw)('btd,dchk->btchk', x)
     q, key, v = (qkv[:, :, i] for i in range(3))
     q = apply_rotary(q, *rope) * q_scale[:, :, None, None].astype(self.dtype)
     key = apply_rotary(key, *rope)
@@ -92,6 +99,8 @@ class Attention(nn.Module):
       cache = cache.write(key, v, cache_index)
       key, v = cache.read()
     y = constrain(attend(q, key, v, mask, self.dtype), ('batch', 'length', 'act_heads', 'head_dim'))
+    if self.decode_layout:
+      return Einsum((d, h, k), name='c_proj', **kw)('bthk,dhk->btd', y), cache
     return Einsum((h, k, d), name='c_proj', **kw)('bthk,hkd->btd', y), cache
 
 
@@ -99,7 +108,7 @@ class MLP(nn.Module):
   """SwiGLU as the original writes it: c_proj(w1(x) * silu(w2(x))).
 
   decode_layout reads generation's weight layout (`generate.decode_params`): w1 and w2 as one kernel w12
-  [d, 2, f] and c_proj transposed to [d, f], which XLA's CPU matrix-vector products read faster.
+  [2, f, d] and c_proj as [d, f], applied weight-major (`layers.weight_major_einsum`).
   """
   text: TextConfig
   dtype: jnp.dtype
@@ -111,7 +120,8 @@ class MLP(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, f = self.text.hidden_size, self.text.mlp_width
     if self.decode_layout:
-      up, gate = jnp.unstack(Einsum((d, 2, f), name='w12', **kw)('btd,dcf->btcf', x), axis=2)
+      kw['weight_major'] = True
+      up, gate = jnp.unstack(Einsum((2, f, d), name='w12', **kw)('btd,cfd->btcf', x), axis=2)
     else:
       up = Einsum((d, f), name='w1', **kw)('btd,df->btf', x)
       gate = Einsum((d, f), name='w2', **kw)('btd,df->btf', x)
@@ -126,7 +136,7 @@ class DecoderBlock(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   collect_hidden: bool = False
-  decode_layout: bool = False  # see MLP
+  decode_layout: bool = False  # see Attention and MLP
 
   @nn.compact
   def __call__(self, x: Array, cache: KVCache | None, rope: tuple[Array, Array], q_scale: Array,
@@ -134,7 +144,7 @@ class DecoderBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.text.layer_norm_eps
     x = x_in = constrain(x, ('batch', 'length', 'act_embed'))
-    y, cache = Attention(self.text, name='attn', **kw)(
+    y, cache = Attention(self.text, decode_layout=self.decode_layout, name='attn', **kw)(
         RMSNorm(eps, name='ln_1', **kw)(x), cache, rope, q_scale, mask, cache_index)
     x = x + y
     mlp = MLP(self.text, decode_layout=self.decode_layout, name='mlp', **kw)

@@ -211,20 +211,25 @@ class DecodeParams(NamedTuple):
 
   In the scanned layout (a leading [layers] axis) every decode step copies each layer's slice out of
   the stacked arrays before its matmuls, tripling the memory traffic of a step that should read every
-  weight once. The MLP weights are also rearranged, into the layout that `MLP(decode_layout=True)` reads:
-  a batch-1 step is a chain of matrix-vector products, and XLA's CPU dot reads one [d, 2f] kernel faster
-  than two [d, f] ones, and c_proj faster with its long contraction minor (on the bench dims ~22 GB/s
-  each, against ~20 and ~18). `decode_params` converts once; `generate` converts on each call when given
-  the usual tree.
+  weight once. Every matrix of the decoder and the lm_head is also stored with its contracted dims minor
+  (torch's [out, in]) and applied weight-major (`DecoderBlock(decode_layout=True)`,
+  `layers.weight_major_einsum`): a decode step is a chain of products of a few rows with big weights,
+  which XLA's CPU dot reads fastest in that form (batch 8: 24-27 GB/s against 13-16). w1 and w2 are one
+  kernel. `decode_params` converts once; `generate` converts on each call when given the usual tree.
   """
   layers: tuple[dict, ...]  # per decoder layer: {'ln_1', 'attn', 'ln_2', 'mlp'}
-  rest: dict  # the other parameters: wte, decoder.ln_f, lm_head, visual
+  rest: dict  # the other parameters: wte, decoder.ln_f, lm_head [vocab, d], visual
 
 
-def _decode_mlp_params(mlp: dict) -> dict:
-  """One layer's MLP weights in the decode layout: w12 [d, 2, f] and c_proj [d, f]."""
-  w12 = jnp.stack([mlp['w1']['kernel'], mlp['w2']['kernel']], axis=1)  # [d, 2, f]
-  return {'w12': {'kernel': w12}, 'c_proj': {'kernel': mlp['c_proj']['kernel'].T}}
+def _decode_layer_params(layer: dict) -> dict:
+  """One decoder layer's weights in the decode layout (each kernel's contracted dims minor): c_attn
+  [3, h, k, d], attn.c_proj [d, h, k], w12 [2, f, d] (w1 and w2 as one kernel), mlp.c_proj [d, f]."""
+  attn, mlp = layer['attn'], layer['mlp']
+  w12 = jnp.stack([mlp['w1']['kernel'].T, mlp['w2']['kernel'].T])  # [2, f, d]
+  return dict(layer, attn={
+      'c_attn': dict(attn['c_attn'], kernel=jnp.transpose(attn['c_attn']['kernel'], (1, 2, 3, 0))),
+      'c_proj': {'kernel': jnp.transpose(attn['c_proj']['kernel'], (2, 0, 1))}},
+      mlp={'w12': {'kernel': w12}, 'c_proj': {'kernel': mlp['c_proj']['kernel'].T}})
 
 
 def decode_params(params, *, consume: bool = False) -> DecodeParams:
@@ -244,11 +249,14 @@ def decode_params(params, *, consume: bool = False) -> DecodeParams:
     for layer, piece in zip(layers, jnp.unstack(jnp.asarray(leaf))):
       set_path(layer, path, piece)
     del leaf
-  for layer in layers:
-    layer['mlp'] = _decode_mlp_params(layer['mlp'])
-  rest = {k: v for k, v in params.items() if k != 'decoder'}
+  converted = []
+  while layers:  # one layer at a time, so that with consume=True each original is freed once converted
+    converted.append(_decode_layer_params(layers.pop(0)))
+  head = params.pop('lm_head') if consume else params['lm_head']
+  rest = {k: v for k, v in params.items() if k not in ('decoder', 'lm_head')}
   rest['decoder'] = {k: v for k, v in decoder.items() if k != 'layers'}
-  return DecodeParams(tuple(layers), rest)
+  rest['lm_head'] = {'kernel': jnp.asarray(head['kernel']).T}  # [vocab, d]
+  return DecodeParams(tuple(converted), rest)
 
 
 class SlotsLastCache(KVCache):
@@ -305,8 +313,8 @@ def _forward(p: DecodeParams, ids: Array, features: Array | None, key_mask: Arra
     x, (cache, _) = block.apply({'params': layer}, x, cache, rope, q_scale, mask, cache_index)
     updated.append(cache)
   x = RMSNorm(t.layer_norm_eps, **kw).apply({'params': p.rest['decoder']['ln_f']}, x[:, -1:])
-  lm_head = Einsum((t.hidden_size, t.vocab_size), **kw)
-  logits = lm_head.apply({'params': p.rest['lm_head']}, 'btd,dv->btv', x)
+  lm_head = Einsum((t.vocab_size, t.hidden_size), weight_major=True, **kw)
+  logits = lm_head.apply({'params': p.rest['lm_head']}, 'btd,vd->btv', x)
   return logits[:, 0].astype(jnp.float32), tuple(updated)
 
 

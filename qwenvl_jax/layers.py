@@ -16,21 +16,38 @@ Dtype = Any
 default_kernel_init = nn.initializers.normal(0.02)
 
 
+def weight_major_einsum(eqn: str, x: Array, w: Array) -> Array:
+  """jnp.einsum(eqn, x, w), computed as a product whose output has w's own dims first.
+
+  For a few rows of x (batched decoding) XLA's CPU dot reads w at 13-16 GB/s in the x-major form and at
+  24-27 GB/s in this one, when w's contracted dims are its minor ones (bench dims, batch 8). The barrier
+  keeps XLA from folding the final transpose back into the dot, which would undo the gain.
+  """
+  x_dims, rest = eqn.split(',')
+  w_dims, out = rest.split('->')
+  first = ''.join(c for c in w_dims if c in out) + ''.join(c for c in out if c not in w_dims)
+  y = jax.lax.optimization_barrier(jnp.einsum(f'{w_dims},{x_dims}->{first}', w, x))
+  return jnp.einsum(f'{first}->{out}', y)
+
+
 class Einsum(nn.Module):
   """A weight of a given shape applied with an einsum equation, optionally plus a bias.
 
   Keeping heads as their own axis (`[d, 3, h, k]` rather than `[d, 3*h*k]`) lets sharding rules split them.
+  weight_major computes it with `weight_major_einsum` (generation's layout).
   """
   shape: Sequence[int]
   bias_shape: Sequence[int] | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = default_kernel_init
+  weight_major: bool = False
 
   @nn.compact
   def __call__(self, eqn: str, x: Array) -> Array:
     w = self.param('kernel', self.kernel_init, tuple(self.shape), self.param_dtype)
-    y = jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+    y = (weight_major_einsum if self.weight_major else jnp.einsum)(
+        eqn, x.astype(self.dtype), w.astype(self.dtype))
     if self.bias_shape is not None:
       b = self.param('bias', nn.initializers.zeros, tuple(self.bias_shape), self.param_dtype)
       y = y + b.astype(self.dtype)

@@ -238,16 +238,22 @@ def test_decode_params_layout(tiny, text_prompt):
   split = gen.decode_params(params)
   assert gen.decode_params(split) is split and len(split.layers) == model.config.text.num_layers
   stacked, layer = params['decoder']['layers'], split.layers[1]
-  np.testing.assert_array_equal(layer['attn']['c_attn']['kernel'], stacked['attn']['c_attn']['kernel'][1])
+  attn = stacked['attn']
+  np.testing.assert_array_equal(layer['attn']['c_attn']['kernel'],
+                                np.transpose(attn['c_attn']['kernel'][1], (1, 2, 3, 0)))  # [3, h, k, d]
+  np.testing.assert_array_equal(layer['attn']['c_attn']['bias'], attn['c_attn']['bias'][1])
+  np.testing.assert_array_equal(layer['attn']['c_proj']['kernel'],
+                                np.transpose(attn['c_proj']['kernel'][1], (2, 0, 1)))  # [d, h, k]
   mlp = {k: v['kernel'][1] for k, v in stacked['mlp'].items()}
-  np.testing.assert_array_equal(layer['mlp']['w12']['kernel'], np.stack([mlp['w1'], mlp['w2']], axis=1))
+  np.testing.assert_array_equal(layer['mlp']['w12']['kernel'], np.stack([mlp['w1'].T, mlp['w2'].T]))
   np.testing.assert_array_equal(layer['mlp']['c_proj']['kernel'], mlp['c_proj'].T)
+  np.testing.assert_array_equal(split.rest['lm_head']['kernel'], params['lm_head']['kernel'].T)
   kw = dict(max_new_tokens=5, **GREEDY)
   np.testing.assert_array_equal(generate(model, split, [text_prompt], **kw),
                                 generate(model, params, [text_prompt], **kw))
   copy = jax.tree.map(lambda x: x, params)
   consumed = gen.decode_params(copy, consume=True)
-  assert 'layers' not in copy['decoder'] and 'ln_f' in consumed.rest['decoder']
+  assert 'layers' not in copy['decoder'] and 'lm_head' not in copy and 'ln_f' in consumed.rest['decoder']
   chex.assert_trees_all_equal(consumed, split)
 
 
@@ -264,3 +270,19 @@ def test_slots_last_cache_reads_what_was_written(tiny, batch):
     np.testing.assert_array_equal(k[:, 4:9], keys)
     np.testing.assert_array_equal(v[:, 4:9], values)
     assert not np.asarray(k[:, :4]).any() and not np.asarray(v[:, 9:]).any()
+
+
+@pytest.mark.parametrize('eqn, x_shape, w_shape', [
+    ('btd,chkd->btchk', (2, 3, 8), (3, 2, 4, 8)),  # c_attn
+    ('bthk,dhk->btd', (2, 3, 2, 4), (8, 2, 4)),  # attn.c_proj
+    ('btd,cfd->btcf', (1, 1, 8), (2, 16, 8)),  # w12
+    ('btd,vd->btv', (3, 1, 8), (32, 8)),  # lm_head
+])
+def test_weight_major_einsum_equals_einsum(eqn, x_shape, w_shape):
+  from qwenvl_jax.layers import weight_major_einsum
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=x_shape).astype(np.float32), rng.normal(size=w_shape).astype(np.float32)
+  want = jnp.einsum(eqn, x, w)
+  got = jax.jit(weight_major_einsum, static_argnums=0)(eqn, x, w)
+  assert got.shape == want.shape
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
