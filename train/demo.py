@@ -97,24 +97,22 @@ def evaluate(model, params, tokenizer, root: pathlib.Path, scenes, out_dir: path
   from PIL import Image
   from qwenvl_jax.grounding import draw_boxes
   from train.world import letter_answer, letter_question, where_question
-  asks = []  # (scene index, question, the truth: a box, or the expected answer)
-  for i, s in enumerate(scenes):
-    asks += [(i, where_question(t), t.box) for t in s.things]
-    asks += [(i, letter_question(t), letter_answer(t)) for t in s.things if t.letter]
-  answers = ask_all(model, params, tokenizer, root, [(scenes[i].image, q) for i, q, _ in asks],
+  shapes = [(i, t) for i, s in enumerate(scenes) for t in s.things]
+  lettered = [(i, t) for i, t in shapes if t.letter]
+  questions = ([(i, where_question(t)) for i, t in shapes]
+               + [(i, letter_question(t)) for i, t in lettered])
+  answers = ask_all(model, params, tokenizer, root, [(scenes[i].image, q) for i, q in questions],
                     ev['batch'], ev['max_new_tokens'])
-  is_letter = [isinstance(truth, str) for _, _, truth in asks]
-  found = [[] if letter else _boxes(a) for letter, a in zip(is_letter, answers)]
-  hits = [a.strip() == truth if letter else bool(boxes) and iou(boxes[0]['box'], truth) >= 0.5
-          for (_, _, truth), letter, a, boxes in zip(asks, is_letter, answers, found)]
-  grounding = [h for h, letter in zip(hits, is_letter) if not letter]
-  reading = [h for h, letter in zip(hits, is_letter) if letter]
+  found = [_boxes(a) for a in answers[:len(shapes)]]
+  grounding = [bool(boxes) and iou(boxes[0]['box'], t.box) >= 0.5 for boxes, (_, t) in zip(found, shapes)]
+  reading = [a.strip() == letter_answer(t) for a, (_, t) in zip(answers[len(shapes):], lettered)]
   out_dir.mkdir(parents=True, exist_ok=True)
   for i, s in enumerate(scenes[:ev['save_images']]):
-    mine = [b for (owner, _, _), boxes in zip(asks, found) if owner == i for b in boxes[:1]]
+    mine = [b for (owner, _), boxes in zip(shapes, found) if owner == i for b in boxes[:1]]
     with Image.open(root / s.image) as im:
       draw_boxes(im.resize((448, 448)), mine).save(out_dir / f'{pathlib.Path(s.image).stem}.png')
-  for (i, q, _), a, ok in list(zip(asks, answers, hits))[:show]:
+  shown = list(zip(questions, answers, grounding + reading))
+  for (i, q), a, ok in shown[:show // 2] + shown[len(shapes):len(shapes) + show // 2]:  # of both kinds
     print(f'  [{scenes[i].image}] {q}\n    -> {a}   {"(correct)" if ok else "(wrong)"}')
   return 100.0 * float(np.mean(grounding)), 100.0 * float(np.mean(reading)) if reading else float('nan')
 

@@ -9,6 +9,7 @@ names exactly one box. Each shape carries a white letter (its short text). Boxes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import random
@@ -74,6 +75,12 @@ def _cell_box(row: int, col: int, cfg: WorldConfig) -> tuple[tuple[int, ...], tu
   return px, norm  # type: ignore[return-value]
 
 
+@functools.lru_cache
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+  """Pillow's built-in font (no font file needed), parsed once per size rather than once per shape."""
+  return ImageFont.load_default(size=size)
+
+
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: Sequence[int], colour: tuple[int, int, int],
           letter: str) -> None:
   x1, y1, x2, y2 = box
@@ -84,11 +91,11 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: Sequence[int], colour: tup
   else:
     draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=colour)
   if letter:
-    # Pillow's built-in font (no font file needed); a little low, where a triangle is wide enough.
+    # a little low, where a triangle is wide enough
     size = max(6, round(0.45 * (y2 - y1)))
     white = (255, 255, 255)
     draw.text(((x1 + x2) / 2, y1 + 0.6 * (y2 - y1)), letter, fill=white, anchor='mm',
-              font=ImageFont.load_default(size=size), stroke_width=max(1, size // 12), stroke_fill=white)
+              font=_font(size), stroke_width=max(1, size // 12), stroke_fill=white)
 
 
 def make_scene(rng: random.Random, cfg: WorldConfig, image_path: pathlib.Path, rel: str) -> Scene:
