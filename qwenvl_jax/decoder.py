@@ -18,8 +18,8 @@ Array = jax.Array
 class KVCache(NamedTuple):
   """Per-layer keys and values, [layers, batch, slots, heads, head_dim]; slot s holds token s of the row.
 
-  A block reaches one layer's arrays through `write` and `read` only, so a subclass may store them in
-  another layout (generation does: `generate.SlotsLastCache`).
+  A block reaches one layer's arrays through `write`, `read` and `attend` only, so a subclass may store
+  them in another layout and attend its own way (generation does: `generate.SlotsLastCache`).
   """
   k: Array
   v: Array
@@ -39,6 +39,10 @@ class KVCache(NamedTuple):
   def read(self) -> tuple[Array, Array]:
     """One layer's keys and values, [b, slots, h, k]."""
     return self.k, self.v
+
+  def attend(self, q: Array, mask: Array, dtype) -> Array:
+    """`layers.attend` of queries q [b, t, h, k] over this layer's slots."""
+    return attend(q, *self.read(), mask, dtype)
 
 
 def ntk_alpha(length: Array | int, seq_length: int) -> Array:
@@ -95,10 +99,12 @@ class Attention(nn.Module):
     q, key, v = (qkv[:, :, i] for i in range(3))
     q = apply_rotary(q, *rope) * q_scale[:, :, None, None].astype(self.dtype)
     key = apply_rotary(key, *rope)
-    if cache is not None:  # write this step's keys at their slots, attend over every slot
+    if cache is None:
+      y = attend(q, key, v, mask, self.dtype)
+    else:  # write this step's keys at their slots, attend over every slot
       cache = cache.write(key, v, cache_index)
-      key, v = cache.read()
-    y = constrain(attend(q, key, v, mask, self.dtype), ('batch', 'length', 'act_heads', 'head_dim'))
+      y = cache.attend(q, mask, self.dtype)
+    y = constrain(y, ('batch', 'length', 'act_heads', 'head_dim'))
     if self.decode_layout:
       return Einsum((d, h, k), name='c_proj', **kw)('bthk,dhk->btd', y), cache
     return Einsum((h, k, d), name='c_proj', **kw)('bthk,hkd->btd', y), cache

@@ -365,6 +365,11 @@ def use_rules(mesh: Mesh, rules: str | Rules) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def rules_active() -> bool:
+  """Whether functions traced now are traced inside `use_rules`."""
+  return _ACTIVE.get() is not None
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names when `use_rules` is active, else x unchanged."""
   active = _ACTIVE.get()

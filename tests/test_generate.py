@@ -257,7 +257,7 @@ def test_decode_params_layout(tiny, text_prompt):
   chex.assert_trees_all_equal(consumed, split)
 
 
-@pytest.mark.parametrize('batch', [1, 3])  # a batch of 1 is stored without its b axis
+@pytest.mark.parametrize('batch', [1, 3])  # without the kernel a batch of 1 is stored without its b axis
 def test_slots_last_cache_reads_what_was_written(tiny, batch):
   text = tiny[0].config.text
   shape = (batch, 5, text.num_heads, text.head_dim)
@@ -286,3 +286,16 @@ def test_weight_major_einsum_equals_einsum(eqn, x_shape, w_shape):
   got = jax.jit(weight_major_einsum, static_argnums=0)(eqn, x, w)
   assert got.shape == want.shape
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_argmax_last_equals_argmax():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 1000)).astype(np.float32)
+  x[1, [3, 700]] = 9.0  # ties: the first
+  x[2, [5, 9]] = np.nan  # NaN wins, the first one
+  x[3] = -np.inf
+  x[4, 999] = np.inf
+  x[5] = np.round(x[5])  # many ties
+  got = jax.jit(gen.argmax_last)(x)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))

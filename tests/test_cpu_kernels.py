@@ -1,0 +1,125 @@
+"""The CPU decode-attention kernel: parity with XLA's attention, its use in generation, and its build."""
+import importlib
+import os
+import pathlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qwenvl_jax as q
+from qwenvl_jax import cpu_kernels
+from qwenvl_jax.layers import attend
+
+gen = importlib.import_module('qwenvl_jax.generate')
+
+
+@pytest.fixture(scope='module')
+def kernel():
+  """The kernel, built; outside CI its absence (no C++ compiler) skips, in CI it fails."""
+  if not cpu_kernels.available():
+    msg = 'the CPU kernel could not be built (no C++ compiler?) or QWENVL_JAX_CPU_KERNELS=0'
+    if os.environ.get('CI', '').lower() == 'true':
+      pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def masks(b: int, s: int) -> np.ndarray:
+  """Row 0 left-padded, row 1 with holes, row 2 causal (only a prefix), row 3 all masked, others full."""
+  rng = np.random.default_rng(1)
+  m = np.ones((b, s), bool)
+  rows = [np.arange(s) >= s // 3, rng.random(s) < 0.7, np.arange(s) <= s // 2, np.zeros(s, bool)]
+  for r, row in enumerate(rows[:b]):
+    m[r] = row
+  return m
+
+
+@pytest.mark.parametrize('b, h, d, s', [(1, 2, 64, 1), (4, 3, 8, 37), (5, 16, 64, 192), (2, 2, 128, 1030)])
+def test_attend_one_equals_attend(kernel, b, h, d, s):
+  rng = np.random.default_rng(0)
+  shapes = ((b, h, d), (b, h, d, s), (b, h, d, s))
+  qs, k, v = (rng.normal(size=shape).astype(np.float32) * 3 for shape in shapes)
+  valid = masks(b, s) if b > 1 else np.ones((1, s), bool)
+  want = attend(qs[:, None], k.transpose(0, 3, 1, 2), v.transpose(0, 3, 1, 2), valid[:, None], jnp.float32)
+  got = jax.jit(cpu_kernels.attend_one)(qs, k, v, valid)
+  chex.assert_trees_all_close(got, want[:, 0], atol=2e-6, rtol=2e-5)
+  other_backends = jax.jit(cpu_kernels._xla_attend_one)(qs, k, v, valid)  # platform_dependent's default
+  chex.assert_trees_all_close(other_backends, want[:, 0], atol=1e-6, rtol=1e-6)
+
+
+def test_attend_one_lowers_to_the_kernel_on_cpu(kernel):
+  args = (jnp.zeros((2, 2, 8)), jnp.zeros((2, 2, 8, 5)), jnp.zeros((2, 2, 8, 5)), jnp.ones((2, 5), bool))
+  assert cpu_kernels.ATTEND_TARGET in jax.jit(cpu_kernels.attend_one).lower(*args).as_text()
+
+
+@pytest.fixture
+def fresh_traces():
+  """jit's caches emptied before and after: traced decode steps depend on the kernel switch."""
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+def test_generation_with_and_without_the_kernel(kernel, golden_dir, golden, monkeypatch, fresh_traces):
+  """Greedy tokens equal and logits within float rounding, for a left-padded batch, kernel on or off."""
+  model, params = q.load_pretrained(golden_dir / 'checkpoint')
+  rows = [golden['long.input_ids'][0][:30], golden['long.input_ids'][0][:11]]
+  results = []
+  for on in ('1', '0'):
+    monkeypatch.setenv('QWENVL_JAX_CPU_KERNELS', on)
+    jax.clear_caches()
+    ids = gen.decode_params(params)
+    args, kwargs = _advance_args(model, ids, rows)
+    lowered = gen._advance_jit.lower(*args, **kwargs).as_text()
+    assert (cpu_kernels.ATTEND_TARGET in lowered) == (on == '1')
+    results.append(gen.generate(model, ids, rows, max_new_tokens=12, do_sample=False, output_logits=True))
+  (tokens_on, logits_on), (tokens_off, logits_off) = results
+  np.testing.assert_array_equal(tokens_on, tokens_off)
+  chex.assert_trees_all_close(logits_on, logits_off, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize('n_rows', [1, 2])
+def test_decode_step_copies_no_cache(kernel, golden_dir, n_rows):
+  """The compiled decode step updates every cache in place (without the b axis, a batch of 1 had its
+  caches copied several times per layer around the kernel)."""
+  model, params = q.load_pretrained(golden_dir / 'checkpoint')
+  args, kwargs = _advance_args(model, gen.decode_params(params), [np.arange(5, 12)] * n_rows)
+  compiled = gen._advance_jit.lower(*args, **kwargs).compile().as_text()
+  cache_shape = ','.join(map(str, args[1].caches[0].k.shape))
+  assert cpu_kernels.ATTEND_TARGET in compiled
+  assert not [line for line in compiled.splitlines() if f'[{cache_shape}]' in line and ' copy(' in line]
+
+
+def _advance_args(model, params, rows):
+  batch = gen._make_batch(rows, None, model.config, 0, gen.Buckets())
+  config = gen.GenerationConfig(do_sample=False)
+  sampler, key, min_new = gen._Sampler.of(config), jax.random.key(0), jnp.int32(0)
+  features = jnp.zeros((1, model.config.vision.n_queries, model.config.text.hidden_size))
+  state, _ = gen._prefill_jit(params, batch.ids, batch.mask, features, min_new, key, config=model.config,
+                              sampler=sampler, slots=batch.ids.shape[1] + 16)
+  return (params, state, batch.ids.shape[1], min_new, key), dict(config=model.config, sampler=sampler)
+
+
+def test_build_is_cached_and_atomic(kernel, tmp_path):
+  compiler = cpu_kernels._compiler()
+  first = cpu_kernels.build(compiler, tmp_path)
+  mtime = first.stat().st_mtime_ns
+  assert cpu_kernels.build(compiler, tmp_path) == first and first.stat().st_mtime_ns == mtime
+  assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_failed_build_names_the_compiler_and_leaves_nothing(tmp_path):
+  with pytest.raises(RuntimeError, match='false failed'):
+    cpu_kernels.build('/bin/false', tmp_path)
+  assert not list(tmp_path.iterdir())
+
+
+def test_switch(monkeypatch):
+  for off in ('0', 'false', 'OFF'):
+    monkeypatch.setenv('QWENVL_JAX_CPU_KERNELS', off)
+    assert not cpu_kernels.enabled() and not cpu_kernels.available()
+  monkeypatch.setenv('QWENVL_JAX_CPU_KERNELS', '1')
+  assert cpu_kernels.enabled()
+  assert pathlib.Path(cpu_kernels.SOURCE).exists()
