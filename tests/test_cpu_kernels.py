@@ -1,6 +1,5 @@
 """The CPU decode-attention kernel: parity with XLA's attention, its use in generation, and its build."""
 import importlib
-import os
 import pathlib
 
 import chex
@@ -18,12 +17,14 @@ gen = importlib.import_module('qwenvl_jax.generate')
 
 @pytest.fixture(scope='module')
 def kernel():
-  """The kernel, built; outside CI its absence (no C++ compiler) skips, in CI it fails."""
+  """The kernel, built. It is optional: without a C++ compiler (or switched off) these tests skip; with
+  one, a failed build fails them."""
+  if not cpu_kernels.enabled():
+    pytest.skip('QWENVL_JAX_CPU_KERNELS turns the kernel off')
+  if cpu_kernels._compiler() is None:
+    pytest.skip('no C++ compiler ($CXX, c++, g++, clang++): generation attends with XLA alone')
   if not cpu_kernels.available():
-    msg = 'the CPU kernel could not be built (no C++ compiler?) or QWENVL_JAX_CPU_KERNELS=0'
-    if os.environ.get('CI', '').lower() == 'true':
-      pytest.fail(msg)
-    pytest.skip(msg)
+    pytest.fail('a C++ compiler is there but the kernel did not build (see the warning)')
 
 
 def masks(b: int, s: int) -> np.ndarray:
@@ -123,3 +124,9 @@ def test_switch(monkeypatch):
   monkeypatch.setenv('QWENVL_JAX_CPU_KERNELS', '1')
   assert cpu_kernels.enabled()
   assert pathlib.Path(cpu_kernels.SOURCE).exists()
+
+
+def test_without_a_compiler_it_warns_and_xla_attends(monkeypatch):
+  monkeypatch.setattr(cpu_kernels, '_compiler', lambda: None)
+  with pytest.warns(RuntimeWarning, match='no C\\+\\+ compiler'):
+    assert cpu_kernels._registered.__wrapped__() is False  # the cached answer of this process stays
