@@ -109,8 +109,9 @@ def _registered() -> bool:
 
 
 def available() -> bool:
-  """Whether attend_one uses the kernel on the CPU (building it on the first call)."""
-  return enabled() and _registered()
+  """Whether attend_one uses the kernel: on when the default backend is the CPU (a GPU or TPU process
+  neither builds it nor warns about a missing compiler); built on the first call."""
+  return enabled() and jax.default_backend() == 'cpu' and _registered()
 
 
 def _xla_attend_one(q: Array, k: Array, v: Array, valid: Array) -> Array:

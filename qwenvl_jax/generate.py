@@ -306,7 +306,7 @@ class SlotsLastCache(KVCache):
     if q.shape[1] != 1 or not _kernel_attends(dtype):
       return super().attend(q, mask, dtype)
     k, v = (c.reshape((-1,) + c.shape[-3:]) for c in self)  # [b, h, k, slots]
-    return cpu_kernels.attend_one(q[:, 0].astype(dtype), k, v, mask[:, 0])[:, None]
+    return cpu_kernels.attend_one(q[:, 0], k, v, mask[:, 0])[:, None]
 
 
 class DecodeState(NamedTuple):

@@ -123,6 +123,8 @@ def test_switch(monkeypatch):
     assert not cpu_kernels.enabled() and not cpu_kernels.available()
   monkeypatch.setenv('QWENVL_JAX_CPU_KERNELS', '1')
   assert cpu_kernels.enabled()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert not cpu_kernels.available()  # nor built: a GPU process needs no C++ compiler
   assert pathlib.Path(cpu_kernels.SOURCE).exists()
 
 
