@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help='stored dtype (default: the source\'s, which keeps the conversion bit-exact)')
   p.add_argument('--shard-size', type=parse_size, default=DEFAULT_SHARD_SIZE,
                  help='with --to-hf: bytes per safetensors shard (default 2GB)')
-  p.add_argument('--overwrite', action='store_true', help='replace dst if it exists')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace dst if it exists and is an empty directory or one qwenvl-convert wrote')
   p.add_argument('--quiet', action='store_true', help='no progress bar')
   return p
 

@@ -8,60 +8,28 @@ reads and writes a chunk at a time the same way.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
 import shutil
-import tempfile
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import tqdm
 
 from convert import hf, orbax_io, source
-from qwenvl_jax.checkpoint import (FORMAT, FORMAT_VERSION, MARKER, PARAMS_DIR, ReleasedCheckpoint,
-                                   check_leaves, read_marker)
+from convert.paths import atomic_directory
+from qwenvl_jax.checkpoint import (FORMAT, FORMAT_VERSION, ReleasedCheckpoint, check_leaves, check_released,
+                                   read_marker)
 from qwenvl_jax.config import QwenVLConfig, as_dtype
-from qwenvl_jax.params import Rule, check_names, rules
+from qwenvl_jax.jsonfile import read_object
+from qwenvl_jax.layout import EXPORT_MARKER, MARKER, PARAMS_DIR, Kind, describe_directory, wrong_kind
+from qwenvl_jax.params import Rule, rules
 
 # Files copied next to the weights when the source has them (the tokenizer's vocabulary included).
 AUX_FILES = ('generation_config.json', 'qwen.tiktoken')
 DEFAULT_SHARD_SIZE = 2 * 10**9
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: pathlib.Path, overwrite: bool = False) -> Iterator[pathlib.Path]:
-  """Yields an empty DST.tmp-XXXX next to dst, renamed to dst only when the block finishes.
-
-  On any error (Ctrl-C included) the temporary directory is removed; a killed process leaves it under its
-  .tmp- name, which never loads: the completion marker is written last.
-  """
-  if dst.exists() and not overwrite:
-    raise FileExistsError(f'{dst} already exists; pass --overwrite to replace it')
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'{dst.name}.tmp-', dir=dst.parent))
-  try:
-    yield tmp
-    if dst.exists():
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f'{dst.name}.old-', dir=dst.parent))
-      os.rename(dst, old / dst.name)
-      os.rename(tmp, dst)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, dst)
-    _fsync_dir(dst.parent)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
+EXPORT_FORMAT = 'qwenvl-jax/released'
 
 
 def _copy_aux(src: pathlib.Path, dst: pathlib.Path) -> None:
@@ -96,16 +64,20 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, over
   Every tensor name and shape is checked from the shard headers before any data is read.
   """
   src, dst = pathlib.Path(src), pathlib.Path(dst)
+  found = describe_directory(src)
+  if found.kind not in (Kind.RELEASED, Kind.EXPORTED):
+    raise wrong_kind(found, 'a checkpoint in the released layout')
   if not (src / 'config.json').exists():
     raise FileNotFoundError(f'{src}/config.json not found: the config is needed to map the tensors')
   config = QwenVLConfig.from_json(src)
   checkpoint = ReleasedCheckpoint(src)
-  check_names(checkpoint.shapes(), config)
+  check_released(checkpoint, config)
   dtype = np.dtype(as_dtype(dtype)) if dtype is not None else source_dtype(checkpoint)
   table = rules(config)
   leaves = {r.path: _streamed_leaf(r, r.leaf_shape, dtype) for r in table.values()}
 
-  with atomic_directory(dst, overwrite) as tmp, _progress(checkpoint.nbytes, 'converting', progress) as bar:
+  with (atomic_directory(src, dst, overwrite) as tmp,
+        _progress(checkpoint.nbytes, 'converting', progress) as bar):
     def pieces() -> Iterator[orbax_io.Piece]:
       for entry, rows in source.released_rows(checkpoint):
         rule = table[entry.name]
@@ -149,7 +121,7 @@ def _hf_parts(reader: orbax_io.LeafReader, rule: Rule, dtype: np.dtype) -> Itera
 
 
 def _export_config(src: pathlib.Path, config: QwenVLConfig, dtype: np.dtype) -> dict:
-  saved = json.loads((src / 'config.json').read_text())
+  saved = read_object(src / 'config.json')
   merged = {**saved, **config.to_dict(), 'torch_dtype': dtype.name}
   merged.update(bf16=dtype.name == 'bfloat16', fp16=dtype.name == 'float16', fp32=dtype.name == 'float32')
   return merged
@@ -168,18 +140,19 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype=None,
   check_leaves({p: m.shape for p, m in reader.metadata.items()}, config, str(src / PARAMS_DIR))
   dtype = np.dtype(as_dtype(dtype or info['dtype']))
   table = rules(config)
-  order = released_order(table)
-  specs = [hf.TensorSpec(name, dtype, table[name].hf_shape) for name in order]
+  specs = [hf.TensorSpec(name, dtype, table[name].hf_shape) for name in released_order(table)]
 
-  with atomic_directory(dst, overwrite) as tmp, _progress(sum(s.nbytes for s in specs), 'exporting',
-                                                          progress) as bar:
-    def tensors() -> Iterator[Iterator[np.ndarray]]:
-      for spec in specs:
-        yield _hf_parts(reader, table[spec.name], dtype)
-        bar.update(spec.nbytes)
+  with (atomic_directory(src, dst, overwrite) as tmp,
+        _progress(sum(s.nbytes for s in specs), 'exporting', progress) as bar):
+    def counted(parts: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+      for part in parts:
+        yield part
+        bar.update(part.nbytes)  # once written: the writer asks for the next part only then
 
-    hf.write_released(tmp, specs, tensors(), shard_size)
+    parts = (counted(_hf_parts(reader, table[spec.name], dtype)) for spec in specs)
+    hf.write_released(tmp, specs, parts, shard_size)
     (tmp / 'config.json').write_text(json.dumps(_export_config(src, config, dtype), indent=2) + '\n')
     _copy_aux(src, tmp)
+    marker = {'format': EXPORT_FORMAT, 'version': FORMAT_VERSION, 'dtype': dtype.name}
+    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + '\n')  # last: the export finished
   return dst
-

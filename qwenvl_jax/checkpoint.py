@@ -23,13 +23,13 @@ import ml_dtypes
 import numpy as np
 
 from qwenvl_jax.config import QwenVLConfig, as_dtype
+from qwenvl_jax.jsonfile import ConfigFileError, get, read_object
+from qwenvl_jax.layout import (BIN_INDEX, MARKER, PARAMS_DIR, SAFETENSORS_INDEX, IncompleteCheckpointError,
+                               Kind, describe_directory, leftover_note, wrong_kind)
 from qwenvl_jax.model import QwenVL
-from qwenvl_jax.params import get_path, leaf_shapes, params_from_hf, set_path
+from qwenvl_jax.params import (CheckpointMismatchError, check_names, get_path, leaf_shapes, params_from_hf,
+                               set_path)
 
-SAFETENSORS_INDEX = 'model.safetensors.index.json'
-BIN_INDEX = 'pytorch_model.bin.index.json'
-PARAMS_DIR = 'params'
-MARKER = 'qwenvl_checkpoint.json'
 FORMAT = 'qwenvl-jax/orbax'
 FORMAT_VERSION = 1
 # safetensors dtype codes of the released checkpoints.
@@ -41,10 +41,6 @@ Path = tuple[str, ...]
 
 class CheckpointFormatError(ValueError):
   """A checkpoint file or index that cannot be read as it claims to be."""
-
-
-class IncompleteCheckpointError(ValueError):
-  """A converted directory whose conversion never finished."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +60,12 @@ class TensorEntry:
 # ------------------------------------------------------------------------------ released layout
 
 def _index_files(root: pathlib.Path, index: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str]]:
-  try:
-    weight_map = json.loads(index.read_text())['weight_map']
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointFormatError(f'{index}: not a valid index (needs a "weight_map"): {e}') from e
+  weight_map = get(read_object(index), 'weight_map', dict, index)
+  bad = [f'{name!r}: {shard!r}' for name, shard in weight_map.items()
+         if not isinstance(shard, str) or not shard or '/' in shard]
+  if bad:
+    raise ConfigFileError(index, f'expected tensor name -> shard file name, found {", ".join(bad[:5])}',
+                          'weight_map')
   files = [root / name for name in dict.fromkeys(weight_map.values())]
   missing = [f.name for f in files if not f.exists()]
   if missing:
@@ -101,14 +99,18 @@ def safetensors_header(file: pathlib.Path) -> list[TensorEntry]:
       header = json.loads(f.read(n))
     except ValueError as e:
       raise CheckpointFormatError(f'{file}: corrupt safetensors header ({e})') from e
+  if not isinstance(header, dict):
+    raise CheckpointFormatError(f'{file}: corrupt safetensors header (not a JSON object)')
   header.pop('__metadata__', None)
   entries, unsupported, truncated, inconsistent = [], [], [], []
   for name, info in header.items():
     try:
       code, shape, (begin, end) = info['dtype'], tuple(info['shape']), info['data_offsets']
+      if not all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end)):
+        raise TypeError('sizes and offsets must be non-negative integers')
     except (KeyError, TypeError, ValueError) as e:
-      raise CheckpointFormatError(f'{file}: corrupt header entry for {name}: {info!r}') from e
-    if code not in ST_DTYPES:
+      raise CheckpointFormatError(f'{file}: corrupt header entry for {name}: {info!r} ({e})') from e
+    if not isinstance(code, str) or code not in ST_DTYPES:
       unsupported.append(f'{name} ({code})')
       continue
     entry = TensorEntry(name, file, ST_DTYPES[code], shape, 8 + n + begin)
@@ -237,6 +239,16 @@ def _advise(mapped: mmap.mmap, advice: int, offset: int, nbytes: int) -> None:
     mapped.madvise(advice, start, offset + nbytes - start)
 
 
+def check_released(checkpoint: ReleasedCheckpoint, config: QwenVLConfig) -> None:
+  """Raises CheckpointMismatchError naming the directory and every tensor that config.json does not
+  describe, from the shard headers alone."""
+  try:
+    check_names(checkpoint.shapes(), config)
+  except CheckpointMismatchError as e:
+    e.args = (f'{checkpoint.root}: {e} (config.json and the weights do not belong together)',)
+    raise
+
+
 def read_released(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Every tensor of a released-layout directory (safetensors or .bin), by name, in memory."""
   return {e.name: np.array(a) for e, a in ReleasedCheckpoint(path).tensors()}
@@ -245,29 +257,27 @@ def read_released(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- converted layout
 
-def is_converted(path: str | os.PathLike) -> bool:
-  """Whether `path` holds a conversion (finished or not) rather than a released checkpoint."""
-  root = pathlib.Path(path)
-  return (root / MARKER).exists() or any(p.name.startswith(PARAMS_DIR) for p in root.iterdir())
-
-
 def read_marker(path: str | os.PathLike) -> dict[str, Any]:
-  """The completion marker of a converted directory; raises IncompleteCheckpointError without one."""
+  """The completion marker of a converted directory, checked; any other kind of directory raises the
+  error that says what it is (IncompleteCheckpointError for an unfinished conversion)."""
   root = pathlib.Path(path)
+  found = describe_directory(root)
+  if found.kind is not Kind.CONVERTED:
+    raise wrong_kind(found, 'a converted Orbax checkpoint')
   marker = root / MARKER
-  if not marker.exists():
-    raise IncompleteCheckpointError(
-        f'{root} is an incomplete conversion ({MARKER} missing): the conversion was interrupted. '
-        'Delete it and run qwenvl-convert again.')
+  info = read_object(marker)
+  fmt, version = get(info, 'format', str, marker), get(info, 'version', int, marker)
+  if (fmt, version) != (FORMAT, FORMAT_VERSION):
+    raise CheckpointFormatError(f'{marker}: unknown format {fmt!r} version {version} (expected {FORMAT!r} '
+                                f'version {FORMAT_VERSION}; written by a newer qwenvl-jax?)')
+  dtype = get(info, 'dtype', str, marker)
   try:
-    info = json.loads(marker.read_text())
+    as_dtype(dtype)
   except ValueError as e:
-    raise CheckpointFormatError(f'{marker}: not valid JSON ({e})') from e
-  if not isinstance(info, dict) or info.get('format') != FORMAT or info.get('version') != FORMAT_VERSION:
-    raise CheckpointFormatError(f'{marker}: unknown format {info.get("format")!r} version '
-                                f'{info.get("version")!r} (expected {FORMAT!r} version {FORMAT_VERSION})')
+    raise ConfigFileError(marker, str(e), 'dtype') from None
   if not (root / PARAMS_DIR / '_METADATA').exists():
-    raise IncompleteCheckpointError(f'{root}: {PARAMS_DIR}/ is missing or incomplete; convert again')
+    raise IncompleteCheckpointError(f'{root}: {PARAMS_DIR}/ is missing or incomplete although {MARKER} '
+                                    'says the conversion finished (a partial copy?); convert again')
   return info
 
 
@@ -343,16 +353,21 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None,
   `config_overrides` go to QwenVLConfig, e.g. `dtype='bfloat16'` for bf16 compute.
   """
   root = pathlib.Path(path)
-  if not root.is_dir():
-    raise FileNotFoundError(f'checkpoint directory not found: {root}')
+  found = describe_directory(root)
+  if found.kind is Kind.MISSING:
+    raise FileNotFoundError(f'checkpoint directory not found: {root}{leftover_note(root)}')
+  if found.kind not in (Kind.RELEASED, Kind.EXPORTED, Kind.CONVERTED):
+    raise wrong_kind(found, 'a checkpoint (the released layout, or a directory converted by qwenvl-convert)')
   dtype = as_dtype(dtype or config_overrides.pop('param_dtype', 'float32'))
-  converted = is_converted(root)
+  converted = found.kind is Kind.CONVERTED
   if converted:
-    read_marker(root)  # before config.json, which an interrupted conversion may lack
+    read_marker(root)
   config = QwenVLConfig.from_json(root, param_dtype=dtype.name, **config_overrides)
   if converted:
     return QwenVL(config), restore_params(root, config, dtype, shardings)
+  checkpoint = ReleasedCheckpoint(root)
+  check_released(checkpoint, config)
   # Memory-mapped tensors: params_from_hf's copies are the only ones in anonymous memory.
-  tensors = {e.name: a for e, a in ReleasedCheckpoint(root).tensors()}
+  tensors = {e.name: a for e, a in checkpoint.tensors()}
   params = params_from_hf(tensors, config, dtype=dtype)
   return QwenVL(config), _put(params, shardings, list(leaf_shapes(config)))

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
+import math
 import os
-from typing import Any
+import pathlib
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from qwenvl_jax.jsonfile import ConfigFileError, get, read_object
+
+DICT_SOURCE = '<config dict>'  # the file name in errors about a config given as a dict
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -18,6 +23,57 @@ def as_dtype(name_or_dtype: Any) -> jnp.dtype:
       raise ValueError(f'unknown dtype {name_or_dtype!r}; expected one of {sorted(_DTYPES)}')
     return jnp.dtype(_DTYPES[name_or_dtype])
   return jnp.dtype(name_or_dtype)
+
+
+def _size(d: Mapping[str, Any], key: str, default: int | None = None, *, file: str | os.PathLike,
+          prefix: str = '', minimum: int = 1) -> int:
+  """An integer key of at least `minimum` (required when default is None)."""
+  value = get(d, key, int, file, prefix=prefix) if default is None else get(d, key, int, file, default,
+                                                                            prefix=prefix)
+  if value < minimum:
+    raise ConfigFileError(file, f'must be at least {minimum}, found {value}', prefix + key)
+  return value
+
+
+def _positive_float(d: Mapping[str, Any], key: str, file: str | os.PathLike, default: float,
+                    prefix: str = '') -> float:
+  value = get(d, key, float, file, default, prefix=prefix)
+  if value <= 0:
+    raise ConfigFileError(file, f'must be positive, found {value}', prefix + key)
+  return value
+
+
+def _check_consistent(t: 'TextConfig', v: 'VisionConfig', file: str | os.PathLike) -> None:
+  """The relations between sizes that the model's shapes need, each named by the key to fix."""
+  def require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+      raise ConfigFileError(file, problem, key)
+  require(t.num_heads * t.kv_channels == t.hidden_size, 'kv_channels',
+          f'num_attention_heads ({t.num_heads}) * kv_channels ({t.kv_channels}) must equal hidden_size '
+          f'({t.hidden_size})')
+  require(t.intermediate_size % 2 == 0, 'intermediate_size',
+          f'must be even (w1 and w2 are each half of it), found {t.intermediate_size}')
+  require(t.rotary_pct <= 1 and t.rotary_dim % 2 == 0 and t.rotary_dim > 2, 'rotary_pct',
+          f'kv_channels ({t.kv_channels}) * rotary_pct ({t.rotary_pct}) = {t.kv_channels * t.rotary_pct} '
+          'rotary channels: must be an even number above 2, at most kv_channels')
+  require(v.image_start_id + 2 < t.vocab_size, 'visual.image_start_id',
+          f'{v.image_start_id} leaves no room for </img> and the image pad token below vocab_size '
+          f'({t.vocab_size})')
+  require(v.output_dim == t.hidden_size, 'visual.output_dim',
+          f'visual.output_dim ({v.output_dim}) must equal hidden_size ({t.hidden_size})')
+  require(v.resampler_heads >= 1, 'visual.output_dim',
+          f'{v.output_dim} must be at least 128: the resampler has output_dim // 128 attention heads')
+  require(v.output_dim % v.resampler_heads == 0 and v.output_dim % 4 == 0, 'visual.output_dim',
+          f'{v.output_dim} must be a multiple of 4 (the 2D sin-cos table) and of its {v.resampler_heads} '
+          'resampler heads (output_dim // 128)')
+  require(math.isqrt(v.n_queries) ** 2 == v.n_queries, 'visual.n_queries',
+          f'must be a square number (the queries form a square grid), found {v.n_queries}')
+  require(v.width % v.heads == 0, 'visual.heads',
+          f'visual.heads ({v.heads}) must divide visual.width ({v.width})')
+  require(v.image_size % v.patch_size == 0, 'visual.image_size',
+          f'visual.image_size ({v.image_size}) must be a multiple of visual.patch_size ({v.patch_size})')
+  require(v.mlp_width >= 1, 'visual.mlp_ratio',
+          f'visual.width ({v.width}) * visual.mlp_ratio ({v.mlp_ratio}) leaves no MLP units')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,40 +155,45 @@ class QwenVLConfig:
   remat: str = 'none'
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any], **overrides) -> 'QwenVLConfig':
-    v = dict(d.get('visual', {}))
+  def from_dict(cls, d: Mapping[str, Any], file: str | os.PathLike = DICT_SOURCE,
+                **overrides) -> 'QwenVLConfig':
+    """From the keys of a released `config.json`; every problem is a ConfigFileError naming `file` (a
+    placeholder for dicts that come from no file) and the key."""
+    if not isinstance(d, Mapping):
+      raise ConfigFileError(file, 'expected a JSON object ({...}) at the top level, found '
+                                  f'{type(d).__name__}')
+    v = get(d, 'visual', dict, file, {})
+    vis = functools.partial(_size, v, file=file, prefix='visual.')
     vision = VisionConfig(
-        image_size=v.get('image_size', 448), patch_size=v.get('patch_size', 14),
-        width=v.get('width', 1664), layers=v.get('layers', 48), heads=v.get('heads', 16),
-        mlp_ratio=v.get('mlp_ratio', 4.9231), output_dim=v.get('output_dim', 4096),
-        n_queries=v.get('n_queries', 256), image_start_id=v.get('image_start_id', 151857))
+        image_size=vis('image_size', 448), patch_size=vis('patch_size', 14), width=vis('width', 1664),
+        layers=vis('layers', 48), heads=vis('heads', 16),
+        mlp_ratio=_positive_float(v, 'mlp_ratio', file, 4.9231, prefix='visual.'),
+        output_dim=vis('output_dim', 4096), n_queries=vis('n_queries', 256),
+        image_start_id=vis('image_start_id', 151857, minimum=0))
+    size = functools.partial(_size, d, file=file)
     text = TextConfig(
-        vocab_size=d['vocab_size'], hidden_size=d['hidden_size'], num_layers=d['num_hidden_layers'],
-        num_heads=d['num_attention_heads'], kv_channels=d['kv_channels'],
-        intermediate_size=d['intermediate_size'], seq_length=d['seq_length'],
-        rotary_emb_base=float(d.get('rotary_emb_base', 10000)), rotary_pct=d.get('rotary_pct', 1.0),
-        layer_norm_eps=d.get('layer_norm_epsilon', 1e-6),
-        use_dynamic_ntk=d.get('use_dynamic_ntk', True), use_logn_attn=d.get('use_logn_attn', True),
-        max_position_embeddings=d.get('max_position_embeddings', 8192))
-    if text.hidden_size != vision.output_dim:
-      raise ValueError(f'visual.output_dim ({vision.output_dim}) must equal hidden_size ({text.hidden_size})')
-    if vision.resampler_heads < 1:
-      raise ValueError(f'visual.output_dim ({vision.output_dim}) must be at least 128: the resampler has '
-                       'output_dim // 128 attention heads')
-    if text.num_heads * text.kv_channels != text.hidden_size:
-      raise ValueError('num_attention_heads * kv_channels must equal hidden_size')
-    if d.get('tie_word_embeddings', False):
-      raise ValueError('tied word embeddings are not part of Qwen-VL; config says tie_word_embeddings=true')
+        vocab_size=size('vocab_size'), hidden_size=size('hidden_size'), num_layers=size('num_hidden_layers'),
+        num_heads=size('num_attention_heads'), kv_channels=size('kv_channels'),
+        intermediate_size=size('intermediate_size'), seq_length=size('seq_length', minimum=2),
+        rotary_emb_base=_positive_float(d, 'rotary_emb_base', file, 10000.0),
+        rotary_pct=_positive_float(d, 'rotary_pct', file, 1.0),
+        layer_norm_eps=_positive_float(d, 'layer_norm_epsilon', file, 1e-6),
+        use_dynamic_ntk=get(d, 'use_dynamic_ntk', bool, file, True),
+        use_logn_attn=get(d, 'use_logn_attn', bool, file, True),
+        max_position_embeddings=size('max_position_embeddings', 8192))
+    if get(d, 'tie_word_embeddings', bool, file, False):
+      raise ConfigFileError(file, 'tied word embeddings are not part of Qwen-VL; must be false',
+                            'tie_word_embeddings')
+    _check_consistent(text, vision, file)
     return cls(text=text, vision=vision, **overrides)
 
   @classmethod
   def from_json(cls, path: str | os.PathLike, **overrides) -> 'QwenVLConfig':
     """Reads `config.json` (or the directory holding it)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-      path = os.path.join(path, 'config.json')
-    with open(path) as f:
-      return cls.from_dict(json.load(f), **overrides)
+    path = pathlib.Path(path)
+    if path.is_dir():
+      path = path / 'config.json'
+    return cls.from_dict(read_object(path), path, **overrides)
 
   def to_dict(self) -> dict[str, Any]:
     """The released `config.json` keys, so exported checkpoints load in the original code."""

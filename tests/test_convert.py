@@ -325,9 +325,14 @@ def test_corrupt_shard(golden_ckpt, tmp_path, capsys, garbage):
 
 def test_no_checkpoint_and_no_config(golden_ckpt, tmp_path, capsys):
   (tmp_path / 'empty').mkdir()
-  assert 'config.json not found' in convert_error(tmp_path / 'empty', tmp_path / 'o', capsys)
+  err = convert_error(tmp_path / 'empty', tmp_path / 'o', capsys)
+  assert 'empty is an empty directory, not a checkpoint in the released layout' in err
   shutil.copyfile(golden_ckpt / 'config.json', tmp_path / 'empty' / 'config.json')
-  assert 'no released checkpoint found' in convert_error(tmp_path / 'empty', tmp_path / 'o', capsys)
+  err = convert_error(tmp_path / 'empty', tmp_path / 'o', capsys)
+  assert 'a directory with no checkpoint files in it (config.json)' in err
+  shutil.copyfile(golden_ckpt / 'model.safetensors', tmp_path / 'empty' / 'model.safetensors')
+  (tmp_path / 'empty' / 'config.json').unlink()
+  assert 'config.json not found' in convert_error(tmp_path / 'empty', tmp_path / 'o', capsys)
 
 
 def test_mixed_dtypes_need_dtype(golden_ckpt, golden_tensors, tmp_path, capsys):
@@ -339,15 +344,18 @@ def test_mixed_dtypes_need_dtype(golden_ckpt, golden_tensors, tmp_path, capsys):
 
 
 def test_existing_destination_is_refused(converted, golden_ckpt, tmp_path, capsys):
+  """Without --overwrite even our own output stays (tests/test_convert_safety.py: what --overwrite may
+  replace)."""
   dst = tmp_path / 'o'
-  dst.mkdir()
-  (dst / 'keep').write_text('x')
+  shutil.copytree(converted, dst)
+  (dst / 'config.json').write_text('{}')  # to see it replaced
   assert cli.main([str(golden_ckpt), str(dst), '--quiet']) == 1
-  assert 'already exists; pass --overwrite' in capsys.readouterr().err
-  assert (dst / 'keep').exists()
+  assert 'already exists (a converted Orbax checkpoint' in capsys.readouterr().err
   assert cli.main(['--to-hf', str(converted), str(dst), '--quiet']) == 1
+  assert 'pass --overwrite to replace it' in capsys.readouterr().err
+  assert (dst / 'config.json').read_text() == '{}'
   assert cli.main([str(golden_ckpt), str(dst), '--overwrite', '--quiet']) == 0
-  assert not (dst / 'keep').exists() and (dst / MARKER).exists()
+  assert (dst / 'config.json').read_bytes() == (golden_ckpt / 'config.json').read_bytes()
   assert [p.name for p in tmp_path.iterdir()] == ['o']
 
 
@@ -407,6 +415,10 @@ def test_killed_conversion_never_loads(golden_ckpt, tmp_path):
     load_pretrained(leftover)
   with pytest.raises(IncompleteCheckpointError):
     core.orbax_to_hf(leftover, tmp_path / 'hf', progress=False)
+  with pytest.raises(FileNotFoundError, match=f'{leftover} is the temporary directory of an interrupted'):
+    load_pretrained(tmp_path / 'o')
+  core.hf_to_orbax(golden_ckpt, tmp_path / 'o', progress=False)  # the dead writer's directory goes
+  assert [p.name for p in tmp_path.iterdir()] == ['o']
 
 
 def test_ctrl_c_stops_the_writer_and_cleans_up(golden_ckpt, tmp_path):
@@ -428,7 +440,7 @@ def test_incomplete_directories_refuse_to_load(converted, tmp_path):
     load_pretrained(copy)
 
 
-def test_converted_params_must_match_config(converted, tmp_path):
+def test_converted_params_must_match_config(converted, tmp_path, capsys):
   copy = tmp_path / 'copy'
   shutil.copytree(converted, copy)
   config = json.loads((copy / 'config.json').read_text())
@@ -436,6 +448,24 @@ def test_converted_params_must_match_config(converted, tmp_path):
   (copy / 'config.json').write_text(json.dumps(config))
   with pytest.raises(ValueError, match=r'mis-shaped: decoder/layers/attn/c_attn/bias \(2, 3, 4, 64\)'):
     load_pretrained(copy)
+  assert cli.main(['--to-hf', str(copy), str(tmp_path / 'hf'), '--quiet']) == 1
+  assert 'mis-shaped: decoder/layers/attn/c_attn/bias (2, 3, 4, 64)' in capsys.readouterr().err
+
+
+def test_released_tensors_must_match_config(golden_ckpt, tmp_path, capsys):
+  """A config.json that does not describe its tensors: every tensor in question named, converting and
+  loading alike."""
+  src = tmp_path / 'src'
+  shutil.copytree(golden_ckpt, src)
+  config = json.loads((src / 'config.json').read_text())
+  config['num_hidden_layers'] = 3
+  (src / 'config.json').write_text(json.dumps(config))
+  err = convert_error(src, tmp_path / 'o', capsys)
+  missing = [f'transformer.h.2.{n}' for n in ('attn.c_attn.weight', 'ln_1.weight', 'mlp.w1.weight')]
+  assert all(name in err for name in missing) and 'missing: ' in err, err
+  with pytest.raises(ValueError) as e:
+    load_pretrained(src)
+  assert all(name in str(e.value) for name in missing), e.value
 
 
 # ----------------------------------------------------------------------------------- pieces
