@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
       description='Convert a released Qwen-VL checkpoint (safetensors, or pytorch_model*.bin with the torch '
                   'extra) into an Orbax checkpoint for qwenvl_jax, or back with --to-hf.')
   p.add_argument('src', help='released-layout directory (or, with --to-hf, a converted directory)')
-  p.add_argument('dst', help='output directory; must not exist unless --overwrite')
+  p.add_argument('dst', help='output directory, outside src; must not exist unless --overwrite')
   p.add_argument('--to-hf', action='store_true',
                  help='export a converted directory to the released layout (sharded safetensors + index)')
   p.add_argument('--dtype', choices=('bfloat16', 'float16', 'float32'),

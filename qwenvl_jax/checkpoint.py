@@ -62,7 +62,7 @@ class TensorEntry:
 def _index_files(root: pathlib.Path, index: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str]]:
   weight_map = get(read_object(index), 'weight_map', dict, index)
   bad = [f'{name!r}: {shard!r}' for name, shard in weight_map.items()
-         if not isinstance(shard, str) or not shard or '/' in shard]
+         if not isinstance(shard, str) or not shard]
   if bad:
     raise ConfigFileError(index, f'expected tensor name -> shard file name, found {", ".join(bad[:5])}',
                           'weight_map')
