@@ -4,12 +4,13 @@ Image paths come from prompt text, so they are untrusted input: by default URLs 
 with `allowed_root`, paths may not leave that directory (symlinks included). Every refusal names
 the image it is about.
 
-Pixels are what a viewer shows, with one exception kept for parity with the original: 8-bit
-images convert with Pillow's `.convert('RGB')` as the original transform does, so alpha is dropped
-(transparent pixels keep their stored colour), not blended. Where that call would be wrong the
-original's result differs: 16-bit greyscale (Pillow modes I;16* and I) keeps its top byte, as
-Pillow itself decodes 16-bit colour PNGs, where `.convert('RGB')` saturates everything above 255;
-float images (mode F) must lie in [0, 1] and are scaled by 255.
+Pixels are what a viewer shows, with one exception kept for parity with the original (and with
+what the model was trained on): 8-bit images convert with Pillow's `.convert('RGB')` as the
+original transform does, so alpha is dropped (transparent pixels keep their stored colour), not
+blended. Where that call is wrong, the result differs from the original's: 16-bit greyscale
+(Pillow modes I;16* and I) keeps its top byte, as Pillow itself decodes 16-bit colour PNGs, where
+`.convert('RGB')` saturates every value above 255 to white; float images (mode F) must lie in
+[0, 1] and are scaled by 255.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import io
 import os
 import pathlib
 import re
+import socket
 import stat
 import threading
 import urllib.request
@@ -195,53 +197,101 @@ class ImageLoader:
 
     The download runs in a daemon thread the caller waits for at most `timeout` seconds: that
     bounds every step at once (name lookup, a server trickling headers or body, one that streams
-    forever). A download given up on stops at its next read, at most `timeout` later.
+    forever). On giving up, the connection is shut down so the thread ends at once too.
     """
     if scheme not in ('http', 'https'):
       raise ValueError(f'cannot load image {url}: only http and https URLs are supported')
     if not self.allow_urls:
       raise PermissionError(f'refusing to fetch {url}: URLs are disabled; pass --allow-urls '
                             '(ImageLoader(allow_urls=True)) if the prompt is trusted')
-    outcome: dict[str, bytes | BaseException] = {}
-    given_up = threading.Event()
-
-    def download() -> None:
-      try:
-        outcome['body'] = self._download(url, given_up)
-      except BaseException as e:  # handed to the waiting caller
-        outcome['error'] = e
-
-    worker = threading.Thread(target=download, name=f'fetch {url}', daemon=True)
+    download = _Download(url, self.timeout, self.max_bytes)
+    worker = threading.Thread(target=download.run, name=f'fetch {url}', daemon=True)
     worker.start()
     worker.join(self.timeout)
     if worker.is_alive():
-      given_up.set()
-      raise TimeoutError(self._too_slow(url))
-    if 'error' in outcome:
-      raise outcome['error']
-    return outcome['body']
+      download.give_up()
+      raise TimeoutError(download.too_slow())
+    if download.error is not None:
+      raise download.error
+    return download.body
 
-  def _too_slow(self, url: str) -> str:
-    return f'cannot fetch {url}: not complete within the time limit of {self.timeout:g} s'
 
-  def _download(self, url: str, given_up: threading.Event) -> bytes:
-    # A fresh opener reads the proxy settings of the environment at call time.
-    opener = urllib.request.build_opener()
+class _Download:
+  """One URL fetched by a worker thread; `give_up` from another thread ends it."""
+
+  def __init__(self, url: str, timeout: float, max_bytes: int):
+    self.url, self.timeout, self.max_bytes = url, timeout, max_bytes
+    self.body, self.error = b'', None
+    self.given_up = threading.Event()
+    self.sockets: list[socket.socket] = []  # the connections made, shut down on giving up
+    self.lock = threading.Lock()
+
+  def too_slow(self) -> str:
+    return f'cannot fetch {self.url}: not complete within the time limit of {self.timeout:g} s'
+
+  def give_up(self) -> None:
+    with self.lock:
+      self.given_up.set()
+      for sock in self.sockets:
+        try:
+          sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in the worker
+        except OSError:
+          pass
+
+  def connected(self, sock: socket.socket) -> None:
+    with self.lock:
+      self.sockets.append(sock)
+      if self.given_up.is_set():
+        raise TimeoutError(self.too_slow())
+
+  def run(self) -> None:
     try:
-      with opener.open(url, timeout=self.timeout) as response:
+      self.body = self._read()
+    except BaseException as e:  # handed to the waiting caller
+      self.error = e
+
+  def _read(self) -> bytes:
+    # A fresh opener reads the proxy settings of the environment at call time.
+    opener = urllib.request.build_opener(*(handler(self) for handler in _RECORDING_HANDLERS))
+    try:
+      with opener.open(self.url, timeout=self.timeout) as response:
         declared = response.headers.get('Content-Length', '')
         if declared.isdigit() and int(declared) > self.max_bytes:
-          raise ValueError(f'{url} is {declared} bytes, over max_bytes={self.max_bytes}')
+          raise ValueError(f'{self.url} is {declared} bytes, over max_bytes={self.max_bytes}')
         body = bytearray()
         # read1 returns what one socket read brings: read(n) would wait for all n bytes.
-        while not given_up.is_set() and (chunk := response.read1(_CHUNK)):
+        while not self.given_up.is_set() and (chunk := response.read1(_CHUNK)):
           body += chunk
           if len(body) > self.max_bytes:
-            raise ValueError(f'{url} sent more than max_bytes={self.max_bytes} bytes')
+            raise ValueError(f'{self.url} sent more than max_bytes={self.max_bytes} bytes')
     except TimeoutError:
-      raise TimeoutError(self._too_slow(url)) from None
+      raise TimeoutError(self.too_slow()) from None
     except (OSError, http.client.HTTPException) as e:
       if isinstance(getattr(e, 'reason', None), TimeoutError):  # urllib's wrapping of a timeout
-        raise TimeoutError(self._too_slow(url)) from None
-      raise OSError(f'cannot fetch {url}: {e}') from e
+        raise TimeoutError(self.too_slow()) from None
+      raise OSError(f'cannot fetch {self.url}: {e}') from e
     return bytes(body)
+
+
+def _recording(handler_class: type) -> type:
+  """`handler_class` with its connections reported to a `_Download` as they are made."""
+
+  class Recording(handler_class):
+    def __init__(self, download: _Download):
+      super().__init__()
+      self.download = download
+
+    def do_open(self, http_class, req, **kwargs):
+      download = self.download
+
+      class Connection(http_class):
+        def connect(self):
+          super().connect()
+          download.connected(self.sock)
+      return super().do_open(Connection, req, **kwargs)
+  return Recording
+
+
+# HTTPSHandler exists only where Python has ssl.
+_RECORDING_HANDLERS = tuple(_recording(h) for h in (urllib.request.HTTPHandler,
+                                                     getattr(urllib.request, 'HTTPSHandler', None)) if h)

@@ -261,8 +261,10 @@ def test_decompression_bombs_refused(root):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
   """/ok.png: a PNG; /big: declares its large size; /stream: large, with no Content-Length;
-  /trickle: a byte every 0.1 s; /forever: 1 KiB every 10 ms without end; /slow-headers: the
-  status line a byte every 0.1 s. The slow ones stop when the client leaves or `stopped` is set."""
+  /trickle: a byte every 0.1 s; /forever: 16 bytes every 10 ms without end; /slow-headers: a
+  header a byte every 0.1 s without end. Each read gets data well within the time limit, so only a
+  limit on the whole download stops them. The slow ones stop when the client leaves or `stopped`
+  is set."""
   png = _png(_pixels())
   big = 4096
   stopped = threading.Event()
@@ -280,9 +282,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._drip([b'\0'] * 1000, 0.1)
       elif self.path == '/forever':
         self._head(b'\r\n')
-        self._drip(iter(lambda: b'\0' * 1024, None), 0.01)
+        self._drip(iter(lambda: b'\0' * 16, None), 0.01)
       elif self.path == '/slow-headers':
-        self._drip([bytes([c]) for c in b'HTTP/1.0 200 OK\r\n\r\n'], 0.1)
+        self.wfile.write(b'HTTP/1.0 200 OK\r\nX-Pad: ')
+        self._drip(iter(lambda: b'a', None), 0.1)
       else:
         self.send_error(404)
     except (BrokenPipeError, ConnectionResetError):
@@ -345,3 +348,12 @@ def test_download_time_limit_is_on_the_whole_download(server, path):
   elapsed = time.monotonic() - start
   assert limit <= elapsed < limit + 0.5, elapsed
   assert f'{server}{path}' in str(info.value) and 'time limit of 1 s' in str(info.value)
+  # The download given up on ends too: no thread is left reading.
+  time.sleep(0.3)
+  assert not [t for t in threading.enumerate() if t.name == f'fetch {server}{path}']
+
+
+def test_limits_must_be_positive():
+  for kwargs in ({'timeout': 0}, {'max_bytes': 0}, {'max_pixels': -1}):
+    with pytest.raises(ValueError, match='must be positive'):
+      ImageLoader(**kwargs)
