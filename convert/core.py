@@ -24,6 +24,7 @@ from qwenvl_jax.checkpoint import (FORMAT, FORMAT_VERSION, ReleasedCheckpoint, c
 from qwenvl_jax.config import QwenVLConfig, as_dtype
 from qwenvl_jax.jsonfile import read_object
 from qwenvl_jax.layout import EXPORT_MARKER, MARKER, PARAMS_DIR, Kind, describe_directory, wrong_kind
+from qwenvl_jax import orbax_leaves
 from qwenvl_jax.params import Rule, rules
 
 # Files copied next to the weights when the source has them (the tokenizer's vocabulary included).
@@ -104,7 +105,7 @@ def released_order(table: dict[str, Rule]) -> list[str]:
   return sorted(table, key=key)  # stable: rules() order within a layer
 
 
-def _hf_parts(reader: orbax_io.LeafReader, rule: Rule, dtype: np.dtype) -> Iterator[np.ndarray]:
+def _hf_parts(reader: orbax_leaves.LeafReader, rule: Rule, dtype: np.dtype) -> Iterator[np.ndarray]:
   """One released tensor as contiguous blocks of its rows, read from the leaf a chunk at a time: the
   inverse of hf_to_orbax's pieces (Rule.to_hf on each block)."""
   meta = reader.metadata[rule.path]
@@ -136,7 +137,7 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype=None,
     raise ValueError(f'shard size must be positive, got {shard_size}')
   info = read_marker(src)
   config = QwenVLConfig.from_json(src)
-  reader = orbax_io.LeafReader(src / PARAMS_DIR)
+  reader = orbax_leaves.LeafReader(src / PARAMS_DIR)
   check_leaves({p: m.shape for p, m in reader.metadata.items()}, config, str(src / PARAMS_DIR))
   dtype = np.dtype(as_dtype(dtype or info['dtype']))
   table = rules(config)

@@ -34,14 +34,12 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import future as ocp_future
 
-from qwenvl_jax.checkpoint import orbax_leaf_metadata
 from qwenvl_jax.params import set_path
 
 if TYPE_CHECKING:
   from convert.source import Rows
 
 Path = tuple[str, ...]
-Index = tuple  # an index into a leaf: ints and slices
 
 CHUNK_BYTES = 16 << 20  # zarr chunk size target: also the unit of conversion and of each write
 # Pieces handed to the writer threads and not yet written. A piece holds memory only while a thread reads,
@@ -369,27 +367,3 @@ def _interrupt_stops(stop: threading.Event) -> Iterator[None]:
     yield
   finally:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-class LeafReader:
-  """Reads parts of leaves (a layer slice, a block of it) from an Orbax params checkpoint of any format."""
-
-  def __init__(self, params_dir: pathlib.Path):
-    self.metadata = orbax_leaf_metadata(params_dir)
-    self._dir = params_dir
-    self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(params_dir)
-    self._zarr3 = ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.use_zarr3
-    self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
-    self._stores: dict[Path, ts.TensorStore] = {}
-
-  def _store(self, path: Path) -> ts.TensorStore:
-    if path not in self._stores:
-      info = ocp.type_handlers.ParamInfo(name=self.metadata[path].name, parent_dir=self._dir,
-                                         is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._zarr3)
-      spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
-      self._stores[path] = ts.open(ts.Spec(spec), open=True, context=self._context).result()
-    return self._stores[path]
-
-  def read(self, path: Path, index: Index = ()) -> np.ndarray:
-    store = self._store(path)
-    return (store[index] if index else store).read().result()

@@ -26,6 +26,7 @@ from qwenvl_jax.config import QwenVLConfig, as_dtype
 from qwenvl_jax.jsonfile import ConfigFileError, get, read_object
 from qwenvl_jax.layout import (BIN_INDEX, MARKER, PARAMS_DIR, SAFETENSORS_INDEX, IncompleteCheckpointError,
                                Kind, describe_directory, leftover_note, wrong_kind)
+from qwenvl_jax import orbax_leaves
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.params import (CheckpointMismatchError, check_names, get_path, leaf_shapes, params_from_hf,
                                set_path)
@@ -281,14 +282,6 @@ def read_marker(path: str | os.PathLike) -> dict[str, Any]:
   return info
 
 
-def orbax_leaf_metadata(params_dir: str | os.PathLike) -> dict[Path, Any]:
-  """Flax path -> Orbax ArrayMetadata (name, directory, shape, dtype) of every saved leaf."""
-  import orbax.checkpoint as ocp
-  tree = ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {tuple(str(k.key) for k in keys): m for keys, m in flat}
-
-
 def check_leaves(found: Mapping[Path, tuple[int, ...]], config: QwenVLConfig, where: str) -> None:
   """Raises a ValueError naming every missing, unexpected and mis-shaped leaf."""
   expected = leaf_shapes(config)
@@ -321,19 +314,27 @@ def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, sh
   """The params of a converted directory as jax.Arrays in `dtype` (default: as stored).
 
   `shardings`: one Sharding for every leaf, or a tree of them matching params (default: the first device).
-  Each process reads only the slices its devices hold, so no host materialises the full model.
+  On one device each leaf is read block by block into its final host buffer and moved there (on the CPU
+  the device array adopts that buffer), so the host's peak is the parameters plus one block, where
+  Orbax's restore peaks at twice the parameters. Over several devices Orbax restores, reading only the
+  slices this process's devices hold, so no host materialises the full model.
   """
   import orbax.checkpoint as ocp
   root = pathlib.Path(path)
   info = read_marker(root)
-  meta = orbax_leaf_metadata(root / PARAMS_DIR)
+  reader = orbax_leaves.LeafReader(root / PARAMS_DIR)
+  meta = reader.metadata
   check_leaves({p: m.shape for p, m in meta.items()}, config, f'{root / PARAMS_DIR}')
   target_dtype = as_dtype(dtype or info['dtype'])
   placement = _sharding_tree(shardings, list(meta))
-  abstract: dict = {}
+  params: dict = {}
+  if all(len(s.device_set) == 1 for s in placement.values()):
+    for p in meta:
+      set_path(params, p, orbax_leaves.to_device(orbax_leaves.read_leaf(reader, p, target_dtype), placement[p]))
+    return params
   for p, m in meta.items():
-    set_path(abstract, p, jax.ShapeDtypeStruct(m.shape, target_dtype, sharding=placement[p]))
-  return ocp.StandardCheckpointer().restore(root / PARAMS_DIR, abstract)
+    set_path(params, p, jax.ShapeDtypeStruct(m.shape, target_dtype, sharding=placement[p]))
+  return ocp.StandardCheckpointer().restore(root / PARAMS_DIR, params)
 
 
 def _put(params: dict, shardings, paths: list[Path]) -> dict:

@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from convert import cli, core, hf, orbax_io, source
-from qwenvl_jax import load_pretrained
+from qwenvl_jax import load_pretrained, orbax_leaves
 from qwenvl_jax.checkpoint import MARKER, PARAMS_DIR, IncompleteCheckpointError, read_released
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.params import params_from_hf
@@ -504,7 +504,7 @@ def test_edge_chunks_are_padded_with_zeros(tmp_path, monkeypatch):
   leaf = orbax_io.StreamedLeaf(('x',), (10, 3), np.dtype(np.float32), stacked=False)
   pieces = orbax_io.leaf_pieces(leaf, None, source.ArrayRows(value), None)
   orbax_io.save_streamed(tmp_path / 'p', [leaf], pieces)
-  np.testing.assert_array_equal(orbax_io.LeafReader(tmp_path / 'p').read(('x',)), value)
+  np.testing.assert_array_equal(orbax_leaves.LeafReader(tmp_path / 'p').read(('x',)), value)
   last = np.frombuffer((tmp_path / 'p' / 'x' / '2.0').read_bytes(), np.float32)
   np.testing.assert_array_equal(last, np.concatenate([value[8:].ravel(), np.zeros(6, np.float32)]))
 
