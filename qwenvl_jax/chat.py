@@ -12,11 +12,11 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from qwenvl_jax.chat_format import DEFAULT_SYSTEM, decode_response, make_context
-from qwenvl_jax.generate import GenerationConfig, generate, generate_stream, load_images
+from qwenvl_jax.chat_format import DEFAULT_SYSTEM, decode_response, make_context, partial_response
+from qwenvl_jax.generate import GenerationConfig, check_request, generate, generate_stream, load_images
 from qwenvl_jax.images import ImageLoader, ImageSource
 from qwenvl_jax.model import QwenVL
-from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, to_list_format
+from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, to_list_format, without_control_tokens
 
 History = list[tuple[str, str]]
 
@@ -30,7 +30,8 @@ def chat_config(tokenizer: QwenVLTokenizer, generation_config: GenerationConfig 
   if g.chat_format != 'chatml':
     raise ValueError(f'chat needs chat_format "chatml", the config has {g.chat_format!r}; use generate()')
   stops = (tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id)
-  return g.replace(stop_ids=tuple(dict.fromkeys(g.stop_ids + stops)), vocab_limit=tokenizer.vocab_size)
+  limit = tokenizer.vocab_size if g.vocab_limit is None else min(g.vocab_limit, tokenizer.vocab_size)
+  return g.replace(stop_ids=tuple(dict.fromkeys(g.stop_ids + stops)), vocab_limit=limit)
 
 
 def _pixels(model: QwenVL, tokenizer: QwenVLTokenizer, tokens: Sequence[int],
@@ -42,10 +43,12 @@ def _pixels(model: QwenVL, tokenizer: QwenVLTokenizer, tokens: Sequence[int],
   return load_images([(images or {}).get(ref, ref) for ref in refs], model.config, loader)
 
 
-def _prepare(model, tokenizer, query, history, system, images, generation_config, image_loader):
+def _prepare(model, params, tokenizer, query, history, system, images, generation_config, image_loader):
+  """The config, the context tokens and their images; the request is checked before images load."""
   check_tokenizer(tokenizer, model.config)
   g = chat_config(tokenizer, generation_config)
   _, tokens = make_context(tokenizer, query, history, system, g.max_window_size, g.chat_format)
+  check_request(model.config, [len(tokens)], len(tokenizer.image_paths(tokens)), g, params=params)
   loader = image_loader or ImageLoader(allowed_root=os.getcwd())
   return g, tokens, _pixels(model, tokenizer, tokens, images, loader)
 
@@ -54,8 +57,12 @@ def chat(model: QwenVL, params, tokenizer: QwenVLTokenizer, query: str, history:
          system: str = DEFAULT_SYSTEM, *, images: Mapping[str, ImageSource] | None = None,
          generation_config: GenerationConfig | None = None, image_loader: ImageLoader | None = None,
          seed: int = 0) -> tuple[str, History]:
-  """(response, history + [(query, response)]); the history passed in is not modified."""
-  g, tokens, pixels = _prepare(model, tokenizer, query, history, system, images, generation_config,
+  """(response, history + [(query, response)]); the history passed in is not modified.
+
+  The context (system, kept history, query) plus max_new_tokens must fit the model's window, and the
+  request its memory estimate, else `budget.GenerationLimitError` before any image is loaded.
+  """
+  g, tokens, pixels = _prepare(model, params, tokenizer, query, history, system, images, generation_config,
                                image_loader)
   out = generate(model, params, [tokens], pixels, generation_config=g, seed=seed)
   response = decode_response(out[0], tokenizer, len(tokens), g.chat_format)
@@ -69,20 +76,26 @@ def chat_stream(model: QwenVL, params, tokenizer: QwenVLTokenizer, query: str,
                 image_loader: ImageLoader | None = None, seed: int = 0) -> Iterator[str]:
   """Yields the response so far as it grows; the last text equals `chat`'s response for the same seed.
 
-  As with the original, the caller appends (query, last text) to the history.
+  Each text extends the one before (`partial_response`: incomplete characters and image spans are held
+  back), so printing the new part of each prints the answer once. The request is checked and its images
+  loaded by the call itself. As with the original, the caller appends (query, last text) to the history.
   """
-  g, tokens, pixels = _prepare(model, tokenizer, query, history, system, images, generation_config,
+  g, tokens, pixels = _prepare(model, params, tokenizer, query, history, system, images, generation_config,
                                image_loader)
+  steps = generate_stream(model, params, [tokens], pixels, generation_config=g, seed=seed)
+  return _texts(steps, tokenizer, g.chat_format)
+
+
+def _texts(steps: Iterator[np.ndarray], tokenizer: QwenVLTokenizer, chat_format: str) -> Iterator[str]:
   new: list[int] = []
   shown = None
-  for step in generate_stream(model, params, [tokens], pixels, generation_config=g, seed=seed):
+  for step in steps:
     new.append(int(step[0]))
-    # Bytes of a character split across tokens are held back until it is complete.
-    text = decode_response(new, tokenizer, 0, g.chat_format, errors='ignore')
+    text = partial_response(new, tokenizer, 0, chat_format)
     if text != shown:
       shown = text
       yield text
-  final = decode_response(new, tokenizer, 0, g.chat_format)
+  final = decode_response(new, tokenizer, 0, chat_format)
   if final != shown:
     yield final
 
@@ -90,7 +103,7 @@ def chat_stream(model: QwenVL, params, tokenizer: QwenVLTokenizer, query: str,
 def latest_image(response: str, history: History) -> str | None:
   """The image the original draws an answer's boxes on: the last `<img>` of the newest turn having one."""
   for text in [response] + [q for q, _ in reversed(history)]:
-    refs = [item['image'] for item in to_list_format(text) if 'image' in item]
+    refs = [item['image'] for item in to_list_format(without_control_tokens(text)) if 'image' in item]
     if refs:
       return refs[-1]
   return None

@@ -1,6 +1,7 @@
 """ChatML prompts and answer extraction for Qwen-VL-Chat, as `qwen_generation_utils` does them."""
 from __future__ import annotations
 
+import codecs
 from typing import Sequence
 
 from qwenvl_jax.tokenizer import IMAGE_ST, IM_END, IM_START, QwenVLTokenizer
@@ -59,13 +60,41 @@ def make_context(tokenizer: QwenVLTokenizer, query: str, history: History | None
   return raw_text, context
 
 
-def decode_response(tokens: Sequence[int], tokenizer: QwenVLTokenizer, context_length: int,
-                    chat_format: str = 'chatml', errors: str = 'replace') -> str:
-  """The answer in `tokens[context_length:]`, cut at the first end-of-turn token and stripped."""
+def response_ids(tokens: Sequence[int], tokenizer: QwenVLTokenizer, context_length: int,
+                 chat_format: str = 'chatml') -> list[int]:
+  """The answer's ids in `tokens[context_length:]`, cut before the first end-of-turn token."""
   _check_format(chat_format)
   stops = {tokenizer.eod_id}
   if chat_format == 'chatml':
     stops |= {tokenizer.im_start_id, tokenizer.im_end_id}
   generated = [int(t) for t in tokens[context_length:]]
   end = next((i for i, t in enumerate(generated) if t in stops), len(generated))
-  return tokenizer.decode(generated[:end], errors=errors).strip()
+  return generated[:end]
+
+
+def decode_response(tokens: Sequence[int], tokenizer: QwenVLTokenizer, context_length: int,
+                    chat_format: str = 'chatml', errors: str = 'replace') -> str:
+  """The answer in `tokens[context_length:]`, cut at the first end-of-turn token and stripped.
+
+  Generated text need not be well formed: a malformed image span decodes as its ordinary tokens, and
+  bytes that are not UTF-8 become U+FFFD (with errors='replace').
+  """
+  ids = response_ids(tokens, tokenizer, context_length, chat_format)
+  return tokenizer.decode_bytes(ids, strict_images=False).decode('utf-8', errors).strip()
+
+
+def partial_response(tokens: Sequence[int], tokenizer: QwenVLTokenizer, context_length: int,
+                     chat_format: str = 'chatml') -> str:
+  """The part of an answer still being generated that no later token can change: always a prefix of
+  `decode_response` of any continuation of `tokens`.
+
+  Held back until they are complete: an `<img>` span not yet closed, and bytes that may still be
+  the start of a UTF-8 character. Bytes that can never become one show as U+FFFD at once, as in the
+  final text.
+  """
+  ids = response_ids(tokens, tokenizer, context_length, chat_format)
+  start = len(ids) - 1 - ids[::-1].index(tokenizer.img_start_id) if tokenizer.img_start_id in ids else -1
+  if start >= 0 and tokenizer.img_end_id not in ids[start:]:
+    ids = ids[:start]
+  data = tokenizer.decode_bytes(ids, strict_images=False)
+  return codecs.getincrementaldecoder('utf-8')('replace').decode(data).strip()

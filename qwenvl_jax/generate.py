@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
-import pathlib
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenvl_jax import cpu_kernels
+from qwenvl_jax import budget, cpu_kernels
 from qwenvl_jax.config import QwenVLConfig, TextConfig
 from qwenvl_jax.decoder import DecoderBlock, KVCache, logn_scale, ntk_alpha, rotary_tables
+from qwenvl_jax.generation_config import GenerationConfig, SettingError  # noqa: F401 (SettingError re-exported)
 from qwenvl_jax.images import ImageLoader, ImageSource
 from qwenvl_jax.layers import Einsum, RMSNorm
 from qwenvl_jax.model import QwenVL, causal_mask, check_image_spans
@@ -34,89 +32,6 @@ from qwenvl_jax.preprocess import preprocess_images
 from qwenvl_jax.sharding import rules_active
 
 Array = jax.Array
-ENDOFTEXT_ID = 151643  # `<|endoftext|>` of the Qwen vocabulary: eos and pad of the released checkpoints.
-GENERATION_CONFIG = 'generation_config.json'
-# Keys of generation_config.json that would change the output but are not implemented, with the value
-# that means "off".
-_UNSUPPORTED = {'num_beams': 1, 'repetition_penalty': 1.0, 'no_repeat_ngram_size': 0, 'typical_p': 1.0,
-                'epsilon_cutoff': 0.0, 'eta_cutoff': 0.0, 'length_penalty': 1.0}
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-  """Decoding settings; the defaults are those of the released Qwen-VL-Chat generation_config.json.
-
-  Sampling follows Hugging Face's logits warpers in their order: temperature, then top_k (0: off), then
-  top_p (1: off), each keeping at least one token. `stop_ids` end a row (the stop token is kept, the rest
-  of the row is `pad_id`); `min_new_tokens` suppresses them until that many tokens were generated.
-  `vocab_limit` (None: off) keeps ids at or above it from being generated: checkpoints pad the embedding
-  past the tokenizer's vocabulary, and those ids cannot be decoded.
-  """
-  max_new_tokens: int = 512
-  min_new_tokens: int = 0
-  do_sample: bool = True
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 0.5
-  stop_ids: tuple[int, ...] = (ENDOFTEXT_ID,)
-  pad_id: int = ENDOFTEXT_ID
-  vocab_limit: int | None = None
-  chat_format: str = 'chatml'
-  max_window_size: int = 6144
-
-  def __post_init__(self):
-    object.__setattr__(self, 'stop_ids', tuple(int(i) for i in self.stop_ids))
-    if self.max_new_tokens < 1:
-      raise ValueError(f'max_new_tokens must be at least 1, got {self.max_new_tokens}')
-    if self.min_new_tokens < 0:
-      raise ValueError(f'min_new_tokens must be >= 0, got {self.min_new_tokens}')
-    if not self.temperature > 0:
-      raise ValueError(f'temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}')
-    if self.top_k < 0:
-      raise ValueError(f'top_k must be >= 0 (0 turns it off), got {self.top_k}')
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f'top_p must be in (0, 1] (1 turns it off), got {self.top_p}')
-    if self.vocab_limit is not None and self.vocab_limit < 1:
-      raise ValueError(f'vocab_limit must be positive or None, got {self.vocab_limit}')
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any], **overrides) -> 'GenerationConfig':
-    """From generation_config.json keys (eos_token_id may be an int or a list)."""
-    for key, off in _UNSUPPORTED.items():
-      if d.get(key, off) != off:
-        raise ValueError(f'generation config sets {key}={d[key]!r}, which qwenvl_jax does not implement')
-    kw: dict[str, Any] = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
-    if 'eos_token_id' in d:
-      eos = d['eos_token_id']
-      kw['stop_ids'] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-    if d.get('pad_token_id') is not None:
-      kw['pad_id'] = d['pad_token_id']
-    return cls(**{**kw, **overrides})
-
-  @classmethod
-  def from_pretrained(cls, path: str | os.PathLike, **overrides) -> 'GenerationConfig':
-    """From a checkpoint directory's generation_config.json (or the file); defaults when it has none."""
-    path = pathlib.Path(path)
-    file = path / GENERATION_CONFIG if path.is_dir() else path
-    if not file.exists():
-      if path.is_dir():
-        return cls(**overrides)
-      raise FileNotFoundError(f'generation config not found: {file}')
-    with open(file) as f:
-      try:
-        d = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{file}: not valid JSON ({e})') from e
-    return cls.from_dict(d, **overrides)
-
-  def replace(self, **kw) -> 'GenerationConfig':
-    unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
-    if unknown:
-      raise TypeError(f'unknown generation settings {sorted(unknown)}; known: '
-                      f'{[f.name for f in dataclasses.fields(self)]}')
-    return dataclasses.replace(self, **kw)
-
-
 @dataclasses.dataclass(frozen=True)
 class Buckets:
   """Padded sizes: lengths are powers of two from `min_length` up to `step`, then multiples of `step`.
@@ -154,7 +69,7 @@ class _Sampler:
 
   @classmethod
   def of(cls, g: GenerationConfig) -> '_Sampler':
-    if not g.do_sample:  # greedy ignores the warpers, as Hugging Face does
+    if g.greedy:  # greedy ignores the warpers, as Hugging Face does
       return cls(False, 1.0, 0, 1.0, g.stop_ids, g.pad_id, g.vocab_limit)
     return cls(True, g.temperature, g.top_k, g.top_p, g.stop_ids, g.pad_id, g.vocab_limit)
 
@@ -204,16 +119,24 @@ def argmax_last(logits: Array) -> Array:
   return jnp.min(jnp.where(first, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]), axis=-1)
 
 
+def _within_limit(logits: Array, limit: int | None) -> Array:
+  """Ids at or past `limit` get -inf (an exact -inf, whatever the logits held: NaN included)."""
+  if limit is None or limit >= logits.shape[-1]:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, -jnp.inf)
+
+
 def _select(logits: Array, step: Array, min_new: Array, key: Array, s: _Sampler) -> Array:
-  """The next token [b] from raw logits [b, v] for the step-th new token."""
-  if s.vocab_limit is not None and s.vocab_limit < logits.shape[-1]:
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < s.vocab_limit, logits, -jnp.inf)
+  """The next token [b] from raw logits [b, v] for the step-th new token; never an id >= vocab_limit."""
+  logits = _within_limit(logits, s.vocab_limit)
   stops = [i for i in s.stop_ids if i < logits.shape[-1]]
   if stops:  # Hugging Face's MinNewTokensLengthLogitsProcessor, applied to every stop id
     logits = logits.at[:, jnp.array(stops)].set(jnp.where(step < min_new, -jnp.inf, logits[:, stops]))
   if not s.do_sample:
-    return argmax_last(logits)
-  logits = warp_logits(logits, s.temperature, s.top_k, s.top_p)
+    return argmax_last(logits)  # a first maximum (or first NaN) is never a masked -inf
+  # Masked again after warping: arithmetic on -inf can give NaN (-inf / inf, inf - inf), and both
+  # argmax and categorical would pick a NaN first.
+  logits = _within_limit(warp_logits(logits, s.temperature, s.top_k, s.top_p), s.vocab_limit)
   return jax.random.categorical(jax.random.fold_in(key, step), logits, axis=-1).astype(jnp.int32)
 
 
@@ -504,11 +427,31 @@ def _as_key(seed: int | Array) -> Array:
   return jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
 
 
+def check_request(config: QwenVLConfig, prompt_lengths: Sequence[int], n_images: int, g: GenerationConfig,
+                  *, buckets: Buckets = Buckets(), output_logits: bool = False, params=None) -> None:
+  """Raises `budget.GenerationLimitError` when the longest prompt plus max_new_tokens passes the model's
+  window, or when the request's estimated memory passes what is free; host arithmetic only.
+
+  `params`: when given in the scanned layout, its converted copy is counted too.
+  """
+  longest = int(max(prompt_lengths))
+  budget.check_window(config, longest, g.max_new_tokens)
+  prompt_slots = buckets.length(longest)
+  copy = 0
+  if params is not None and not isinstance(params, DecodeParams):
+    copy = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+  budget.check_memory(budget.estimate(
+      config, Buckets.count(len(prompt_lengths)), prompt_slots, prompt_slots + buckets.length(g.max_new_tokens),
+      Buckets.count(n_images) if n_images else 0, output_logits=output_logits, params_bytes=copy))
+
+
 def _prepare(model: QwenVL, params, input_ids, pixel_values, attention_mask, g: GenerationConfig,
-             buckets: Buckets) -> tuple[DecodeParams, _Batch, Array, int]:
+             buckets: Buckets, output_logits: bool = False) -> tuple[DecodeParams, _Batch, Array, int]:
   config = model.config
   batch = _make_batch(input_ids, attention_mask, config, g.pad_id, buckets)
   n_images = check_image_spans(batch.ids[:batch.n_rows], config)
+  check_request(config, batch.mask.sum(1)[:batch.n_rows], n_images, g, buckets=buckets,
+                output_logits=output_logits, params=params)
   params = decode_params(params)
   features = _image_features(params.rest, pixel_values, config, n_images)
   slots = batch.ids.shape[1] + buckets.length(g.max_new_tokens)
@@ -533,10 +476,13 @@ def generate(model: QwenVL, params, input_ids, pixel_values=None, *, attention_m
     seed: an int or a jax PRNG key for sampling.
     output_logits: also return the raw logits of every step, [b, steps, vocab] float32.
   Rows that stop early are filled with `pad_id`; prompts shorter than the longest are left-padded with it.
+  Before any work the request is checked (`check_request`): the longest prompt plus max_new_tokens must
+  fit the model's window (`max_position_embeddings`) and its estimated memory what is free, else
+  `budget.GenerationLimitError` (a ValueError) says by how much.
   """
   g = _resolve(generation_config, overrides)
   params, batch, features, slots = _prepare(model, params, input_ids, pixel_values, attention_mask, g,
-                                            buckets)
+                                            buckets, output_logits)
   tokens, steps, logits = _generate_on_device(
       params, batch.ids, batch.mask, features, jnp.int32(g.max_new_tokens), jnp.int32(g.min_new_tokens),
       _as_key(seed), config=model.config, sampler=_Sampler.of(g), slots=slots, output_logits=output_logits)
@@ -554,15 +500,20 @@ def generate_stream(model: QwenVL, params, input_ids, pixel_values=None, *, atte
   """Like `generate`, but yields each step's new tokens [b] as soon as they are chosen.
 
   Rows that have stopped yield `pad_id`; the iteration ends when every row stopped or after
-  max_new_tokens. Uses a jitted prefill and a jitted single decode step (each compiled once per bucket)
-  driven from Python, since the host must see every token.
+  max_new_tokens. The request is checked and prepared (images encoded) by the call itself, so bad input
+  fails here rather than at the first token. Uses a jitted prefill and a jitted single decode step
+  (each compiled once per bucket) driven from Python, since the host must see every token.
   """
   g = _resolve(generation_config, overrides)
   params, batch, features, slots = _prepare(model, params, input_ids, pixel_values, attention_mask, g,
                                             buckets)
-  sampler, key = _Sampler.of(g), _as_key(seed)
-  min_new = jnp.int32(g.min_new_tokens)
-  state, _ = _prefill_jit(params, batch.ids, batch.mask, features, min_new, key, config=model.config,
+  return _stream(model.config, params, batch, features, slots, g, _as_key(seed))
+
+
+def _stream(config: QwenVLConfig, params: DecodeParams, batch: _Batch, features: Array, slots: int,
+            g: GenerationConfig, key: Array) -> Iterator[np.ndarray]:
+  sampler, min_new = _Sampler.of(g), jnp.int32(g.min_new_tokens)
+  state, _ = _prefill_jit(params, batch.ids, batch.mask, features, min_new, key, config=config,
                           sampler=sampler, slots=slots)
   prompt_slots = batch.ids.shape[1]
   chosen = 1  # state.step, counted here rather than fetched from the device at every token
@@ -571,6 +522,5 @@ def generate_stream(model: QwenVL, params, input_ids, pixel_values=None, *, atte
     yield token[:batch.n_rows].astype(np.int64)
     if chosen >= g.max_new_tokens or done[:batch.n_rows].all():
       return
-    state, _ = _advance_jit(params, state, prompt_slots, min_new, key, config=model.config,
-                            sampler=sampler)
+    state, _ = _advance_jit(params, state, prompt_slots, min_new, key, config=config, sampler=sampler)
     chosen += 1

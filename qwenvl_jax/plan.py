@@ -139,26 +139,38 @@ def activation_bytes(config: QwenVLConfig, sizes: Mapping[str, int], rules, stag
   return int(full), int(remat)
 
 
-def make_plan(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: int = 2, batch: int = 0,
-              seq: int = 0, dtype: str = 'bfloat16', param_dtype: str | None = None,
-              rules: str | None = None, images: int = 1, devices: int | None = None) -> Plan:
-  """The memory plan; `batch` defaults to one sample per batch shard, `seq` to the config's seq_length,
-  `param_dtype` (storage of params and gradients) to the compute `dtype`."""
+def _check_count(name: str, value: int, least: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    raise ValueError(f'{name} must be an integer >= {least}, got {value!r}')
+
+
+def make_plan(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: int = 2,
+              batch: int | None = None, seq: int | None = None, dtype: str = 'bfloat16',
+              param_dtype: str | None = None, rules: str | None = None, images: int = 1,
+              devices: int | None = None) -> Plan:
+  """The memory plan; `batch` (None) defaults to one sample per batch shard, `seq` to the config's
+  seq_length, `param_dtype` (storage of params and gradients) to the compute `dtype`. Given values
+  must be positive: a 0 is refused, never taken for "the default"."""
+  for name, value, least in (('batch', batch, 1), ('seq', seq, 1), ('devices', devices, 1),
+                             ('images', images, 0)):
+    if value is not None:
+      _check_count(name, value, least)
   parsed = sh.parse_mesh(mesh)
   if devices is None:
     if -1 in parsed.values():
       raise ValueError(f'mesh {mesh!r} uses -1; give the number of devices (--devices)')
     devices = math.prod(parsed.values())
-  sizes = sh.mesh_shape(parsed, devices)
-  rules = rules or sh.default_rules(sizes)
+  try:
+    sizes = sh.mesh_shape(parsed, devices)
+  except ValueError as e:
+    raise ValueError(f'{e} (plan for another device count with --devices)') from None
+  rules = sh.default_rules(sizes) if rules is None else rules
   rule_map = sh.get_rules(rules)
   if stage not in STAGES:
     raise ValueError(f'unknown stage {stage}; stages are {sorted(STAGES)}')
-  batch = batch or sizes['data'] * sizes['fsdp']
-  seq = seq or config.text.seq_length
-  if min(batch, seq) < 1 or images < 0:
-    raise ValueError(f'batch and seq must be positive and images >= 0, got {batch}, {seq}, {images}')
-  param_dtype = as_dtype(param_dtype or dtype).name
+  batch = sizes['data'] * sizes['fsdp'] if batch is None else batch
+  seq = config.text.seq_length if seq is None else seq
+  param_dtype = as_dtype(dtype if param_dtype is None else param_dtype).name
   counts = param_bytes(config, sizes, rule_map, stage, param_dtype)
   acts, acts_remat = activation_bytes(config, sizes, rule_map, stage, batch, seq, dtype, images)
   return Plan(sizes, rules, stage, batch, seq, as_dtype(dtype).name, param_dtype, images,
@@ -199,13 +211,14 @@ def format_plan(plan: Plan) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   sh.add_arguments(parser)
   parser.add_argument('--devices', type=int, default=None,
-                      help='device count, needed when a mesh size is -1 (default: product of the sizes)')
+                      help='device count to plan for (default: the product of the mesh sizes, or this '
+                           "machine's device count when a size is -1, as in the default mesh data=-1)")
   parser.add_argument('--config', default=None,
                       help='config.json or checkpoint directory (default: the released Qwen-VL)')
   parser.add_argument('--stage', type=int, default=2, choices=sorted(STAGES),
                       help='; '.join(f'{k}: {v}' for k, v in STAGES.items()))
-  parser.add_argument('--batch', type=int, default=0, help='global batch (default: one per batch shard)')
-  parser.add_argument('--seq', type=int, default=0, help='tokens per sample (default: seq_length)')
+  parser.add_argument('--batch', type=int, default=None, help='global batch (default: one per batch shard)')
+  parser.add_argument('--seq', type=int, default=None, help='tokens per sample (default: seq_length)')
   parser.add_argument('--dtype', default='bfloat16', help='compute dtype (activations)')
   parser.add_argument('--param-dtype', default=None,
                       help='dtype of stored params and gradients (default: --dtype); AdamW adds an fp32 '
@@ -215,16 +228,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="image side in pixels (default: the config's, 448; stage 1 of Qwen-VL used 224)")
 
 
+def _devices(args: argparse.Namespace) -> int | None:
+  """--devices, else this machine's device count when the mesh has a -1 to resolve."""
+  if args.devices is not None or -1 not in sh.parse_mesh(args.mesh).values():
+    return args.devices
+  return jax.device_count()
+
+
 def run(args: argparse.Namespace) -> int:
-  config = QwenVLConfig.from_json(args.config) if args.config else qwen_vl_7b()
-  if args.image_size:
-    config = config.replace(vision={'image_size': args.image_size})
+  """Prints the plan; a bad value or file prints one line `qwenvl-jax plan: error: ...` and exits 2."""
   try:
+    config = QwenVLConfig.from_json(args.config) if args.config is not None else qwen_vl_7b()
+    if args.image_size is not None:
+      _check_count('--image-size', args.image_size, config.vision.patch_size)
+      config = config.replace(vision={'image_size': args.image_size})
     plan = make_plan(config, args.mesh, stage=args.stage, batch=args.batch, seq=args.seq, dtype=args.dtype,
                      param_dtype=args.param_dtype, rules=args.rules, images=args.images,
-                     devices=args.devices)
-  except ValueError as e:
-    print(f'qwenvl-jax plan: {e}', file=sys.stderr)
+                     devices=_devices(args))
+  except (ValueError, OSError) as e:
+    print(f'qwenvl-jax plan: error: {e}', file=sys.stderr)
     return 2
   print(format_plan(plan))
   return 0

@@ -16,6 +16,8 @@ from typing import AbstractSet, Any, Iterator, Literal, Mapping, Sequence, Union
 
 import tiktoken
 
+from qwenvl_jax import jsonfile
+
 VOCAB_FILENAME = 'qwen.tiktoken'
 VOCAB_ENV = 'QWENVL_VOCAB'
 PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
@@ -58,6 +60,8 @@ def find_vocab(path: PathLike | None = None) -> pathlib.Path:
     if not os.environ.get(VOCAB_ENV):
       raise FileNotFoundError(f'no vocabulary given and ${VOCAB_ENV} is not set. {_VOCAB_HELP}')
     path, origin = os.environ[VOCAB_ENV], f'${VOCAB_ENV}'
+  if not os.fspath(path):  # Path('') is the working directory: never what an empty value meant
+    raise FileNotFoundError(f'the vocabulary path is empty (from {origin}). {_VOCAB_HELP}')
   candidate = pathlib.Path(path)
   if candidate.is_dir():
     candidate = candidate / VOCAB_FILENAME
@@ -88,12 +92,18 @@ def _find(ids: list[int], value: int, start: int) -> int:
     return -1
 
 
-def _image_spans(ids: list[int], start_id: int, end_id: int) -> Iterator[tuple[bool, list[int]]]:
-  """Yields (is_image, ids): text pieces, and the ids strictly between `<img>` and `</img>`."""
+def _image_spans(ids: list[int], start_id: int, end_id: int,
+                 strict: bool = True) -> Iterator[tuple[bool, list[int]]]:
+  """Yields (is_image, ids): text pieces, and the ids strictly between `<img>` and `</img>`.
+
+  An unclosed `<img>` is an error, or with strict=False the start of a text piece running to the end.
+  """
   pos = 0
   while (start := _find(ids, start_id, pos)) >= 0:
     end = _find(ids, end_id, start)
     if end < 0:
+      if not strict:
+        break
       raise ValueError(f'unclosed <img> at token {start}: no </img> follows it')
     yield False, ids[pos:start]
     yield True, ids[start + 1:end]
@@ -163,8 +173,9 @@ class QwenVLTokenizer:
 
   def __init__(self, vocab_file: PathLike, image_span_length: int = IMAGE_SPAN,
                errors: str = 'replace'):
-    if image_span_length < 1:
-      raise ValueError(f'image_span_length must be positive, got {image_span_length}')
+    if isinstance(image_span_length, bool) or not isinstance(image_span_length, numbers.Integral) \
+        or image_span_length < 1:
+      raise ValueError(f'image_span_length must be a positive integer, got {image_span_length!r}')
     self.vocab_file = find_vocab(vocab_file)
     self.image_span_length = image_span_length
     self.errors = errors
@@ -177,8 +188,18 @@ class QwenVLTokenizer:
 
   @classmethod
   def from_pretrained(cls, path: PathLike | None = None, **kwargs: Any) -> QwenVLTokenizer:
-    """`path`: a checkpoint directory holding qwen.tiktoken, or the file; None: $QWENVL_VOCAB."""
-    return cls(find_vocab(path), **kwargs)
+    """`path`: a checkpoint directory holding qwen.tiktoken, or the file; None: $QWENVL_VOCAB.
+
+    From a directory with a config.json, image_span_length defaults to its `visual.n_queries` (256 when
+    absent, as in the released configs), so the spans fit the checkpoint's model.
+    """
+    vocab = find_vocab(path)
+    config = pathlib.Path(path) / 'config.json' if path is not None else None
+    if 'image_span_length' not in kwargs and config is not None and config.is_file():
+      visual = jsonfile.get(jsonfile.read_object(config), 'visual', dict, config, {})
+      kwargs['image_span_length'] = jsonfile.get(visual, 'n_queries', int, config, IMAGE_SPAN,
+                                                 prefix='visual.')
+    return cls(vocab, **kwargs)
 
   @property
   def vocab_size(self) -> int:
@@ -215,15 +236,29 @@ class QwenVLTokenizer:
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False,
              errors: str | None = None) -> str:
     """Image spans come back as `<img>path</img>`; skip_special_tokens keeps only the path."""
+    return self.decode_bytes(ids, skip_special_tokens).decode('utf-8', errors or self.errors)
+
+  def decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool = False,
+                   strict_images: bool = True) -> bytes:
+    """The UTF-8 bytes `decode` decodes. Ids outside the vocabulary are refused by value.
+
+    strict_images=False is for generated text, which need not be well formed: an unclosed `<img>`, or
+    an image span holding ids that are not bytes, decodes as the ordinary tokens it holds.
+    """
+    ids = [int(i) for i in ids]
+    bad = sorted({i for i in ids if not 0 <= i < self.vocab_size})
+    if bad:
+      raise ValueError(f'ids {bad[:8]} are outside the tokenizer vocabulary [0, {self.vocab_size})')
     chunks = []
-    for is_image, piece in _image_spans([int(i) for i in ids], self.img_start_id, self.img_end_id):
-      if is_image:
+    for is_image, piece in _image_spans(ids, self.img_start_id, self.img_end_id, strict_images):
+      if is_image and (strict_images or all(0 <= i < 256 or i == self.img_pad_id for i in piece)):
         path = self._image_path_bytes(piece)
         chunks.append(path if skip_special_tokens else b'<img>' + path + b'</img>')
       else:
+        piece = [self.img_start_id, *piece, self.img_end_id] if is_image else piece
         kept = [i for i in piece if i < self.eod_id] if skip_special_tokens else piece
         chunks.append(self._bpe.decode_bytes(kept))
-    return b''.join(chunks).decode('utf-8', errors or self.errors)
+    return b''.join(chunks)
 
   def image_paths(self, ids: Sequence[int]) -> list[str]:
     """The image references encoded in `ids`, in order of appearance."""
@@ -246,6 +281,12 @@ class QwenVLTokenizer:
 
   to_list_format = staticmethod(to_list_format)
   from_list_format = staticmethod(from_list_format)
+
+
+def without_control_tokens(text: str) -> str:
+  """`text` without the ChatML and extra special tokens (`<|im_start|>`, `<|im_end|>`, `<|extra_N|>`),
+  which list-format parsing refuses: for reading the images and boxes of an answer that holds one."""
+  return _NOT_IN_LIST_FORMAT.sub('', text)
 
 
 def check_tokenizer(tokenizer: QwenVLTokenizer, config: Any) -> None:

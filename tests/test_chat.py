@@ -1,4 +1,5 @@
 """chat / chat_stream on a tiny random model with the real 152k vocabulary and tokenizer."""
+import importlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,12 +8,13 @@ from PIL import Image
 
 import qwenvl_jax as q
 from qwenvl_jax.chat import DEFAULT_SYSTEM, chat, chat_config, chat_stream, latest_image
-from qwenvl_jax.chat_format import decode_response, make_context
+from qwenvl_jax.chat_format import decode_response, make_context, partial_response
 from qwenvl_jax.generate import GenerationConfig, generate
 from qwenvl_jax.images import ImageLoader
 from qwenvl_jax.params import leaf_shapes, set_path
 from qwenvl_jax.tokenizer import QwenVLTokenizer
 
+chat_lib = importlib.import_module('qwenvl_jax.chat')  # the package's `chat` is the function
 N_QUERIES = 16
 SAMPLED = GenerationConfig(max_new_tokens=8)  # the released sampling settings (top_p 0.5)
 GREEDY = GenerationConfig(max_new_tokens=8, do_sample=False)
@@ -121,3 +123,48 @@ def test_latest_image():
   assert latest_image('<ref>cat</ref><box>(1,2),(3,4)</box>', history) == 'b.png'
   assert latest_image('see <img>c.png</img>', history) == 'c.png'
   assert latest_image('none', [('plain', 'text')]) is None
+
+
+HELLO, WORLD, SPACES = 9707, 1879, 256  # 'Hello', ' world', two spaces
+E4, B8, AD, CONT = 160, 116, 255, 222  # single-byte tokens: b'\xe4', b'\xb8', b'\xad' (中 = e4 b8 ad), b'\x80'
+EXTRA_3 = 151649  # <|extra_3|>
+
+
+def _streamed(monkeypatch, model_params, tok, tokens):
+  """chat_stream's texts when the model generates `tokens`."""
+  model, params = model_params
+  monkeypatch.setattr(chat_lib, 'generate_stream', lambda *a, **k: iter(np.array([t]) for t in tokens))
+  return list(chat_stream(model, params, tok, 'hi', generation_config=GREEDY))
+
+
+@pytest.mark.parametrize('tokens', [
+    [HELLO, CONT, WORLD, E4, B8, AD, WORLD, E4, B8],  # a stray byte, a character in three, an unfinished one
+    [HELLO, E4, WORLD, SPACES, EXTRA_3, E4],  # an interrupted character, a special token
+    [HELLO, 151857, 97, 98, WORLD],  # an <img> never closed
+    [151857, 97, 151859, 151858, WORLD, 151645],  # a closed span (padded), then <|im_end|>
+    [151645],  # an empty answer
+])
+def test_stream_texts_extend_to_the_final_answer(monkeypatch, model_params, tok, tokens):
+  """Each streamed text extends the last, so printing the new parts prints the final answer once."""
+  texts = _streamed(monkeypatch, model_params, tok, tokens)
+  final = decode_response(tokens, tok, 0)
+  assert texts and texts[-1] == final
+  for before, after in zip([''] + texts, texts):
+    assert after.startswith(before), (before, after)
+  if tokens[-1] == B8:
+    assert final.endswith('\ufffd') and '中' in final and final.count('\ufffd') == 2
+
+
+def test_partial_response_is_always_a_prefix(tok):
+  """Random answers from bytes that make and break characters, image tags and special tokens."""
+  pool = [HELLO, WORLD, SPACES, E4, B8, AD, CONT, 97, 98, EXTRA_3, tok.img_start_id, tok.img_end_id,
+          tok.img_pad_id, tok.ref_start_id, tok.box_start_id]
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    ids = [int(i) for i in rng.choice(pool, size=12)]
+    final = decode_response(ids, tok, 0)
+    shown = ''
+    for n in range(len(ids) + 1):
+      text = partial_response(ids[:n], tok, 0)
+      assert text.startswith(shown) and final.startswith(text), (ids[:n], shown, text, final)
+      shown = text

@@ -85,8 +85,13 @@ def test_format_lists_every_accelerator():
 
 
 def test_cli_errors_and_module_entry_point(capsys):
-  assert pl.main(['--mesh', 'data=-1,fsdp=4']) == 2
-  assert '--devices' in capsys.readouterr().err
+  assert pl.main(['--mesh', 'data=-1,fsdp=4', '--devices', '6']) == 2
+  assert '6 devices do not divide by the fixed axes (4)' in capsys.readouterr().err
+  with pytest.raises(ValueError, match='--devices'):
+    pl.make_plan(qwen_vl_7b(), 'data=-1')
+  for name, value in (('batch', 0), ('seq', 0), ('devices', 0), ('images', -1), ('batch', 2.0)):
+    with pytest.raises(ValueError, match=f'{name} must be an integer'):
+      pl.make_plan(qwen_vl_7b(), '1', **{name: value})
   assert pl.main(['--mesh', 'data=-1,fsdp=4', '--devices', '8', '--stage', '3']) == 0
   assert 'mesh data=2 fsdp=4 tensor=1 (8 devices), rules fsdp' in capsys.readouterr().out
   proc = subprocess.run([sys.executable, '-m', 'qwenvl_jax.plan', '--mesh', V4_32, '--batch', '32'],

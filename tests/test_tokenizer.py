@@ -7,6 +7,7 @@ import pytest
 
 from qwenvl_jax import tokenizer as tokenizer_lib
 from qwenvl_jax.chat_format import decode_response, make_context
+from qwenvl_jax.jsonfile import ConfigFileError
 from qwenvl_jax.tokenizer import QwenVLTokenizer, find_vocab
 
 SMALL_SPAN = 16  # the tiny golden model's n_queries
@@ -216,6 +217,55 @@ def test_find_vocab(vocab_file, monkeypatch, tmp_path):
     find_vocab(missing)
   with pytest.raises(FileNotFoundError, match='nowhere'):
     QwenVLTokenizer.from_pretrained(missing)
+  with pytest.raises(FileNotFoundError, match='path is empty'):  # not the working directory
+    find_vocab('')
   monkeypatch.delenv(tokenizer_lib.VOCAB_ENV)
   with pytest.raises(FileNotFoundError, match='dashscope'):
     find_vocab(None)
+
+
+def test_from_pretrained_reads_n_queries(vocab_file, tmp_path):
+  """A checkpoint directory's config.json sets the image span (its visual.n_queries, else 256)."""
+  (tmp_path / 'qwen.tiktoken').symlink_to(vocab_file)
+  config = tmp_path / 'config.json'
+  config.write_text(json.dumps({'hidden_size': 128, 'visual': {'n_queries': SMALL_SPAN}}))
+  assert QwenVLTokenizer.from_pretrained(tmp_path).image_span_length == SMALL_SPAN
+  assert QwenVLTokenizer.from_pretrained(tmp_path, image_span_length=32).image_span_length == 32
+  assert QwenVLTokenizer.from_pretrained(tmp_path / 'qwen.tiktoken').image_span_length == 256  # a file
+  config.write_text(json.dumps({'visual': {}}))  # the released configs have no n_queries
+  assert QwenVLTokenizer.from_pretrained(tmp_path).image_span_length == 256
+  for bad, match in (({'visual': {'n_queries': '16'}}, "key 'visual.n_queries': expected an integer"),
+                     ({'visual': [16]}, "key 'visual': expected an object"), ([1], 'JSON object')):
+    config.write_text(json.dumps(bad))
+    with pytest.raises(ConfigFileError, match=match):
+      QwenVLTokenizer.from_pretrained(tmp_path)
+  with pytest.raises(ValueError, match='positive integer'):
+    QwenVLTokenizer(vocab_file, image_span_length=16.0)
+
+
+def test_decode_refuses_ids_outside_the_vocabulary(tok):
+  """The model's embedding has 151936 rows, the tokenizer fewer ids: those past it are named."""
+  for bad in (tok.vocab_size, 151935, -1):
+    with pytest.raises(ValueError, match=rf'ids \[{bad}\] are outside the tokenizer vocabulary'):
+      tok.decode([9707, bad])
+
+
+def test_generated_image_spans_decode_leniently(tok):
+  """Strict decoding (the original's) refuses malformed image spans; generated text keeps them as the
+  ordinary tokens they hold."""
+  unclosed = [9707, tok.img_start_id, 97, 98]
+  with pytest.raises(ValueError, match='unclosed <img>'):
+    tok.decode(unclosed)
+  assert tok.decode_bytes(unclosed, strict_images=False) == b'Hello<img>' + tok.decode_bytes([97, 98])
+  words = [tok.img_start_id, 9707, 1879, tok.img_end_id]  # ids that are not bytes
+  with pytest.raises(ValueError, match='not bytes'):
+    tok.decode(words)
+  assert tok.decode_bytes(words, strict_images=False) == b'<img>Hello world</img>'
+  path = tok.encode('<img>a.png</img>')
+  assert tok.decode_bytes(path, strict_images=False) == tok.decode_bytes(path) == b'<img>a.png</img>'
+  assert decode_response(unclosed + [tok.im_end_id], tok, 0) == 'Hello<img>' + tok.decode([97, 98])
+
+
+def test_without_control_tokens():
+  text = '<ref>cat</ref><|extra_3|><box>(1,2),(3,4)</box><|im_end|> <img>a.png</img>'
+  assert tokenizer_lib.without_control_tokens(text) == '<ref>cat</ref><box>(1,2),(3,4)</box> <img>a.png</img>'
