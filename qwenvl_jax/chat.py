@@ -14,9 +14,10 @@ import numpy as np
 
 from qwenvl_jax.chat_format import DEFAULT_SYSTEM, decode_response, make_context, partial_response
 from qwenvl_jax.generate import GenerationConfig, check_request, generate, generate_stream, load_images
+from qwenvl_jax.grounding import list_items
 from qwenvl_jax.images import ImageLoader, ImageSource
 from qwenvl_jax.model import QwenVL
-from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, to_list_format, without_control_tokens
+from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer
 
 History = list[tuple[str, str]]
 
@@ -103,7 +104,7 @@ def _texts(steps: Iterator[np.ndarray], tokenizer: QwenVLTokenizer, chat_format:
 def latest_image(response: str, history: History) -> str | None:
   """The image the original draws an answer's boxes on: the last `<img>` of the newest turn having one."""
   for text in [response] + [q for q, _ in reversed(history)]:
-    refs = [item['image'] for item in to_list_format(without_control_tokens(text)) if 'image' in item]
+    refs = [item['image'] for item in list_items(text) if 'image' in item]
     if refs:
       return refs[-1]
   return None

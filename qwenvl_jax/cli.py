@@ -195,13 +195,12 @@ class _Session:
     return shown
 
   def _save_boxes(self, response: str, out: TextIO) -> None:
-    """Boxes are read with ChatML/extra special tokens removed (list-format parsing refuses them); a
-    failure to draw is reported and the chat goes on."""
+    """Draws the answer's boxes (special tokens in it are text to the box parser); a failure to draw is
+    reported and the chat goes on."""
     from qwenvl_jax.chat import latest_image
     from qwenvl_jax.grounding import draw_boxes, extract_boxes
-    from qwenvl_jax.tokenizer import without_control_tokens
     try:
-      boxes = extract_boxes(without_control_tokens(response))
+      boxes = extract_boxes(response)
       ref = latest_image(response, self.history) if boxes else None
       if ref is None:
         return

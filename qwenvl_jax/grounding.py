@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from qwenvl_jax.images import to_rgb
-from qwenvl_jax.tokenizer import EXTRAS, IM_END, IM_START, to_list_format
+from qwenvl_jax.tokenizer import NOT_IN_LIST_FORMAT, to_list_format
 
 # Tableau 10: distinct hues that stay readable on photos.
 PALETTE = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd',
@@ -24,20 +24,16 @@ PALETTE = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd',
 
 Box = dict[str, Any]  # {'box': [x1, y1, x2, y2], 'ref'?: str}
 
-# The special tokens `to_list_format` refuses (as the original's does).
-_MARKUP = re.compile('|'.join(map(re.escape, (IM_START, IM_END) + EXTRAS)))
-
-
 def list_items(text: str) -> list[dict[str, str]]:
   """`to_list_format(text)`, but ChatML and `<|extra_N|>` tokens stay text instead of failing.
 
   Each such token hides behind a private-use character absent from `text` while parsing and is
   restored after, so the items hold exactly the text given.
   """
-  if not _MARKUP.search(text):
+  if not NOT_IN_LIST_FORMAT.search(text):
     return to_list_format(text)
   mark = next(chr(c) for c in range(0xF0000, 0xFFFFE) if chr(c) not in text)
-  hidden = _MARKUP.sub(lambda m: f'{mark}{m.group()[2:-2]}{mark}', text)
+  hidden = NOT_IN_LIST_FORMAT.sub(lambda m: f'{mark}{m.group()[2:-2]}{mark}', text)
   restore = re.compile(f'{mark}([^{mark}]*){mark}')
   return [{k: restore.sub(r'<|\1|>', v) for k, v in item.items()} for item in to_list_format(hidden)]
 

@@ -44,7 +44,8 @@ _LIST_TAGS = {
 }
 _OPEN_TAG = re.compile('|'.join(map(re.escape, _LIST_TAGS)))
 # The original parses list format with only IMAGE_ST and <|endoftext|> allowed; the rest raise.
-_NOT_IN_LIST_FORMAT = re.compile('|'.join(map(re.escape, (IM_START, IM_END) + EXTRAS)))
+# Special tokens that list-format parsing refuses, as the original's does.
+NOT_IN_LIST_FORMAT = re.compile('|'.join(map(re.escape, (IM_START, IM_END) + EXTRAS)))
 
 _VOCAB_HELP = (
     f'The Qwen vocabulary file {VOCAB_FILENAME} ships in released Qwen-VL checkpoints and in the '
@@ -114,7 +115,7 @@ def _image_spans(ids: list[int], start_id: int, end_id: int,
 def to_list_format(text: str) -> list[dict[str, str]]:
   """Splits text into {'text'|'image'|'ref'|'box'|'quad': str} items, as the original does."""
   text = unicodedata.normalize('NFC', text)
-  if bad := _NOT_IN_LIST_FORMAT.search(text):
+  if bad := NOT_IN_LIST_FORMAT.search(text):
     raise ValueError(f'{bad.group()} at character {bad.start()} is not allowed in list-format text '
                      '(only image/box tags and <|endoftext|> are); cut the ChatML markup first')
   items, pos = [], 0
@@ -281,12 +282,6 @@ class QwenVLTokenizer:
 
   to_list_format = staticmethod(to_list_format)
   from_list_format = staticmethod(from_list_format)
-
-
-def without_control_tokens(text: str) -> str:
-  """`text` without the ChatML and extra special tokens (`<|im_start|>`, `<|im_end|>`, `<|extra_N|>`),
-  which list-format parsing refuses: for reading the images and boxes of an answer that holds one."""
-  return _NOT_IN_LIST_FORMAT.sub('', text)
 
 
 def check_tokenizer(tokenizer: QwenVLTokenizer, config: Any) -> None:

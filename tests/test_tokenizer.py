@@ -266,6 +266,8 @@ def test_generated_image_spans_decode_leniently(tok):
   assert decode_response(unclosed + [tok.im_end_id], tok, 0) == 'Hello<img>' + tok.decode([97, 98])
 
 
-def test_without_control_tokens():
+def test_latest_image_reads_answers_holding_special_tokens():
+  from qwenvl_jax.chat import latest_image
   text = '<ref>cat</ref><|extra_3|><box>(1,2),(3,4)</box><|im_end|> <img>a.png</img>'
-  assert tokenizer_lib.without_control_tokens(text) == '<ref>cat</ref><box>(1,2),(3,4)</box> <img>a.png</img>'
+  assert latest_image(text, []) == 'a.png'
+  assert latest_image('none here <|extra_0|>', [('<img>b.png</img>where?', 'x')]) == 'b.png'
