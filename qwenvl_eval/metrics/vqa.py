@@ -38,7 +38,7 @@ wouldn't: wouldnt | wouldn't've: wouldnt've wouldn'tve | y'all: yall | y'all'll:
 y'all'd've: yall'd've y'alld've y'all'dve | you'd: youd | you'd've: youd've you'dve | you'll: youll
 you're: youre | you've: youve
 """
-CONTRACTIONS = {variant: canonical
+CONTRACTIONS = {variant: canonical.strip()
                 for entry in _CONTRACTIONS.replace('\n', ' | ').split('|') if entry.strip()
                 for canonical, variants in [entry.split(':')]
                 for variant in variants.split()}
