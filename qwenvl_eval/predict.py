@@ -46,7 +46,7 @@ class Predictor:
     self.task, self.model, self.tokenizer, self.loader, self.where = task, model, tokenizer, loader, where
     if task.family == 'multiple_choice':
       self.params = params
-      self._losses = jax.jit(functools.partial(_option_losses, model))
+      self._losses = jax.jit(functools.partial(_option_losses, model), static_argnames='span')
     else:
       self.params = decode_params(params)  # once, not at every batch
       self.generation = GenerationConfig(
@@ -96,7 +96,8 @@ class Predictor:
       loss_mask[k, length - t:] = True
     pixels = self._pixels(records)
     pixels = np.concatenate([pixels[owners], np.zeros((n - len(rows),) + pixels.shape[1:], pixels.dtype)])
-    losses = np.asarray(self._losses(self.params, ids, mask, pixels, loss_mask))[:len(rows)]
+    losses = np.asarray(self._losses(self.params, ids, mask, pixels, loss_mask, span=max(targets)))
+    losses = losses[:len(rows)]
     chosen, start = [], 0
     for i in range(len(records)):
       count = owners.count(i)
@@ -105,9 +106,13 @@ class Predictor:
     return chosen
 
 
-def _option_losses(model, params, ids, mask, pixels, loss_mask):
-  """Each row's mean next-token loss over its `loss_mask` tokens. As the original, the model sees the
-  row without its last token; each row gets its own positions, so padding does not change its loss."""
-  logits = model.apply({'params': params}, ids[:, :-1], pixels, attention_mask=mask[:, :-1])
+def _option_losses(model, params, ids, mask, pixels, loss_mask, *, span: int):
+  """Each row's mean next-token loss over its `loss_mask` tokens, all within the last `span` tokens. As
+  the original, the model sees the row without its last token; each row gets its own positions, so
+  padding does not change its loss. Only the last `span` positions' logits are computed."""
+  length = ids.shape[1]
+  at = jnp.broadcast_to(jnp.arange(length - 1 - span, length - 1), (ids.shape[0], span))
+  logits = model.apply({'params': params}, ids[:, :-1], pixels, attention_mask=mask[:, :-1], logits_at=at)
   logits = jnp.pad(logits, ((0, 0), (0, 1), (0, 0)))  # lm_loss drops the last position's logits
-  return jax.vmap(lambda l, y, m: lm_loss(l[None], y[None], m[None]))(logits, ids, loss_mask)
+  labels, weights = ids[:, length - 1 - span:], loss_mask[:, length - 1 - span:]
+  return jax.vmap(lambda l, y, m: lm_loss(l[None], y[None], m[None]))(logits, labels, weights)
