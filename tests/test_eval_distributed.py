@@ -52,3 +52,20 @@ def test_two_processes_write_what_one_writes(world, loaded, vocab_file, tmp_path
   assert _files(world, 'gqa5_two') == _files(world, 'gqa5_one')
   assert sorted(p.name for p in out.iterdir()) == ['metrics.json', 'predictions.json', 'predictions.jsonl',
                                                     'run.json']
+
+
+@pytest.mark.slow  # a fresh process with 2 CPU devices loads and compiles (~40 s on 2 busy cores)
+def test_mesh_over_local_devices_writes_what_one_device_writes(world, loaded, vocab_file, tmp_path):
+  _jsonl(world / 'gqa5.jsonl', GQA + [{**g, 'question_id': 200 + i} for i, g in enumerate(GQA[:2])])
+  single = _run(loaded, world, 'gqa_testdev', 'gqa5.jsonl', 'gqa5_one')
+  env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             PYTHONPATH=os.pathsep.join([str(TESTS.parent), env.get('PYTHONPATH', '')]))
+  done = subprocess.run([sys.executable, '-m', 'qwenvl_eval', 'run', 'gqa_testdev', '--ckpt', str(world / 'ckpt'),
+                         '--vocab', str(vocab_file), '--data', str(world / 'gqa5.jsonl'), '--image-root',
+                         str(world / 'img'), '--out', str(world / 'gqa5_mesh'), '--no-progress',
+                         '--mesh', 'tensor=2', '--batch', '2'],
+                        env=env, capture_output=True, text=True, timeout=400)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert json.loads(done.stdout) == {k: single[k] for k in ('task', 'metric', 'score', 'count')}
+  assert _files(world, 'gqa5_mesh') == _files(world, 'gqa5_one')

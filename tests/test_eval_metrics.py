@@ -60,6 +60,15 @@ def test_anls_matches_golden(golden_eval):
     assert abs(got['per_sample'][k] - v) < TOL, k
 
 
+def test_anls_without_gt_file_uses_the_rows_annotations(golden_eval):
+  """`run` writes [{questionId, answer, annotation}]; scored without --annotations they are the gt."""
+  d = golden_eval('anls')
+  answers = {g['questionId']: g['answers'] for g in d['gt']['data']}
+  rows = [{**s, 'annotation': answers[s['questionId']]} for s in d['submission']]
+  got = scoring.score('docvqa_val', rows)
+  assert abs(got['score'] - d['expected']['score']) < TOL
+
+
 def test_levenshtein():
   assert anls.levenshtein('kitten', 'sitting') == 3
   assert anls.levenshtein('', 'abc') == 3

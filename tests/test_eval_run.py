@@ -183,3 +183,27 @@ def test_evaluate_in_memory_for_grounding(world, loaded):
   with pytest.raises(DataError, match=r"records\[1\]: key 'bbox': missing"):
     evaluate('refcoco_val', model, params, tok, [REFCOCO[0], {'image': 'poster.jpg', 'sent': 'x'}],
              image_root=world / 'img')
+
+
+def test_caption_run_scores_cider_against_the_data_file(world, loaded):
+  """Captions read the original's COCO-format file: its images are the records, its captions the refs."""
+  if shutil.which('java') is None:
+    pytest.skip('CIDEr needs Java (pycocoevalcap runs the Stanford tokenizer jar); no java on PATH')
+  pytest.importorskip('pycocoevalcap')
+  coco = {'images': [{'id': i, 'image': im} for i, im in enumerate(IMAGES, 7)],
+          'annotations': [{'image_id': i, 'id': 2 * i + k, 'caption': c}
+                          for i in range(7, 10) for k, c in enumerate(['A red poster.', 'A chart on a wall.'])]}
+  (world / 'captions.json').write_text(json.dumps(coco))
+  metrics = _run(loaded, world, 'flickr30k', 'captions.json', 'captions', batch_size=2)
+  rows = json.loads((world / 'captions' / 'predictions.json').read_text())
+  assert [r['image_id'] for r in rows] == [7, 8, 9] and all(isinstance(r['caption'], str) for r in rows)
+  assert metrics == {**score('flickr30k', rows, coco), 'count': 3}
+  del coco['images'][1]['image']
+  (world / 'captions.json').write_text(json.dumps(coco))
+  with pytest.raises(DataError, match=r"captions.json: images\[1\]: key 'image': missing"):
+    _run(loaded, world, 'flickr30k', 'captions.json', 'captions_bad')
+
+
+def test_vqa_score_run_needs_the_annotation_file(world, loaded):
+  with pytest.raises(DataError, match='pass --annotations'):
+    _run(loaded, world, 'vqav2_val', 'gqa.jsonl', 'vqa_out')
