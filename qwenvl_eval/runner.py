@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
+
+from tqdm import tqdm
 
 from qwenvl_eval import scoring
 from qwenvl_eval.data import DataError, Record
@@ -95,9 +97,7 @@ def run(task: Task, records: Sequence[Record], predict: Callable[[Sequence[Recor
   barrier('read')  # every process has read the files before any appends
   pending = shard([r for r in records if r.line not in known], process, process_count)
   batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
-  from tqdm import tqdm
-  bar = tqdm(total=len(pending), desc=f'{task.name} [{process}]', unit='item',
-             disable=not progress or process != 0, initial=0)
+  bar = tqdm(total=len(pending), desc=task.name, unit='item', disable=not progress or process != 0)
   with open(own, 'a', encoding='utf-8') as f:
     for batch in batches:
       answers = predict(batch)

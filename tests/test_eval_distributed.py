@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_eval_run import GQA, _files, _jsonl, _run, loaded, world  # noqa: F401 (fixtures)
+from test_eval_run import GQA, _files, _jsonl, _run, loaded, world  # noqa: F401,F811 (fixtures shared)
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ENV_VARS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')

@@ -207,3 +207,15 @@ def test_caption_run_scores_cider_against_the_data_file(world, loaded):
 def test_vqa_score_run_needs_the_annotation_file(world, loaded):
   with pytest.raises(DataError, match='pass --annotations'):
     _run(loaded, world, 'vqav2_val', 'gqa.jsonl', 'vqa_out')
+
+
+def test_missing_or_unreadable_data_file_is_named(tmp_path):
+  from qwenvl_eval.data import read_records
+  from qwenvl_eval.tasks import TASKS
+  with pytest.raises(DataError, match='gone.jsonl: data file not found'):
+    read_records(TASKS['refcoco_val'], tmp_path / 'gone.jsonl')
+  with pytest.raises(DataError, match='gone.json: file not found'):
+    read_records(TASKS['flickr30k'], tmp_path / 'gone.json')
+  (tmp_path / 'empty.jsonl').write_text('\n')
+  with pytest.raises(DataError, match='empty.jsonl: holds no records'):
+    read_records(TASKS['refcoco_val'], tmp_path / 'empty.jsonl')
