@@ -88,11 +88,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     raise ValueError(f'--limit must be at least 1, got {args.limit}')
   annotations = scoring.read_reference(args.annotations)
   questions = scoring.read_reference(args.questions)
-  import jax
-  # This process's first device: load_pretrained's default, jax.devices()[0], is process 0's on a pod,
-  # and each process predicts its own records independently.
-  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  model, params = load_pretrained(args.ckpt, dtype=args.dtype, shardings=local)
+  # Each process predicts its own records on its own first device (load_pretrained's default).
+  model, params = load_pretrained(args.ckpt, dtype=args.dtype)
   model = QwenVL(model.config.replace(dtype=args.dtype))
   tokenizer = QwenVLTokenizer.from_pretrained(args.vocab or args.ckpt,
                                               image_span_length=model.config.vision.n_queries)

@@ -297,7 +297,7 @@ def check_leaves(found: Mapping[Path, tuple[int, ...]], config: QwenVLConfig, wh
 
 def _sharding_tree(shardings, paths: list[Path]) -> dict[Path, jax.sharding.Sharding]:
   if shardings is None:
-    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own device
   if isinstance(shardings, jax.sharding.Sharding):
     return {p: shardings for p in paths}
   flat = jax.tree_util.tree_flatten_with_path(
