@@ -5,6 +5,7 @@ Outside CI a missing ../shared skips the tests that need it, with the reason; in
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -40,3 +41,18 @@ def golden(golden_dir) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def vocab_file(shared_dir) -> pathlib.Path:
   return _require(shared_dir / "qwen.tiktoken")
+
+
+@pytest.fixture
+def compiles():
+  """Names of the functions XLA compiles while the test runs, starting from empty caches."""
+  jax.clear_caches()
+  names = []
+
+  def listen(event, duration, **kw):
+    if event == '/jax/core/compile/backend_compile_duration':
+      names.append(kw.get('fun_name', '?'))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  yield names
+  jax.monitoring.unregister_event_duration_listener(listen)

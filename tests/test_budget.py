@@ -2,7 +2,6 @@
 memory estimate against what is free, for generate, generate_stream, chat and chat_stream."""
 import importlib
 
-import jax
 import numpy as np
 import pytest
 
@@ -20,20 +19,6 @@ gen = importlib.import_module('qwenvl_jax.generate')
 @pytest.fixture(scope='module')
 def tiny(golden_dir):
   return q.load_pretrained(golden_dir / 'checkpoint')
-
-
-@pytest.fixture
-def compiles():
-  jax.clear_caches()
-  names = []
-
-  def listen(event, duration, **kw):
-    if event == '/jax/core/compile/backend_compile_duration':
-      names.append(kw.get('fun_name', '?'))
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  yield names
-  jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def test_window_checked_before_any_work(tiny, golden, compiles):

@@ -2,8 +2,6 @@
 import argparse
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 import time
 
@@ -12,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from processes import free_port, run_workers
 from qwenvl_jax import distributed
 from qwenvl_jax import sharding as sh
 
@@ -77,12 +76,6 @@ def test_single_process_owns_the_whole_batch():
     distributed.host_to_global(rows, sh.batch_sharding(mesh, 'fsdp', (8, 5)), 8)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _reference(golden_dir, golden):
   """One sharded train step on a single device, with the helpers the workers use."""
   sys.path.insert(0, str(TESTS))
@@ -103,24 +96,10 @@ def test_two_processes_train_and_checkpoint(golden_dir, golden, tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
   env.update(XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join([str(TESTS.parent), env.get('PYTHONPATH', '')]))
-  port = _free_port()
-  logs = [open(tmp_path / f'worker{i}.log', 'w') for i in range(2)]
+  port = free_port()
   start = time.time()
-  procs = [subprocess.Popen([sys.executable, str(TESTS / 'dist_worker.py'), str(i), '2', str(port),
-                             str(golden_dir), str(tmp_path)],
-                            env=env, stdout=logs[i], stderr=subprocess.STDOUT)
-           for i in range(2)]
-  try:
-    codes = [p.wait(timeout=400) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-    for f in logs:
-      f.close()
-  tails = '\n'.join((tmp_path / f'worker{i}.log').read_text()[-3000:] for i in range(2))
-  assert codes == [0, 0], tails
+  run_workers([[sys.executable, str(TESTS / 'dist_worker.py'), str(i), '2', str(port), str(golden_dir),
+                str(tmp_path)] for i in range(2)], env, tmp_path)
   print(f'two-process run: {time.time() - start:.1f}s')
 
   result = dict(np.load(tmp_path / 'result.npz'))

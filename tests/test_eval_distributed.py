@@ -3,22 +3,16 @@ merges; the files equal a one-process run's."""
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from processes import free_port, run_workers
 from test_eval_run import GQA, _files, _jsonl, _run, loaded, world  # noqa: F401,F811 (fixtures shared)
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ENV_VARS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow  # two fresh processes load and compile (~60 s on 2 busy cores)
@@ -27,28 +21,16 @@ def test_two_processes_write_what_one_writes(world, loaded, vocab_file, tmp_path
   single = _run(loaded, world, 'gqa_testdev', 'gqa5.jsonl', 'gqa5_one')
   env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join([str(TESTS.parent), env.get('PYTHONPATH', '')]))
-  port = _free_port()
+  port = free_port()
   out = world / 'gqa5_two'
   common = ['run', 'gqa_testdev', '--ckpt', str(world / 'ckpt'), '--vocab', str(vocab_file),
             '--data', str(world / 'gqa5.jsonl'), '--image-root', str(world / 'img'), '--out', str(out),
             '--no-progress', '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2']
-  logs = [open(tmp_path / f'worker{i}.log', 'w') for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, '-m', 'qwenvl_eval', *common, '--process-id', str(i)],
-                            env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
-  try:
-    codes = [p.wait(timeout=400) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-    for f in logs:
-      f.close()
-  tails = '\n'.join((tmp_path / f'worker{i}.log').read_text()[-3000:] for i in range(2))
-  assert codes == [0, 0], tails
-  printed = (tmp_path / 'worker0.log').read_text().strip().splitlines()[-1]
+  outputs = run_workers([[sys.executable, '-m', 'qwenvl_eval', *common, '--process-id', str(i)]
+                         for i in range(2)], env, tmp_path)
+  printed = outputs[0].strip().splitlines()[-1]
   assert json.loads(printed) == {k: single[k] for k in ('task', 'metric', 'score', 'count')}
-  assert '"task"' not in (tmp_path / 'worker1.log').read_text()  # process 0 alone reports
+  assert '"task"' not in outputs[1]  # process 0 alone reports
   assert _files(world, 'gqa5_two') == _files(world, 'gqa5_one')
   assert sorted(p.name for p in out.iterdir()) == ['metrics.json', 'predictions.json', 'predictions.jsonl',
                                                     'run.json']

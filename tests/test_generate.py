@@ -37,21 +37,6 @@ def text_prompt(long_row):
   return long_row[:20]
 
 
-@pytest.fixture
-def compiles():
-  """Names of the functions XLA compiles while the test runs, starting from empty caches."""
-  jax.clear_caches()
-  names = []
-
-  def listen(event, duration, **kw):
-    if event == '/jax/core/compile/backend_compile_duration':
-      names.append(kw.get('fun_name', '?'))
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  yield names
-  jax.monitoring.unregister_event_duration_listener(listen)
-
-
 def test_golden_greedy_generation(tiny, poster, golden):
   model, params = tiny
   ids, logits = generate(model, params, golden['generate.prompt_ids'], poster, max_new_tokens=40,
