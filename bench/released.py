@@ -9,7 +9,7 @@
 2. convert  `qwenvl-convert SRC DST` (the CLI's own entry point) into the Orbax layout;
 3. load     `load_pretrained(DST, dtype=bfloat16)` with bfloat16 compute;
 4. chat     `chat` about one 448px image for exactly `--new-tokens` greedy tokens, with the parameters
-            in the generation layout as `qwenvl-jax chat` holds them (XLA options: BF16_CPU_XLA_FLAGS).
+            in the generation layout as `qwenvl-jax chat` holds them (`xla_flags.LOW_PRECISION_CPU`).
 Each measured phase runs in a process of its own and reports its wall time and its peak resident memory
 (VmHWM): convert as a ratio of the largest shard, load and chat of the parameter bytes. The last line is
 one JSON object with every figure. Targets: convert <= 1.5x the largest shard, load and chat <= 1.15x
@@ -37,6 +37,8 @@ if __package__ in (None, ''):  # run as a file: its own folder would shadow the 
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import numpy as np
+
+from qwenvl_jax import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get('QWENVL_SHARED_DIR', ROOT.parent / 'shared'))
@@ -130,7 +132,7 @@ def phase_chat(ckpt: str, image: str, new_tokens: int) -> dict:
   from qwenvl_jax.images import ImageLoader
   from qwenvl_jax.tokenizer import QwenVLTokenizer
   start = time.perf_counter()
-  model, params = load_pretrained(ckpt, dtype='bfloat16')  # bfloat16 weights
+  model, params = load_pretrained(ckpt, dtype='bfloat16', split_layers=True)  # bfloat16 weights
   model = type(model)(model.config.replace(dtype='bfloat16'))  # and bfloat16 compute
   jax.block_until_ready(params)
   load = {'seconds': time.perf_counter() - start, 'peak_rss': peak_rss(),
@@ -146,14 +148,6 @@ def phase_chat(ckpt: str, image: str, new_tokens: int) -> dict:
   chat_fig = {'seconds': time.perf_counter() - start, 'peak_rss': peak_rss(),
               'response_chars': len(response)}
   return {'load': load, 'chat': chat_fig}
-
-
-# XLA on the CPU has no bfloat16 matmul: it converts each weight to float32 before its dot, and by default
-# schedules every such conversion of a program early (the concurrency-optimised scheduler) and hoists those
-# of loop-invariant weights out of while loops and scans, so a program over bfloat16 weights holds a float32
-# copy of all of them (3x the parameter bytes). With these two options one layer's copy is live at a time.
-BF16_CPU_XLA_FLAGS = ('--xla_cpu_enable_concurrency_optimized_scheduler=false '
-                      '--xla_disable_hlo_passes=while-loop-invariant-code-motion')
 
 
 def run_child(*args: str, xla_flags: str = '') -> dict:
@@ -206,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
           f'{report["convert_rss_ratio"]:.2f}x the largest shard (target <= 1.5x)', flush=True)
     shutil.rmtree(src)  # the disk holds one copy at a time
 
-    run = run_child('chat', str(dst), str(image), str(args.new_tokens), xla_flags=BF16_CPU_XLA_FLAGS)
+    run = run_child('chat', str(dst), str(image), str(args.new_tokens), xla_flags=' '.join(xla_flags.LOW_PRECISION_CPU))
     load, chat_fig = run['load'], run['chat']
     param_bytes = load['param_bytes']
     report.update(param_gb=param_bytes / GB, load_s=load['seconds'], load_peak_gb=load['peak_rss'] / GB,

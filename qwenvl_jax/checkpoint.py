@@ -310,14 +310,17 @@ def _sharding_tree(shardings, paths: list[Path]) -> dict[Path, jax.sharding.Shar
   return given
 
 
-def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, shardings=None) -> dict:
+def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, shardings=None,
+                   split_layers: bool = False) -> dict:
   """The params of a converted directory as jax.Arrays in `dtype` (default: as stored).
 
-  `shardings`: one Sharding for every leaf, or a tree of them matching params (default: the first device).
-  On one device each leaf is read block by block into its final host buffer and moved there (on the CPU
-  the device array adopts that buffer), so the host's peak is the parameters plus one block, where
-  Orbax's restore peaks at twice the parameters. Over several devices Orbax restores, reading only the
-  slices this process's devices hold, so no host materialises the full model.
+  `shardings`: one Sharding for every leaf, or a tree of them matching params (default: this process's
+  first device). On one device each leaf is read block by block into its final host buffer and moved there
+  (on the CPU the device array adopts that buffer), so the host's peak is the parameters plus one block,
+  where Orbax's restore peaks at twice the parameters. Over several devices Orbax restores, reading only
+  the slices this process's devices hold, so no host materialises the full model.
+  `split_layers` (one device only): `params['decoder']['layers']` becomes a tuple of per-layer trees, each
+  read on its own from the stacked leaves, the form generation reads (`generate.decode_params`).
   """
   import orbax.checkpoint as ocp
   root = pathlib.Path(path)
@@ -329,9 +332,21 @@ def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, sh
   placement = _sharding_tree(shardings, list(meta))
   params: dict = {}
   if all(len(s.device_set) == 1 for s in placement.values()):
+    def read(p: Path, index: tuple = ()) -> jax.Array:
+      return orbax_leaves.to_device(orbax_leaves.read_leaf(reader, p, target_dtype, index), placement[p])
+    stacked = [p for p in meta if split_layers and p[:2] == ('decoder', 'layers')]
+    layers: list[dict] = [{} for _ in range(config.text.num_layers if stacked else 0)]
+    for i, layer in enumerate(layers):
+      for p in stacked:
+        set_path(layer, p[2:], read(p, (i,)))
     for p in meta:
-      set_path(params, p, orbax_leaves.to_device(orbax_leaves.read_leaf(reader, p, target_dtype), placement[p]))
+      if p not in stacked:
+        set_path(params, p, read(p))
+    if stacked:
+      params['decoder']['layers'] = tuple(layers)
     return params
+  if split_layers:
+    raise ValueError('split_layers needs every leaf on one device')
   for p, m in meta.items():
     set_path(params, p, jax.ShapeDtypeStruct(m.shape, target_dtype, sharding=placement[p]))
   return ocp.StandardCheckpointer().restore(root / PARAMS_DIR, params)
@@ -345,13 +360,16 @@ def _put(params: dict, shardings, paths: list[Path]) -> dict:
   return out
 
 
-def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None,
+def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_layers: bool = False,
                     **config_overrides) -> tuple[QwenVL, dict]:
   """(model, params) from a released-layout or converted directory; params in `dtype` (default float32).
 
   `shardings`: a Sharding for every leaf or a tree of them matching params. From a converted directory the
   params are restored straight onto them; the released layout is read whole on the host first.
-  `config_overrides` go to QwenVLConfig, e.g. `dtype='bfloat16'` for bf16 compute.
+  `split_layers`: from a converted directory onto one device, the decoder's layers come as a tuple of
+  per-layer trees, read one layer at a time (`restore_params`), ready for `generate.decode_params`
+  without a second copy of any stacked leaf. `config_overrides` go to QwenVLConfig (e.g. `remat='full'`);
+  for bf16 compute, `QwenVL(model.config.replace(dtype='bfloat16'))`.
   """
   root = pathlib.Path(path)
   found = describe_directory(root)
@@ -365,7 +383,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None,
     read_marker(root)
   config = QwenVLConfig.from_json(root, param_dtype=dtype.name, **config_overrides)
   if converted:
-    return QwenVL(config), restore_params(root, config, dtype, shardings)
+    return QwenVL(config), restore_params(root, config, dtype, shardings, split_layers)
   checkpoint = ReleasedCheckpoint(root)
   check_released(checkpoint, config)
   # Memory-mapped tensors: params_from_hf's copies are the only ones in anonymous memory.

@@ -161,6 +161,9 @@ class _Session:
     self._load(args)
 
   def _load(self, args: argparse.Namespace) -> None:
+    if args.dtype != 'float32':
+      from qwenvl_jax import xla_flags
+      xla_flags.use_for_low_precision_cpu()  # before jax starts its backend
     import jax
     if not args.no_compile_cache:
       jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(args.compile_cache).expanduser()))
@@ -168,7 +171,7 @@ class _Session:
     from qwenvl_jax.generate import decode_params
     from qwenvl_jax.model import QwenVL
     from qwenvl_jax.tokenizer import check_tokenizer
-    model, params = load_pretrained(args.ckpt, dtype=args.dtype)
+    model, params = load_pretrained(args.ckpt, dtype=args.dtype, split_layers=True)
     self.params = decode_params(params, consume=True)  # the fast layout, without keeping two copies
     self.model = QwenVL(model.config.replace(dtype=args.dtype))
     check_tokenizer(self.tokenizer, self.model.config)

@@ -169,20 +169,27 @@ def _decode_layer_params(layer: dict) -> dict:
 def decode_params(params, *, consume: bool = False) -> DecodeParams:
   """The `QwenVL` parameter tree split per decoder layer (a DecodeParams is returned as it is).
 
-  consume=True removes each stacked leaf from `params` once split, so that (with no other reference to
-  it) its memory is freed before the next leaf is split: the peak stays near one copy of the weights.
+  `params['decoder']['layers']` may be the scanned stack or already a sequence of per-layer trees
+  (`load_pretrained(..., split_layers=True)`, which never holds a stacked leaf). consume=True removes each
+  stacked leaf, layer and the lm_head from `params` once converted, so that (with no other reference to
+  them) its memory is freed before the next: the peak stays near one copy of the weights plus one stacked
+  leaf (one layer when already split).
   """
   if isinstance(params, DecodeParams):
     return params
   decoder = params['decoder']
   stacked = decoder.pop('layers') if consume else decoder['layers']
-  paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(stacked)[0]]
-  layers: list[dict] = [{} for _ in range(get_path(stacked, paths[0]).shape[0])]
-  for path in paths:
-    leaf = get_path(stacked, path[:-1]).pop(path[-1]) if consume else get_path(stacked, path)
-    for layer, piece in zip(layers, jnp.unstack(jnp.asarray(leaf))):
-      set_path(layer, path, piece)
-    del leaf
+  if isinstance(stacked, (list, tuple)):
+    layers = list(stacked)
+  else:
+    paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(stacked)[0]]
+    layers = [{} for _ in range(get_path(stacked, paths[0]).shape[0])]
+    for path in paths:
+      leaf = get_path(stacked, path[:-1]).pop(path[-1]) if consume else get_path(stacked, path)
+      for layer, piece in zip(layers, jnp.unstack(jnp.asarray(leaf))):
+        set_path(layer, path, piece)
+      del leaf
+  del stacked
   converted = []
   while layers:  # one layer at a time, so that with consume=True each original is freed once converted
     converted.append(_decode_layer_params(layers.pop(0)))
@@ -263,9 +270,27 @@ def _forward(p: DecodeParams, ids: Array, features: Array | None, key_mask: Arra
     x, (cache, _) = block.apply({'params': layer}, x, cache, rope, q_scale, mask, cache_index)
     updated.append(cache)
   x = RMSNorm(t.layer_norm_eps, **kw).apply({'params': p.rest['decoder']['ln_f']}, x[:, -1:])
-  lm_head = Einsum((t.vocab_size, t.hidden_size), weight_major=True, **kw)
-  logits = lm_head.apply({'params': p.rest['lm_head']}, 'btd,vd->btv', x)
-  return logits[:, 0].astype(jnp.float32), tuple(updated)
+  return _head(p.rest['lm_head']['kernel'], x, kw)[:, 0], tuple(updated)
+
+
+# XLA's CPU backend has no bfloat16 or float16 dot: it converts a weight to float32 first. For the
+# 152k x 4096 lm_head that is a 2.5 GB temporary (13% of the released model's bf16 weights), so there the
+# head runs over vocabulary chunks, each converted on its own (XLA_FLAGS in the README keep XLA from
+# hoisting the conversions out of the loop). The logits are the same numbers.
+_HEAD_CHUNKS = 8
+
+
+def _head(kernel: Array, x: Array, kw: dict) -> Array:
+  """Logits [b, t, vocab] float32 of x [b, t, d] with the lm_head kernel [vocab, d]."""
+  vocab, d = kernel.shape
+  chunks = next(n for n in (_HEAD_CHUNKS, 4, 2, 1) if vocab % n == 0)
+  if kernel.dtype == jnp.float32 or jax.default_backend() != 'cpu' or chunks == 1:
+    return Einsum((vocab, d), weight_major=True, **kw).apply({'params': {'kernel': kernel}}, 'btd,vd->btv',
+                                                              x).astype(jnp.float32)
+  head = Einsum((vocab // chunks, d), weight_major=True, **kw)
+  parts = jax.lax.map(lambda k: head.apply({'params': {'kernel': k}}, 'btd,vd->btv', x).astype(jnp.float32),
+                      kernel.reshape(chunks, vocab // chunks, d))  # [chunks, b, t, vocab / chunks]
+  return jnp.moveaxis(parts, 0, 2).reshape(*x.shape[:2], vocab)
 
 
 def _finish(state: DecodeState, logits: Array, min_new: Array, key: Array, s: _Sampler):
