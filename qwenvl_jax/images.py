@@ -89,6 +89,11 @@ class ImageLoader:
       return _decode(self._read(src), os.fspath(src))
     raise TypeError(f'cannot load an image from {type(src).__name__}')
 
+  def resolve(self, path: str | os.PathLike) -> pathlib.Path:
+    """The file a local path names, under the same rules as `load` (PermissionError outside the root);
+    for callers that check files without decoding them (training data validation)."""
+    return self._resolve(path)
+
   def _resolve(self, path: str | os.PathLike) -> pathlib.Path:
     if self.allowed_root is None:
       return pathlib.Path(path)
