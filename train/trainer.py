@@ -266,6 +266,8 @@ def _loop(cfg, model, model_config, optimizer, state, loader, checkpointer, plac
         batch = next(batches)
       except (ValueError, OSError) as e:  # a record that passed validation but fails to decode
         bar.close()
+        if meter.pending:
+          logged.append(meter.flush())  # the metrics of the steps done since the last log line
         checkpointer.save(step, state, loader.state(), force=True)
         raise TrainError(
             f'stopped before step {step + 1} of {cfg.steps}: {e}. The state after step {step} is saved in '
