@@ -113,7 +113,7 @@ def test_cli_rejects_bad_overrides(capsys):
   assert main(['--config', 'stage2', 'stepz=3']) == 2
   assert "key 'stepz': unknown training config key; did you mean 'steps'?" in capsys.readouterr().err
   assert main(['--config', 'stage2', 'steps=abc']) == 2
-  assert 'cannot use' in capsys.readouterr().err
+  assert "key 'steps': expected an integer" in capsys.readouterr().err
   assert main(['--config', 'stage2', 'grad_accum=3']) == 2  # 4096 is not a multiple of 3
   assert main(['--config', 'stage9']) == 2
 

@@ -6,6 +6,7 @@ import pathlib
 import random
 import shutil
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -46,7 +47,6 @@ def world_data(tmp_path_factory, vocab_file):
 @pytest.fixture(scope='module')
 def saved(world_data):
   """An out_dir as a run leaves it at step 3, without the cost of training: (root, config file, out_dir)."""
-  import jax
   import jax.numpy as jnp
   from qwenvl_jax.model import QwenVL, param_shapes
   from train.checkpointing import Checkpointer
@@ -107,7 +107,8 @@ def test_resume_refuses_a_different_state_structure(saved, capsys, override, nam
   assert status == 1 and err.startswith('qwenvl-train: error: cannot resume') and named in err
   assert 'Traceback' not in err and len(err.strip().splitlines()) == 1
   other = root / 'wider.json'
-  other.write_text(json.dumps({**MODEL, 'hidden_size': 256, 'kv_channels': 128, 'visual': {**MODEL['visual'], 'output_dim': 256}}))
+  wider = {**MODEL, 'hidden_size': 256, 'kv_channels': 128, 'visual': {**MODEL['visual'], 'output_dim': 256}}
+  other.write_text(json.dumps(wider))
   status, err = _cli(capsys, config, '--resume', 'steps=5', f'model_config={other}', f'out_dir={out}')
   assert status == 1 and 'model hidden_size is 256 here but 128 in the saved run' in err
 
@@ -116,7 +117,8 @@ def test_runtime_errors_are_one_line(saved, capsys, tmp_path):
   root, config, out = saved
   for args, message in [
       ((f'out_dir={out}',), 'already holds checkpoints: pass --resume'),
-      ((f'out_dir={tmp_path / "a"}', f'init_from={tmp_path / "nope"}'), f'init_from={tmp_path / "nope"}: no such'),
+      ((f'out_dir={tmp_path / "a"}', f'init_from={tmp_path / "nope"}'),
+       f'init_from={tmp_path / "nope"}: no such'),
       ((f'out_dir={tmp_path / "b"}', f'data={tmp_path / "none.json"}'), 'data file not found'),
   ]:
     status, err = _cli(capsys, config, *args)
@@ -208,10 +210,10 @@ def test_next_stage_starts_from_an_out_dir(saved, capsys, tmp_path):
   model_config, params = model_and_params(cfg, base_model_config(cfg))
   saved = ocp.CheckpointManager(out / CHECKPOINT_DIR).restore(3, args=ocp.args.Composite(
       state=ocp.args.StandardRestore())).state['params']
-  for a, b in zip(*(map(np.asarray, __import__('jax').tree.leaves(t)) for t in (params, saved))):
+  for a, b in zip(*(map(np.asarray, jax.tree.leaves(t)) for t in (params, saved))):
     np.testing.assert_array_equal(a, b)
-  status, err = _cli(capsys, config, f'init_from={out}', 'model_config=', 'vocab=', f'out_dir={tmp_path / "s2"}',
-                     'steps=1', 'stage=2', 'data_format=chat')
+  status, err = _cli(capsys, config, f'init_from={out}', 'model_config=', 'vocab=', 'steps=1', 'stage=2',
+                     f'out_dir={tmp_path / "s2"}')
   assert status == 0, err
   assert f'init_from {out}: the weights of its step 3' in err
   assert _metric_steps(tmp_path / 's2') == [1]
@@ -230,7 +232,7 @@ def test_export_is_a_chat_checkpoint(saved, tmp_path):
   chat = export_chat(params, model_config, tok, tmp_path / 'chat', {'max_new_tokens': 8})
   model, loaded = qv.load_pretrained(chat)
   assert model.config.vision.image_size == 28 and model.config.text.hidden_size == 128
-  for a, b in zip(*(map(np.asarray, __import__('jax').tree.leaves(t)) for t in (params, loaded))):
+  for a, b in zip(*(map(np.asarray, jax.tree.leaves(t)) for t in (params, loaded))):
     np.testing.assert_array_equal(a, b)
   assert qv.QwenVLTokenizer.from_pretrained(chat).encode('Where?') == tok.encode('Where?')
   g = GenerationConfig.from_pretrained(chat)

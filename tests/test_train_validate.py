@@ -80,7 +80,8 @@ def test_every_problem_is_listed_before_training(tok, scenes, tmp_path):
 def test_multitask_and_caption_records_are_checked_too(tok, scenes):
   root, train = scenes
   records = world.multitask_records(train, random.Random(0))
-  records[3] = {'task': 'caption_grounding', 'image': '1.png', 'caption': '<ref>x</ref><box>(5,5),(2000,9)</box>'}
+  records[3] = {'task': 'caption_grounding', 'image': '1.png',
+                'caption': '<ref>x</ref><box>(5,5),(2000,9)</box>'}
   records[5] = {'task': 'ref_grounding', 'image': 'missing.png', 'ref': 'x', 'box': [1, 2, 3, 4]}
   with pytest.raises(DataError) as e:
     _load(tok, root, records, fmt='multitask')

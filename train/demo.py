@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from qwenvl_jax.model import QwenVL
   from qwenvl_jax.tokenizer import QwenVLTokenizer
   from train import world
+  from train.config import stage_config
   from train.trainer import run
 
   demo = read_demo_config(args.config)

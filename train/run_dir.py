@@ -1,9 +1,10 @@
 """A run's out_dir: what it holds, what a resumed run must agree with, and starting from one.
 
 At start a run writes `train_config.json` (its TrainConfig), `config.json` (its model) and a copy of the
-vocabulary `qwen.tiktoken` into out_dir, next to `checkpoints/`, `metrics.jsonl` and `skipped.jsonl`. So `--resume` can refuse by name a setting
-that changes the shape of the saved state (LoRA on or off, its rank, the stage, the model's dims), and
-`init_from=<out_dir>` can start the next stage from the run's latest readable step.
+vocabulary `qwen.tiktoken` into out_dir, next to `checkpoints/`, `metrics.jsonl` and `skipped.jsonl`.
+So `--resume` can refuse by name a setting that changes the shape of the saved state (LoRA on or off, its
+rank, the stage, the model's dims), and `init_from=<out_dir>` can start the next stage from the run's
+latest readable step.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def check_resume(out_dir: pathlib.Path, cfg: TrainConfig, model_config: QwenVLCo
     differ += [(f'model {k}', saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys())
                if k not in _FREE_MODEL_KEYS and saved.get(k) != now.get(k)]
   if differ:
-    listed = '; '.join(f'{k} is {json.dumps(n)} here but {json.dumps(s)} in the saved run' for k, s, n in differ)
+    listed = '; '.join(f'{k} is {json.dumps(n)} here but {json.dumps(s)} in the saved run'
+                       for k, s, n in differ)
     fix = ' '.join(f'{k}={json.dumps(s)}' for k, s, _ in differ if not k.startswith('model '))
     raise TrainError(
         f'cannot resume {out_dir}: {listed}. To continue that run, resume with the saved settings'
