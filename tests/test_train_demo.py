@@ -142,7 +142,7 @@ def test_demo_end_to_end_leaves_a_chat_checkpoint(tmp_path, monkeypatch, capsys,
   assert main(['--config', str(config), '--out', str(tmp_path / 'out')]) == 0
   printed = capsys.readouterr().out
   chat = tmp_path / 'out' / 'chat'
-  assert f'qwenvl-jax chat --ckpt {chat} --image ' in printed
+  assert f'qwenvl-jax chat --ckpt {chat} --image-root {tmp_path / "out" / "world"} --image ' in printed
   model, params = qv.load_pretrained(chat)
   assert model.config.vision.n_queries == 16 and model.config.vision.image_size == 84
   assert qv.QwenVLTokenizer.from_pretrained(chat).vocab_file == chat / 'qwen.tiktoken'

@@ -174,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f'letter reading accuracy: {reading:.1f}%')
   print(f'grounding accuracy (IoU>=0.5): {grounding:.1f}%')
   image = root / test_scenes[0].image
-  print(f'chat with the trained model:\n  qwenvl-jax chat --ckpt {chat} --image {image} '
+  # --image-root keeps the prompt's image path as short as in training (it must fit the image span).
+  print(f'chat with the trained model:\n  qwenvl-jax chat --ckpt {chat} --image-root {root} --image {image} '
         f'"{world.where_question(test_scenes[0].things[0])}"')
   return 0
 
