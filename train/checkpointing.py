@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from train.run_dir import TrainError
@@ -115,7 +116,7 @@ def restore_weights(directory: str | os.PathLike, say: Callable[[str], None] = _
       tree = checkpointer.metadata(path).item_metadata.tree
       wanted = {k: tree[k] for k in ('params', 'lora') if tree.get(k)}
       abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
-      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=jax.Array), abstract)
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
       restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
           item=abstract, restore_args=restore_args, partial_restore=True))
     except Exception as e:  # as in Checkpointer.restore
