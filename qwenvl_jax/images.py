@@ -158,6 +158,11 @@ class ImageLoader:
                          f'{image.width * image.height} pixels, over max_pixels={self.max_pixels}')
       return to_rgb(image, name)
 
+  def resolve(self, path: str | os.PathLike) -> pathlib.Path:
+    """The file a local path names, under the same rules as `load` (PermissionError outside the root);
+    for callers that check files without decoding them (training data validation)."""
+    return self._resolve(path)
+
   def _resolve(self, path: str | os.PathLike) -> pathlib.Path:
     if self.allowed_root is None:
       return pathlib.Path(path)

@@ -9,7 +9,8 @@ from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.model import check_image_spans
 from qwenvl_jax.tokenizer import QwenVLTokenizer
 from train import world
-from train.data import Encoder, LoaderConfig, format_box, make_loader, read_records, truncate
+from train.data import Encoder, LoaderConfig, format_box, truncate
+from train.validate import make_loader, read_records
 
 SPAN = 16
 
@@ -130,12 +131,17 @@ def test_bad_records_name_the_record(tok, fmt, record, message):
 def test_read_records(tmp_path):
   (tmp_path / 'a.json').write_text(json.dumps([{'x': 1}, {'x': 2}]))
   (tmp_path / 'a.jsonl').write_text('{"x": 1}\n\n{"x": 2}\n')
-  assert read_records(tmp_path / 'a.json') == read_records(tmp_path / 'a.jsonl') == [{'x': 1}, {'x': 2}]
+  assert read_records(tmp_path / 'a.json') == ([{'x': 1}, {'x': 2}], None)
+  assert read_records(tmp_path / 'a.jsonl') == ([{'x': 1}, {'x': 2}], [1, 3])  # line numbers
   (tmp_path / 'bad.json').write_text('[{"x": 1},')
   with pytest.raises(ValueError, match='bad.json: not valid JSON'):
     read_records(tmp_path / 'bad.json')
+  (tmp_path / 'bad.jsonl').write_text('{"x": 1}\n{"x": \n{"x": 2}\n[1,\n')
+  with pytest.raises(ValueError, match='2 problem') as e:  # every bad line at once
+    read_records(tmp_path / 'bad.jsonl')
+  assert 'line 2: not valid JSON' in str(e.value) and 'line 4: not valid JSON' in str(e.value)
   (tmp_path / 'obj.json').write_text('{"x": 1}')
-  with pytest.raises(ValueError, match='list of JSON objects'):
+  with pytest.raises(ValueError, match='a JSON list of records'):
     read_records(tmp_path / 'obj.json')
   with pytest.raises(FileNotFoundError, match='data file not found'):
     read_records(tmp_path / 'missing.json')
@@ -178,7 +184,7 @@ def small_world(tmp_path_factory, tok):
 def _loader(tok, root, records, index=0, count=1, seed=0, batch=8):
   cfg = LoaderConfig(batch_size=batch, seq_buckets=(64, 96), target_step=8, max_images=1, image_size=28,
                      seed=seed, window=2)
-  return make_loader(records, tok, 'chat', 'official', cfg, root, index, count)
+  return make_loader(records, tok, 'chat', 'official', cfg, root, index, count)[0]
 
 
 def _same(a, b):

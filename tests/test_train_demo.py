@@ -119,3 +119,30 @@ def test_demo_config_describes_three_stages():
   sizes = [demo['stages'][s]['image_size'] for s in '123']
   assert sizes[0] < sizes[1] == sizes[2]
   assert demo['model']['vocab_size'] == 151936
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_leaves_a_chat_checkpoint(tmp_path, monkeypatch, capsys, vocab_file):
+  """`make demo` on a tiny budget: three stages, the evaluation, and demo_out/chat loadable for chat."""
+  import json
+
+  import qwenvl_jax as qv
+  from train.demo import main
+  monkeypatch.setenv('QWENVL_VOCAB', str(vocab_file))
+  demo = load_json('demo')
+  demo['world'].update(train_images=16, test_images=2)
+  model = demo['model']
+  model.update(num_hidden_layers=1, intermediate_size=256)
+  model['visual'].update(layers=1, width=32, heads=2, n_queries=16)
+  for stage in demo['stages'].values():
+    stage.update(steps=1, warmup_steps=0, batch_size=4)
+  demo['eval'].update(batch=2, max_new_tokens=4, save_images=1)
+  config = tmp_path / 'tiny.json'
+  config.write_text(json.dumps(demo))
+  assert main(['--config', str(config), '--out', str(tmp_path / 'out')]) == 0
+  printed = capsys.readouterr().out
+  chat = tmp_path / 'out' / 'chat'
+  assert f'qwenvl-jax chat --ckpt {chat} --image-root {tmp_path / "out" / "world"} --image ' in printed
+  model, params = qv.load_pretrained(chat)
+  assert model.config.vision.n_queries == 16 and model.config.vision.image_size == 84
+  assert qv.QwenVLTokenizer.from_pretrained(chat).vocab_file == chat / 'qwen.tiktoken'

@@ -11,7 +11,8 @@ import pytest
 
 from train import world
 from train.config import TrainConfig
-from train.trainer import CHECKPOINT_DIR, METRICS_FILE, run
+from train.run_dir import CHECKPOINT_DIR, METRICS_FILE, TrainError
+from train.trainer import run
 
 # The real vocabulary needs the full 151936-row embedding; everything else is as small as it goes.
 MODEL = {
@@ -68,7 +69,7 @@ def test_six_steps_equal_three_plus_resume_plus_three(setup):
   split_cfg = cfg.replace(out_dir=str(split_dir))
   run(split_cfg, progress=False, stop_after=3)
   assert sorted(ocp.CheckpointManager(split_dir / CHECKPOINT_DIR).all_steps()) == [3]
-  with pytest.raises(FileExistsError, match='--resume'):
+  with pytest.raises(TrainError, match='--resume'):
     run(split_cfg, progress=False)
   _, resumed, _ = run(split_cfg, progress=False, resume=True)  # fresh model, optimizer, loader, jit
 
@@ -110,9 +111,9 @@ def test_cli_lora_stop_and_resume(setup):
 def test_cli_rejects_bad_overrides(capsys):
   from train.cli import main
   assert main(['--config', 'stage2', 'stepz=3']) == 2
-  assert "unknown training config keys ['stepz']" in capsys.readouterr().err
+  assert "key 'stepz': unknown training config key; did you mean 'steps'?" in capsys.readouterr().err
   assert main(['--config', 'stage2', 'steps=abc']) == 2
-  assert 'cannot use' in capsys.readouterr().err
+  assert "key 'steps': expected an integer" in capsys.readouterr().err
   assert main(['--config', 'stage2', 'grad_accum=3']) == 2  # 4096 is not a multiple of 3
   assert main(['--config', 'stage9']) == 2
 

@@ -1,24 +1,45 @@
 """Orbax checkpoints of a run: the TrainState (params, optimizer state, LoRA, step) and the loader state.
 
 Saves are asynchronous: `save` returns once the arrays are copied off the device and writes in the
-background; `close` waits for the last one.
+background; `close` waits for the last one. A step that cannot be read back (a disk that filled up, a
+copy cut short) is reported by number and the previous readable step is used; the damaged step stays on
+disk until the resumed run saves that step again.
 """
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Mapping
+import sys
+from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from train.run_dir import TrainError
 from train.step import TrainState
+
+
+class CheckpointError(TrainError):
+  """No checkpoint of the run can be read back; the message names every step tried and why."""
+
+
+def _say(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _reason(e: BaseException) -> str:
+  """The first line of an error (TensorStore's run to a hundred lines), at most 160 characters."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  text = f'{type(e).__name__}: {lines[0] if lines else ""}'
+  return text if len(text) <= 160 else text[:157] + '...'
 
 
 class Checkpointer:
   def __init__(self, directory: str | os.PathLike, save_every: int, keep: int):
     self.directory = pathlib.Path(directory).resolve()
     self.save_every = save_every
+    self.damaged: set[int] = set()  # steps found unreadable; replaced when the run saves them again
     # The interval is applied here: Orbax's own would also save the first step of every run.
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -30,21 +51,78 @@ class Checkpointer:
   def save(self, step: int, state: TrainState, loader_state: Mapping[str, Any], force: bool = False) -> bool:
     """Saves when `step` is a multiple of save_every (or `force`) and not saved yet; returns whether it
     did."""
-    if (step % self.save_every and not force) or step in self._manager.all_steps():
+    if step % self.save_every and not force:
+      return False
+    if step in self.damaged:
+      self._manager.wait_until_finished()
+      self._manager.delete(step)
+      self.damaged.discard(step)
+    elif step in self._manager.all_steps():
       return False
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(dict(loader_state))), force=True)
 
-  def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
-    """(state, loader state) of `step` (default: the latest), shaped and placed like `like`."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+  def restore(self, like: TrainState, say: Callable[[str], None] = _say
+              ) -> tuple[TrainState, dict[str, Any]]:
+    """(state, loader state) of the latest readable step, shaped and placed like `like`.
+
+    A step that fails to read is named through `say` and the one before it is tried; CheckpointError
+    when none can be read.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f'no checkpoint to resume from in {self.directory}')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.loader)
+    failures = []
+    for step in steps:
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
+      except Exception as e:  # TensorStore, JSON and file errors alike: this step cannot be read
+        failures.append(f'step {step}: {_reason(e)}')
+        self.damaged.add(step)
+        say(f'checkpoint step {step} in {self.directory} is damaged and cannot be read ({_reason(e)}); '
+            'trying the previous step')
+        continue
+      if failures:
+        say(f'resuming from step {step}, the latest readable checkpoint; the damaged step(s) '
+            f'{sorted(self.damaged)} stay on disk until this run saves them again')
+      return restored.state, dict(restored.loader)
+    raise CheckpointError(f'no readable checkpoint in {self.directory}: ' + '; '.join(failures)
+                          + '. Start again in a new out_dir (or with init_from=<a good checkpoint>)')
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_weights(directory: str | os.PathLike, say: Callable[[str], None] = _say
+                    ) -> tuple[int, dict, dict | None]:
+  """(step, params, LoRA tree or None) of the latest readable step in a run's checkpoint directory, as
+  host arrays; the optimizer state is not read."""
+  directory = pathlib.Path(directory).resolve()
+  manager = ocp.CheckpointManager(directory)
+  try:
+    steps = sorted(manager.all_steps(), reverse=True)
+  finally:
+    manager.close()
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {directory}')
+  failures = []
+  checkpointer = ocp.PyTreeCheckpointer()
+  for step in steps:
+    path = directory / str(step) / 'state'
+    try:
+      tree = checkpointer.metadata(path).item_metadata.tree
+      wanted = {k: tree[k] for k in ('params', 'lora') if tree.get(k)}
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args, partial_restore=True))
+    except Exception as e:  # as in Checkpointer.restore
+      failures.append(f'step {step}: {_reason(e)}')
+      say(f'checkpoint step {step} in {directory} is damaged and cannot be read ({_reason(e)}); '
+          'trying the previous step')
+      continue
+    return step, restored['params'], restored.get('lora')
+  raise CheckpointError(f'no readable checkpoint in {directory}: ' + '; '.join(failures))

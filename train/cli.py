@@ -1,4 +1,8 @@
-"""`qwenvl-train --config stage2 data=train.jsonl init_from=ckpt/ [key=value ...] [--resume]`."""
+"""`qwenvl-train --config stage2 data=train.jsonl init_from=ckpt/ [key=value ...] [--resume]`.
+
+Exit status: 0 when the run ends (or, resumed, has nothing left to do), 1 when it cannot start or go on
+(`qwenvl-train: error: ...` on stderr, with what to do), 2 for a bad command line or config file.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,18 +11,23 @@ import sys
 from typing import Sequence
 
 from train.config import TrainConfig
+from train.run_dir import TrainError
+
+PROG = 'qwenvl-train'
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='qwenvl-train', description='Train Qwen-VL: one stage of the paper per run.',
-      epilog='Overrides are key=value pairs of TrainConfig fields (values parse as JSON when they can), '
-             'e.g. steps=100 peak_lr=1e-5 seq_buckets=[512,1024] lora=true.')
+      prog=PROG, description='Train Qwen-VL: one stage of the paper per run.',
+      epilog='Overrides are key=value pairs of TrainConfig fields, in any order with the flags (values parse '
+             'as JSON when they can), e.g. steps=100 peak_lr=1e-5 seq_buckets=[512,1024] lora=true. '
+             'init_from may name a released or converted checkpoint or the out_dir of an earlier run.')
   parser.add_argument('--config', required=True,
                       help='a JSON config file, or a packaged one: stage1, stage2, stage3')
   parser.add_argument('overrides', nargs='*', metavar='key=value')
   parser.add_argument('--resume', action='store_true',
-                      help="continue from the latest checkpoint in out_dir (params, optimizer, data order)")
+                      help='continue from the latest readable checkpoint in out_dir (params, optimizer, data '
+                           'order); exits 0 with a message when steps is already reached')
   parser.add_argument('--stop-after', type=int, default=None, metavar='N',
                       help='stop (with a checkpoint) after N steps in all, keeping the schedule of `steps`')
   parser.add_argument('--mesh', default='',
@@ -27,7 +36,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--rules', default='', help='parameter sharding rules: fsdp, tp, fsdp_tp')
   parser.add_argument('--print-config', action='store_true', help='print the resolved config and exit')
   parser.add_argument('--no-progress', action='store_true', help='no progress bar (metrics file only)')
-  return parser.parse_args(argv)
+  # Intermixed: `key=value` may come before, between or after the flags.
+  return parser.parse_intermixed_args(argv)
+
+
+def _error(message: str, status: int) -> int:
+  print(f'{PROG}: error: {message}', file=sys.stderr)
+  return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,14 +50,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     cfg = TrainConfig.from_json(args.config, args.overrides)
   except (ValueError, FileNotFoundError) as e:
-    print(f'qwenvl-train: {e}', file=sys.stderr)
-    return 2
+    return _error(str(e), 2)
   if args.print_config:
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
   from train.trainer import run  # imports JAX: only once the arguments are known to be good
-  _, _, logged = run(cfg, resume=args.resume, mesh=args.mesh, rules=args.rules,
-                     progress=not args.no_progress, stop_after=args.stop_after)
+  try:
+    _, _, logged = run(cfg, resume=args.resume, mesh=args.mesh, rules=args.rules,
+                       progress=not args.no_progress, stop_after=args.stop_after)
+  except (TrainError, ValueError, OSError) as e:
+    # The user's to fix (data, paths, settings), so a message and not a traceback; JAX's and Orbax's
+    # internal errors are RuntimeErrors of other kinds and still show theirs.
+    return _error(str(e), 1)
   if logged:
     print(f'step {logged[-1]["step"]}: loss {logged[-1]["loss"]:.4f}; metrics in {cfg.out_dir}/metrics.jsonl')
   return 0

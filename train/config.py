@@ -6,16 +6,21 @@ can be overridden on the command line as `key=value`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import pathlib
 import typing
 from typing import Any, Mapping, Sequence
 
+from qwenvl_jax import jsonfile
+from qwenvl_jax.jsonfile import ConfigFileError
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
 STAGES = (1, 2, 3)
 DATA_FORMATS = ('caption', 'multitask', 'chat')
 CHAT_LABELS = ('official', 'assistant')
+ON_OVERLONG = ('truncate', 'skip', 'error')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +39,11 @@ class TrainConfig:
   data_root: str = ''  # image paths are relative to it; default: the data file's folder
   data_format: str = 'multitask'  # 'caption' (stage 1), 'multitask' (stage 2), 'chat' (stage 3)
   chat_labels: str = 'official'  # 'official': as finetune.py; 'assistant': assistant turns only
-  seq_buckets: tuple[int, ...] = (2048,)  # padded lengths; longer samples are truncated to the last
+  seq_buckets: tuple[int, ...] = (2048,)  # padded lengths; longer samples are handled by on_overlong
+  # A sample over the longest bucket: 'truncate' cuts it (never inside an image span) and skips it only when
+  # no target token is left; 'skip' leaves every such sample out; 'error' refuses to start. Cut and
+  # skipped samples are counted in the run's summary, skipped ones listed in out_dir/skipped.jsonl.
+  on_overlong: str = 'truncate'
   target_step: int = 256  # logits are computed at a multiple of this many positions per row
   max_images: int = 1  # image slots per row; a sample with more images is refused
   bucket_window: int = 8  # batches whose samples are sorted by length together
@@ -78,6 +87,8 @@ class TrainConfig:
       problems.append(f'data_format must be one of {DATA_FORMATS}, got {self.data_format!r}')
     if self.chat_labels not in CHAT_LABELS:
       problems.append(f'chat_labels must be one of {CHAT_LABELS}, got {self.chat_labels!r}')
+    if self.on_overlong not in ON_OVERLONG:
+      problems.append(f'on_overlong must be one of {ON_OVERLONG}, got {self.on_overlong!r}')
     if not self.seq_buckets or any(b < 2 for b in self.seq_buckets):
       problems.append(f'seq_buckets must be lengths >= 2, got {self.seq_buckets}')
     if list(self.seq_buckets) != sorted(set(self.seq_buckets)):
@@ -111,20 +122,49 @@ class TrainConfig:
             for f in dataclasses.fields(self)}
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'TrainConfig':
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f'unknown training config keys {unknown}; known keys: {sorted(fields)}')
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
+  def from_dict(cls, d: Mapping[str, Any], source: str = 'training config') -> 'TrainConfig':
+    """From JSON-like values (lists for tuples); `source` names where they came from in errors."""
+    check_keys(d, source)
+    return cls(**{k: _typed(d, k, source) for k in d})
 
   @classmethod
   def from_json(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> 'TrainConfig':
-    """A JSON file (or a packaged name: 'stage1', 'stage2', 'stage3'), then `key=value` overrides."""
-    d = load_json(path)
-    d.update(parse_overrides(overrides))
-    return cls.from_dict(d)
+    """A JSON file (or a packaged name: 'stage1', 'stage2', 'stage3'), then `key=value` overrides.
+
+    Errors name the file and the key, or the command line's `key=value`.
+    """
+    file = resolve_config_path(path)
+    d = load_json(file)
+    check_keys(d, str(file))
+    typed = {k: _typed(d, k, str(file)) for k in d}
+    typed.update(parse_overrides(overrides))
+    return cls(**typed)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+# Keys that fix the structure of the saved training state: a resumed run must agree on them.
+STRUCTURAL_KEYS = ('stage', 'lora', 'lora_rank', 'lora_targets')
+
+
+def check_keys(d: Mapping[str, Any], source: str) -> None:
+  """Refuses unknown keys by name, with the closest known key when one is close."""
+  for key in d:
+    if key not in FIELDS:
+      close = difflib.get_close_matches(key, FIELDS, n=1)
+      hint = f"; did you mean '{close[0]}'?" if close else f'; known keys: {", ".join(sorted(FIELDS))}'
+      raise ConfigFileError(source, 'unknown training config key' + hint, key)
+
+
+def _typed(d: Mapping[str, Any], key: str, source: str) -> Any:
+  """d[key] checked against the field's type (ConfigFileError naming source and key); lists to tuples."""
+  hint = _HINTS[key]
+  if typing.get_origin(hint) is tuple:
+    (item, _) = typing.get_args(hint)
+    values = jsonfile.get({key: list(d[key]) if isinstance(d[key], tuple) else d[key]}, key, list, source)
+    return tuple(jsonfile.get({f'[{i}]': v}, f'[{i}]', item, source, prefix=key)
+                 for i, v in enumerate(values))
+  return jsonfile.get(d, key, hint, source)
 
 
 def resolve_config_path(name: str | os.PathLike) -> pathlib.Path:
@@ -140,14 +180,8 @@ def resolve_config_path(name: str | os.PathLike) -> pathlib.Path:
 
 
 def load_json(name: str | os.PathLike) -> dict[str, Any]:
-  path = resolve_config_path(name)
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}: not valid JSON ({e})') from e
-  if not isinstance(d, dict):
-    raise ValueError(f'{path}: expected a JSON object at the top level')
+  """The JSON object of a config file (a path or a packaged name), without its '_comment' keys."""
+  d = jsonfile.read_object(resolve_config_path(name))
   return {k: v for k, v in d.items() if not k.startswith('_')}  # '_comment' keys document the file
 
 
@@ -161,36 +195,29 @@ def stage_config(stage: int, **overrides: Any) -> TrainConfig:
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-  """['steps=10', 'seq_buckets=[64,128]'] -> dict; values are JSON when they parse, else strings."""
+  """['steps=10', 'seq_buckets=[64,128]'] -> typed values; strings stay as written, other values parse as
+  JSON, lists also as comma-separated items ('seq_buckets=64,128')."""
   out = {}
   for item in items:
-    key, sep, value = item.partition('=')
+    key, sep, text = item.partition('=')
+    key = key.strip()
+    source = f'command line {item!r}'
     if not sep or not key:
-      raise ValueError(f'override {item!r} is not of the form key=value')
-    try:
-      out[key.strip()] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key.strip()] = value
+      raise ConfigFileError('command line', f'{item!r} is not of the form key=value')
+    check_keys({key: None}, 'command line')
+    hint = _HINTS[key]
+    if hint is str:
+      value: Any = text
+    elif typing.get_origin(hint) is tuple and not text.lstrip().startswith('['):
+      value = [_json_or_text(v) for v in text.split(',')] if text else []
+    else:
+      value = _json_or_text(text)
+    out[key] = _typed({key: value}, key, source)
   return out
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-  """JSON values to the field's type, with a clear error for a wrong type."""
-  origin = typing.get_origin(hint)
+def _json_or_text(text: str) -> Any:
   try:
-    if origin is tuple:
-      (item_type, _) = typing.get_args(hint)
-      items = value.split(',') if isinstance(value, str) else value
-      return tuple(item_type(v) for v in items)
-    if hint is bool:
-      if isinstance(value, str) and value.lower() in ('true', 'false'):
-        return value.lower() == 'true'
-      if not isinstance(value, bool):
-        raise TypeError
-      return value
-    if hint is int and isinstance(value, float) and not value.is_integer():
-      raise TypeError
-    return hint(value)
-  except (TypeError, ValueError):
-    type_name = getattr(hint, '__name__', hint)
-    raise ValueError(f'config key {name}: cannot use {value!r} as {type_name}') from None
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text

@@ -1,6 +1,7 @@
 """Training data: the three stages' formats with their loss masks, truncation, and a resumable loader.
 
-Formats (records from a .json list or a .jsonl file; image paths relative to the data root):
+Formats (records from a .json list or a .jsonl file, checked by train/validate.py; image paths relative
+to the data root):
   caption (stage 1): {"image": p, "caption": c} -> `<img>p</img>c<|endoftext|>`, loss on c and the end token.
   multitask (stage 2): {"task": ..., ...} in the paper's formats (Table 9), loss on the answer part:
     caption            {"image", "caption"}   <img>p</img>Generate the caption in English: | c
@@ -21,10 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import math
-import os
-import pathlib
 import re
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -53,6 +51,7 @@ class Example:
   ids: np.ndarray  # [t] int32
   target: np.ndarray  # [t] bool: the token is a training target (predicted from the one before)
   images: tuple[str, ...]  # in order of their <img> tokens
+  truncated: bool = False  # cut to the longest bucket
 
 
 def format_box(box: Sequence[int]) -> str:
@@ -66,26 +65,6 @@ def check_box(box: Any) -> list[int]:
       or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1000 for v in box)):
     raise ValueError(f'box must be [x1, y1, x2, y2] integers in [0, 1000), got {box!r}')
   return list(box)
-
-
-def read_records(path: str | os.PathLike) -> list[dict]:
-  """A .json list of records, or a .jsonl file with one record per line."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'data file not found: {path}')
-  text = path.read_text(encoding='utf-8')
-  try:
-    if path.suffix == '.jsonl':
-      records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-      records = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}: not valid JSON{" lines" if path.suffix == ".jsonl" else ""} ({e})') from e
-  if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-    raise ValueError(f'{path}: expected a list of JSON objects')
-  if not records:
-    raise ValueError(f'{path}: holds no records')
-  return records
 
 
 class Encoder:
@@ -203,7 +182,7 @@ def truncate(ex: Example, max_len: int, image_start_id: int, image_end_id: int) 
     if s < cut <= e:
       cut = int(s)
   kept = int(np.sum(starts < cut))
-  return Example(ex.ids[:cut], ex.target[:cut], ex.images[:kept])
+  return Example(ex.ids[:cut], ex.target[:cut], ex.images[:kept], truncated=True)
 
 
 def round_up(n: int, step: int) -> int:
@@ -232,20 +211,21 @@ class Loader:
 
   def __init__(self, records: Sequence[Any], encoder: Encoder, cfg: LoaderConfig,
                image_loader: ImageLoader, process_index: int = 0, process_count: int = 1,
-               source: str = 'data'):
+               source: str = 'data', record_ids: Sequence[int] | None = None):
+    """`records` are checked already (train/validate.py); `record_ids` number them in the data file."""
     if cfg.batch_size % process_count:
       raise ValueError(f'batch_size {cfg.batch_size} is not divisible by the {process_count} processes')
     if len(records) < cfg.batch_size:
-      raise ValueError(f'{source} has {len(records)} records, fewer than one batch of {cfg.batch_size}')
-    for i, r in enumerate(records):
-      named = f' (id {r["id"]})' if isinstance(r, Mapping) and 'id' in r else ''
-      encoder.check(r, f'{source} record {i}{named}')
+      raise ValueError(f'{source} has {len(records)} usable records, fewer than one batch of '
+                       f'{cfg.batch_size}')
     self.records, self.encoder, self.cfg, self.images = list(records), encoder, cfg, image_loader
     self.source = source
+    self.record_ids = list(record_ids) if record_ids is not None else list(range(len(records)))
     self.rows = slice(process_index * cfg.batch_size // process_count,
                       (process_index + 1) * cfg.batch_size // process_count)
     self.batches_per_epoch = len(records) // cfg.batch_size
     self.next_batch = 0
+    self.last_truncated = 0  # truncated samples in the batch `__iter__` yielded last (all hosts' rows)
     self._window: tuple[tuple[int, int], list[list[Example]]] | None = None
 
   def state(self) -> dict[str, int]:
@@ -263,19 +243,22 @@ class Loader:
   def __iter__(self) -> Iterator[Batch]:
     """Batches from next_batch on; the following batch is prepared in a thread while one is used."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      pending = pool.submit(self.batch, self.next_batch)
+      pending = pool.submit(self._batch, self.next_batch)
       while True:
-        batch = pending.result()
-        pending = pool.submit(self.batch, self.next_batch + 1)
+        batch, self.last_truncated = pending.result()
+        pending = pool.submit(self._batch, self.next_batch + 1)
         self.next_batch += 1
         yield batch
 
   def batch(self, k: int) -> Batch:
     """Global batch k, this host's rows."""
+    return self._batch(k)[0]
+
+  def _batch(self, k: int) -> tuple[Batch, int]:
     epoch, b = divmod(k, self.batches_per_epoch)
     w, j = divmod(b, self.cfg.window)
     examples = self._window_batches(epoch, w)[j]
-    return self._collate(examples)
+    return self._collate(examples), sum(e.truncated for e in examples)
 
   def _window_batches(self, epoch: int, w: int) -> list[list[Example]]:
     if self._window is not None and self._window[0] == (epoch, w):
@@ -296,7 +279,7 @@ class Loader:
     try:
       ex = self.encoder(self.records[i])
     except ValueError as e:
-      raise ValueError(f'{self.source} record {i}: {e}') from None
+      raise ValueError(f'{self.source} record {self.record_ids[i]}: {e}') from None
     tok = self.encoder.tok
     return truncate(ex, self.cfg.seq_buckets[-1], tok.img_start_id, tok.img_end_id)
 
@@ -326,12 +309,3 @@ class Loader:
 
   def _load_images(self, paths: Sequence[str]) -> np.ndarray:
     return preprocess_images([self.images.load(p) for p in paths], self.cfg.image_size)
-
-
-def make_loader(records: Sequence[Any], tokenizer: QwenVLTokenizer, data_format: str, chat_labels: str,
-                cfg: LoaderConfig, image_root: str | os.PathLike, process_index: int = 0,
-                process_count: int = 1, source: str = 'data') -> Loader:
-  encoder = Encoder(tokenizer, data_format, chat_labels, cfg.max_images)
-  return Loader(records, encoder, cfg, ImageLoader(allowed_root=image_root), process_index,
-                process_count, source)
-

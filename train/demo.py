@@ -2,8 +2,9 @@
 real tokenizer, then ask it where things are on held-out images.
 
 Settings come from train/configs/demo.json. Everything is written under demo_out/: the world (images and
-the three stages' data files), each stage's checkpoints and metrics.jsonl, and answers/ with the
-held-out images and the boxes the model drew.
+the three stages' data files), each stage's checkpoints and metrics.jsonl, answers/ with the held-out
+images and the boxes the model drew, and chat/: the trained model as a checkpoint to chat with
+(`qwenvl-jax chat --ckpt demo_out/chat ...`, the command is printed at the end).
 """
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ from typing import Sequence
 
 import numpy as np
 
+from qwenvl_jax import jsonfile
+
 VOCAB_IN_WHEEL = 'dashscope/resources/qwen.tiktoken'
 CACHE = pathlib.Path.home() / '.cache' / 'qwenvl_jax'
 REPO = pathlib.Path(__file__).resolve().parents[1]
+CHAT_DIR = 'chat'
 
 
 def demo_vocab() -> pathlib.Path:
@@ -130,10 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   from qwenvl_jax.model import QwenVL
   from qwenvl_jax.tokenizer import QwenVLTokenizer
   from train import world
-  from train.config import load_json, stage_config
+  from train.config import stage_config
   from train.trainer import run
 
-  demo = load_json(args.config)
+  demo = read_demo_config(args.config)
   seed = demo['seed'] if args.seed is None else args.seed
   out = pathlib.Path(args.out)
   shutil.rmtree(out, ignore_errors=True)
@@ -166,9 +170,43 @@ def main(argv: Sequence[str] | None = None) -> int:
   grounding, reading = evaluate(model, params, tokenizer, root, test_scenes, out / 'answers', demo['eval'],
                                 show=6)
   print(f'boxes drawn on held-out images: {out / "answers"}; total {time.perf_counter() - start:.0f} s')
+  chat = export_chat(params, model_config, tokenizer, out / CHAT_DIR, demo['eval'])
   print(f'letter reading accuracy: {reading:.1f}%')
   print(f'grounding accuracy (IoU>=0.5): {grounding:.1f}%')
+  image = root / test_scenes[0].image
+  # --image-root keeps the prompt's image path as short as in training (it must fit the image span).
+  print(f'chat with the trained model:\n  qwenvl-jax chat --ckpt {chat} --image-root {root} --image {image} '
+        f'"{world.where_question(test_scenes[0].things[0])}"')
   return 0
+
+
+def export_chat(params, model_config, tokenizer, directory: pathlib.Path, ev: dict) -> pathlib.Path:
+  """The trained model in the released layout with its vocabulary and a greedy generation_config.json,
+  ready for `qwenvl-jax chat --ckpt` and `load_pretrained`."""
+  from qwenvl_jax.generate import ENDOFTEXT_ID
+  from train.trainer import export
+  generation = {'chat_format': 'chatml', 'do_sample': False, 'max_new_tokens': ev['max_new_tokens'],
+                'eos_token_id': ENDOFTEXT_ID, 'pad_token_id': ENDOFTEXT_ID}
+  return export(params, model_config.replace(dtype='float32'), directory, tokenizer.vocab_file, generation)
+
+
+def read_demo_config(name: str) -> dict:
+  """demo.json (or another file of its form), each section checked: errors name the file and the key."""
+  from train.config import load_json, resolve_config_path
+  file = resolve_config_path(name)
+  d = load_json(file)
+  out = {'seed': jsonfile.get(d, 'seed', int, file)}
+  for section in ('world', 'model', 'stages', 'eval'):
+    out[section] = jsonfile.get(d, section, dict, file)
+  w = out['world']
+  for key, kind in (('train_images', int), ('test_images', int), ('stage2_other_tasks', float),
+                    ('scene', dict)):
+    jsonfile.get(w, key, kind, file, prefix='world.')
+  for stage in '123':
+    jsonfile.get(out['stages'], stage, dict, file, prefix='stages.')
+  for key in ('batch', 'max_new_tokens', 'save_images'):
+    jsonfile.get(out['eval'], key, int, file, prefix='eval.')
+  return out
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -20,34 +21,54 @@ from qwenvl_jax.params import params_to_hf
 from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, find_vocab
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig
-from train.data import LoaderConfig, make_loader, read_records
+from train.data import LoaderConfig
 from train.lora import init_lora, merge_lora
 from train.metrics import MetricsLog, measure_peak_flops, step_flops
 from train.optim import make_optimizer
+from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, SKIPPED_FILE, TrainError, check_resume, is_run_dir,
+                           run_weights, write_configs)
 from train.step import TrainState, init_state, make_train_step
-
-METRICS_FILE = 'metrics.jsonl'
-CHECKPOINT_DIR = 'checkpoints'
+from train.validate import make_loader, read_records
 
 
-def model_and_params(cfg: TrainConfig, model_config: QwenVLConfig | None = None,
-                     params: Any = None) -> tuple[QwenVLConfig, Any]:
+def say(message: str) -> None:
+  """A notice for the user on stderr (beside the progress bar), once per pod."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def base_model_config(cfg: TrainConfig, model_config: QwenVLConfig | None = None) -> QwenVLConfig:
+  """The architecture to train, before any weights are read: `model_config` given, else the config.json of
+  cfg.init_from (a checkpoint, or a training out_dir), else cfg.model_config."""
+  if model_config is not None:
+    return model_config
+  source = cfg.init_from or cfg.model_config
+  if not source:
+    raise TrainError('no model: set init_from (a checkpoint directory or a training out_dir) or '
+                     'model_config (a config.json for a random init)')
+  path = pathlib.Path(source)
+  if not path.exists():
+    key = 'init_from' if cfg.init_from else 'model_config'
+    raise TrainError(f'{key}={source}: no such file or directory')
+  if cfg.init_from and path.is_dir() and not (path / 'config.json').is_file():
+    raise TrainError(f'init_from={source} holds no config.json: expected a released or converted checkpoint '
+                     'directory, or the out_dir of a training run')
+  return QwenVLConfig.from_json(path)
+
+
+def model_and_params(cfg: TrainConfig, model_config: QwenVLConfig, params: Any = None
+                     ) -> tuple[QwenVLConfig, Any]:
   """The architecture with this run's numerics and image size, and float32 master weights.
 
-  Sources, first match: `params` given (with `model_config`), cfg.init_from (released layout),
-  cfg.model_config (config.json, random init with cfg.seed).
+  Weights, first match: `params` given, cfg.init_from (a checkpoint or a training out_dir), a random init
+  with cfg.seed.
   """
-  if params is not None:
-    if model_config is None:
-      raise ValueError('params were given without their model_config')
-  elif cfg.init_from:
-    model, params = load_pretrained(cfg.init_from)
-    model_config = model.config
-  elif cfg.model_config or model_config is not None:
-    model_config = model_config or QwenVLConfig.from_json(cfg.model_config)
-  else:
-    raise ValueError('no model: set init_from (a released-layout checkpoint) or model_config (config.json '
-                     'for a random init)')
+  if params is None and cfg.init_from:
+    if is_run_dir(cfg.init_from):
+      model_config, params = run_weights(cfg.init_from, say)
+    else:
+      model, params = load_pretrained(cfg.init_from)
+      model_config = model.config
   model_config = model_config.replace(dtype=cfg.dtype, param_dtype='float32', remat=cfg.remat,
                                       vision={'image_size': cfg.image_size})
   if params is None:
@@ -56,7 +77,7 @@ def model_and_params(cfg: TrainConfig, model_config: QwenVLConfig | None = None,
 
 
 def vocab_path(cfg: TrainConfig) -> pathlib.Path:
-  """cfg.vocab, else the vocabulary inside init_from, else $QWENVL_VOCAB."""
+  """cfg.vocab, else the vocabulary inside init_from (a run's out_dir holds a copy), else $QWENVL_VOCAB."""
   if cfg.vocab:
     return find_vocab(cfg.vocab)
   if cfg.init_from and (pathlib.Path(cfg.init_from) / 'qwen.tiktoken').is_file():
@@ -65,8 +86,10 @@ def vocab_path(cfg: TrainConfig) -> pathlib.Path:
 
 
 def export(params: Any, config: QwenVLConfig, directory: str | os.PathLike,
-           vocab: str | os.PathLike | None = None) -> pathlib.Path:
-  """Released layout: config.json + model.safetensors (+ qwen.tiktoken), loadable by `load_pretrained`."""
+           vocab: str | os.PathLike | None = None,
+           generation_config: Mapping[str, Any] | None = None) -> pathlib.Path:
+  """Released layout: config.json + model.safetensors (+ qwen.tiktoken, generation_config.json), loadable
+  by `load_pretrained`, `QwenVLTokenizer.from_pretrained` and `qwenvl-jax chat --ckpt`."""
   from safetensors.numpy import save_file
   out = pathlib.Path(directory)
   out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +98,8 @@ def export(params: Any, config: QwenVLConfig, directory: str | os.PathLike,
   save_file(dict(params_to_hf(jax.device_get(params), config)), str(out / 'model.safetensors'))
   if vocab is not None:
     shutil.copyfile(vocab, out / 'qwen.tiktoken')
+  if generation_config is not None:
+    (out / 'generation_config.json').write_text(json.dumps(dict(generation_config), indent=2) + '\n')
   return out
 
 
@@ -87,11 +112,14 @@ class _Throughput:
     per_device = cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_peak_flops(config.compute_dtype)
     self.peak = per_device * devices
     self.pending: list[tuple[int, dict, float]] = []
+    self.truncated = 0
     self.start = time.perf_counter()
 
-  def add(self, step: int, metrics: Mapping[str, jax.Array], batch_shapes: Mapping[str, tuple]) -> None:
+  def add(self, step: int, metrics: Mapping[str, jax.Array], batch_shapes: Mapping[str, tuple],
+          truncated: int) -> None:
     flops = step_flops(self.config, batch_shapes, self.cfg.stage, self.cfg.lora)
     self.pending.append((step, metrics, flops))
+    self.truncated += truncated
 
   def flush(self) -> dict[str, float] | None:
     if not self.pending:
@@ -106,12 +134,13 @@ class _Throughput:
         'tokens_per_s': float(sum(m['tokens'] for m in fetched) / elapsed),
         'mfu': float(sum(f for _, _, f in self.pending) / elapsed / self.peak),
         'step_time_s': elapsed / len(self.pending),
+        'truncated': self.truncated,  # samples of these steps' batches cut to the longest bucket
     }
     self.log.write(record)
     self.bar.set_postfix(loss=f'{record["loss"]:.4f}', lr=f'{record["lr"]:.2e}',
                          gnorm=f'{record["grad_norm"]:.3f}', tok_s=f'{record["tokens_per_s"]:.0f}',
                          mfu=f'{record["mfu"]:.1%}', refresh=False)
-    self.pending, self.start = [], time.perf_counter()
+    self.pending, self.truncated, self.start = [], 0, time.perf_counter()
     return record
 
 
@@ -140,59 +169,114 @@ def run(cfg: TrainConfig, *, model_config: QwenVLConfig | None = None, params: A
         tokenizer: QwenVLTokenizer | None = None, records: Sequence[Any] | None = None,
         resume: bool = False, mesh: str = '', rules: str = '', progress: bool = True,
         desc: str | None = None, stop_after: int | None = None) -> tuple[QwenVLConfig, Any, list[dict]]:
-  """Trains up to cfg.steps; returns (model config, final params with LoRA merged, logged metrics).
+  """Trains up to cfg.steps; returns (model config, final params with LoRA merged, logged metrics); the
+  params are None when a resumed run has nothing left to do and no export_dir.
 
-  `records` replaces reading cfg.data; `resume` continues from the latest checkpoint in cfg.out_dir;
-  `stop_after` ends the run (with a checkpoint) after that many steps in all, as a preempted job would
-  stop, while the lr schedule still spans cfg.steps.
+  `records` replaces reading cfg.data; `resume` continues from the latest readable checkpoint in
+  cfg.out_dir; `stop_after` ends the run (with a checkpoint) after that many steps in all, as a preempted
+  job would stop, while the lr schedule still spans cfg.steps. Everything that can be checked is checked
+  before the model is loaded: the out_dir, the settings a resume must share, every data record.
   """
-  model_config, params = model_and_params(cfg, model_config, params)
-  model = QwenVL(model_config)
+  out_dir = pathlib.Path(cfg.out_dir)
+  checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, cfg.save_every, cfg.keep)
+  try:
+    return _run(cfg, checkpointer, model_config, params, tokenizer, records, resume, mesh, rules, progress,
+                desc, stop_after)
+  finally:
+    checkpointer.close()
+
+
+def _run(cfg, checkpointer, model_config, params, tokenizer, records, resume, mesh, rules, progress, desc,
+         stop_after):
+  out_dir = pathlib.Path(cfg.out_dir)
+  resuming = checkpointer.latest_step() is not None
+  if resuming and not resume:
+    raise TrainError(f'{out_dir / CHECKPOINT_DIR} already holds checkpoints: pass --resume to continue '
+                     'that run, or choose another out_dir')
+  model_config = base_model_config(cfg, model_config)
+  last = min(cfg.steps, stop_after or cfg.steps)
+  if resuming:
+    check_resume(out_dir, cfg, model_config)
+    if checkpointer.latest_step() >= last and not cfg.export_dir:  # known without loading anything
+      _nothing_to_do(out_dir, checkpointer.latest_step(), last)
+      return model_config, None, []
   tokenizer = tokenizer or QwenVLTokenizer(vocab_path(cfg), image_span_length=model_config.vision.n_queries)
   check_tokenizer(tokenizer, model_config)
+  lines = None
   if records is None:
     if not cfg.data:
-      raise ValueError('no training data: set data=<.json or .jsonl file>')
-    records = read_records(cfg.data)
+      raise TrainError('no training data: set data=<.json or .jsonl file>')
+    records, lines = read_records(cfg.data)
   root = cfg.data_root or (str(pathlib.Path(cfg.data).resolve().parent) if cfg.data else os.getcwd())
-  loader = make_loader(
+  loader, report = make_loader(
       records, tokenizer, cfg.data_format, cfg.chat_labels,
       LoaderConfig(cfg.batch_size, cfg.seq_buckets, cfg.target_step, cfg.max_images, cfg.image_size,
                    cfg.seed, cfg.bucket_window),
-      root, jax.process_index(), jax.process_count(), source=cfg.data or 'records')
+      root, jax.process_index(), jax.process_count(), source=cfg.data or 'records', lines=lines,
+      on_overlong=cfg.on_overlong)
 
+  model_config, params = model_and_params(cfg, model_config, params)
+  model = QwenVL(model_config)
+  if jax.process_index() == 0:
+    write_configs(out_dir, cfg, model_config, tokenizer.vocab_file)
+    if report.skipped:
+      report.write_skipped(out_dir / SKIPPED_FILE)
+  say(report.summary(cfg.seq_buckets[-1], out_dir / SKIPPED_FILE))
   lora = None
   if cfg.lora:
     lora = init_lora(params, cfg.lora_targets, cfg.lora_rank, jax.random.key(cfg.seed + 1))
   optimizer = make_optimizer(cfg, params, lora)
   state = init_state(params, optimizer, lora)
-  out_dir = pathlib.Path(cfg.out_dir)
-  checkpointer = Checkpointer(out_dir / CHECKPOINT_DIR, cfg.save_every, cfg.keep)
-  if checkpointer.latest_step() is not None:
-    if not resume:
-      raise FileExistsError(f'{out_dir / CHECKPOINT_DIR} already holds checkpoints: pass --resume to '
-                            'continue that run, or choose another out_dir')
-    state, loader_state = checkpointer.restore(state)
+  if resuming:
+    state, loader_state = checkpointer.restore(state, say)
     loader.restore(loader_state)
   state, place_batch, jit = _place(mesh, rules, state)
-  train_step = jit(make_train_step(model, optimizer, cfg))
   first = int(state.step)
+  logged: list[dict] = []
+  if first >= last:
+    _nothing_to_do(out_dir, first, last)
+  else:
+    state = _loop(cfg, model, model_config, optimizer, state, loader, checkpointer, place_batch, jit,
+                  first, last, progress, desc, logged)
+  final = merge_lora(state.params, state.lora, cfg.lora_alpha) if cfg.lora else state.params
+  if cfg.export_dir:
+    export(final, model_config, cfg.export_dir, tokenizer.vocab_file)
+  return model_config, final, logged
 
+
+def _nothing_to_do(out_dir: pathlib.Path, step: int, last: int) -> None:
+  say(f'{out_dir}: already at step {step} >= steps={last}: nothing to do; to train further, raise steps '
+      f'(e.g. steps={step + max(1, last // 10)}) and resume')
+
+
+def _loop(cfg, model, model_config, optimizer, state, loader, checkpointer, place_batch, jit, first, last,
+          progress, desc, logged):
+  """Steps first+1 .. last; a batch that fails to load stops the run with the last step saved."""
+  out_dir = pathlib.Path(cfg.out_dir)
+  train_step = jit(make_train_step(model, optimizer, cfg))
   log = MetricsLog(out_dir / METRICS_FILE)
   bar = tqdm(total=cfg.steps, initial=first, desc=desc or f'stage {cfg.stage}', disable=not progress,
              dynamic_ncols=True)
   meter = _Throughput(cfg, model_config, log, bar)
-  logged = []
   step = first
-  last = min(cfg.steps, stop_after or cfg.steps)
   batches = iter(loader)
   try:
     while step < last:
-      batch = next(batches)
+      try:
+        batch = next(batches)
+      except (ValueError, OSError) as e:  # a record that passed validation but fails to decode
+        bar.close()
+        if meter.pending:
+          logged.append(meter.flush())  # the metrics of the steps done since the last log line
+        checkpointer.save(step, state, loader.state(), force=True)
+        raise TrainError(
+            f'stopped before step {step + 1} of {cfg.steps}: {e}. The state after step {step} is saved in '
+            f'{out_dir / CHECKPOINT_DIR}; fix the data and run the same command with --resume to continue '
+            'from there') from e
       shapes = {k: (v.shape[0] * jax.process_count(),) + v.shape[1:] for k, v in batch.items()}
       state, metrics = train_step(state, place_batch(batch))
       step += 1
-      meter.add(step, metrics, shapes)
+      meter.add(step, metrics, shapes, loader.last_truncated)
       checkpointer.save(step, state, loader.state())
       bar.update(1)
       if step % cfg.log_every == 0 or step == last:
@@ -202,8 +286,4 @@ def run(cfg: TrainConfig, *, model_config: QwenVLConfig | None = None, params: A
     batches.close()
     bar.close()
     log.close()
-    checkpointer.close()
-  final = merge_lora(state.params, state.lora, cfg.lora_alpha) if cfg.lora else state.params
-  if cfg.export_dir:
-    export(final, model_config, cfg.export_dir, tokenizer.vocab_file)
-  return model_config, final, logged
+  return state
