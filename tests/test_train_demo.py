@@ -1,5 +1,6 @@
 """The demo's pieces that need no training: the grounding world, its records, IoU, finding the vocabulary."""
 import random
+import shlex
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from qwenvl_jax.tokenizer import QwenVLTokenizer
 from train import world
 from train.config import load_json
 from train.data import Encoder
-from train.demo import demo_vocab, iou
+from train.demo import demo_vocab
 
 
 @pytest.fixture(scope='module')
@@ -101,13 +102,6 @@ def test_records_of_every_stage_are_valid(scenes, vocab_file):
     assert answer == world.letter_answer(thing) and thing.letter in answer
 
 
-def test_iou():
-  assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
-  assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
-  assert iou([10, 10, 0, 0], [0, 0, 10, 10]) == 1.0  # corners in either order
-  assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
-
-
 def test_demo_vocab_from_environment(monkeypatch, vocab_file):
   monkeypatch.setenv('QWENVL_VOCAB', str(vocab_file))
   assert demo_vocab() == vocab_file
@@ -139,10 +133,17 @@ def test_demo_end_to_end_leaves_a_chat_checkpoint(tmp_path, monkeypatch, capsys,
   demo['eval'].update(batch=2, max_new_tokens=4, save_images=1)
   config = tmp_path / 'tiny.json'
   config.write_text(json.dumps(demo))
-  assert main(['--config', str(config), '--out', str(tmp_path / 'out')]) == 0
+  monkeypatch.chdir(tmp_path)  # a relative --out, as `make demo` runs it
+  assert main(['--config', str(config), '--out', 'out']) == 0
   printed = capsys.readouterr().out
+  assert 'grounding accuracy (refcoco Precision@1, IoU>=0.5, through qwenvl_eval): ' in printed
+  assert (tmp_path / 'out' / 'answers' / 'grounding_eval' / 'metrics.json').is_file()
   chat = tmp_path / 'out' / 'chat'
-  assert f'qwenvl-jax chat --ckpt {chat} --image-root {tmp_path / "out" / "world"} --image ' in printed
   model, params = qv.load_pretrained(chat)
   assert model.config.vision.n_queries == 16 and model.config.vision.image_size == 84
   assert qv.QwenVLTokenizer.from_pretrained(chat).vocab_file == chat / 'qwen.tiktoken'
+  # The printed chat command works as printed.
+  command = shlex.split(printed.split('chat with the trained model:')[1].strip().splitlines()[0])
+  assert command[:4] == ['qwenvl-jax', 'chat', '--ckpt', 'out/chat']
+  from qwenvl_jax import cli
+  assert cli.main(command[1:] + ['--max-new-tokens', '2', '--no-compile-cache']) == 0

@@ -56,14 +56,6 @@ def demo_vocab() -> pathlib.Path:
   return target
 
 
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-  ax1, ay1, ax2, ay2 = min(a[0], a[2]), min(a[1], a[3]), max(a[0], a[2]), max(a[1], a[3])
-  bx1, by1, bx2, by2 = b
-  inter = max(0, min(ax2, bx2) - max(ax1, bx1)) * max(0, min(ay2, by2) - max(ay1, by1))
-  union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
-  return inter / union if union > 0 else 0.0
-
-
 def ask_all(model, params, tokenizer, root: pathlib.Path, questions: list[tuple[str, str]],
             batch: int, max_new_tokens: int) -> list[str]:
   """Greedy answers to single-turn chat questions (image path, question text), in batches."""
@@ -94,31 +86,55 @@ def _boxes(answer: str) -> list[dict]:
     return []
 
 
+# The demo's questions as the chat model was trained on them (ChatML, as `make_context` builds it), in the
+# refcoco task's slots: image, then the referring question.
+def chat_grounding_prompt() -> str:
+  from qwenvl_jax.chat import DEFAULT_SYSTEM
+  return (f'<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n'
+          'Picture 1: <img>{}</img>\n{}<|im_end|>\n<|im_start|>assistant\n')
+
+
 def evaluate(model, params, tokenizer, root: pathlib.Path, scenes, out_dir: pathlib.Path, ev: dict,
              show: int) -> tuple[float, float]:
-  """(grounding accuracy, letter-reading accuracy) in % on `scenes`: every shape is asked for (IoU >= 0.5
-  with its box counts) and every letter read (the exact answer counts)."""
+  """(grounding Precision@1, letter-reading accuracy) in % on `scenes`. Every shape is asked for through
+  `qwenvl_eval` with the refcoco protocol (the first box of the answer, /999, scaled to the image, IoU >=
+  0.5 with the shape's box in pixels), its prompt in the chat format the demo trains; every letter is read
+  (the exact answer counts)."""
+  import qwenvl_eval
+  import qwenvl_eval.metrics.grounding
   from PIL import Image
+  from qwenvl_jax.generate import decode_params
   from qwenvl_jax.grounding import draw_boxes
   from train.world import letter_answer, letter_question, where_question
+  params = decode_params(params)  # once, for both kinds of question
   shapes = [(i, t) for i, s in enumerate(scenes) for t in s.things]
+  records = []
+  for i, t in shapes:
+    with Image.open(root / scenes[i].image) as im:
+      w, h = im.size
+    records.append({'image': scenes[i].image, 'sent': where_question(t), 'width': w, 'height': h,
+                    'bbox': [t.box[0] * w / 1000, t.box[1] * h / 1000, t.box[2] * w / 1000, t.box[3] * h / 1000]})
+  task = qwenvl_eval.TASKS['refcoco_val'].replace(prompt=chat_grounding_prompt())
+  result = qwenvl_eval.evaluate(task, model, params, tokenizer, records, image_root=root,
+                                out_dir=out_dir / 'grounding_eval', batch_size=ev['batch'])
+  answers = [p['answer'] for p in result.predictions]
+  grounding = [item['correct'] for item in qwenvl_eval.metrics.grounding.score(result.predictions)['per_item']]
   lettered = [(i, t) for i, t in shapes if t.letter]
-  questions = ([(i, where_question(t)) for i, t in shapes]
-               + [(i, letter_question(t)) for i, t in lettered])
-  answers = ask_all(model, params, tokenizer, root, [(scenes[i].image, q) for i, q in questions],
-                    ev['batch'], ev['max_new_tokens'])
-  found = [_boxes(a) for a in answers[:len(shapes)]]
-  grounding = [bool(boxes) and iou(boxes[0]['box'], t.box) >= 0.5 for boxes, (_, t) in zip(found, shapes)]
-  reading = [a.strip() == letter_answer(t) for a, (_, t) in zip(answers[len(shapes):], lettered)]
+  read = ask_all(model, params, tokenizer, root, [(scenes[i].image, letter_question(t)) for i, t in lettered],
+                 ev['batch'], ev['max_new_tokens'])
+  reading = [a.strip() == letter_answer(t) for a, (_, t) in zip(read, lettered)]
   out_dir.mkdir(parents=True, exist_ok=True)
+  found = [_boxes(a) for a in answers]
   for i, s in enumerate(scenes[:ev['save_images']]):
     mine = [b for (owner, _), boxes in zip(shapes, found) if owner == i for b in boxes[:1]]
     with Image.open(root / s.image) as im:
       draw_boxes(im.resize((448, 448)), mine).save(out_dir / f'{pathlib.Path(s.image).stem}.png')
-  shown = list(zip(questions, answers, grounding + reading))
-  for (i, q), a, ok in shown[:show // 2] + shown[len(shapes):len(shapes) + show // 2]:  # of both kinds
-    print(f'  [{scenes[i].image}] {q}\n    -> {a}   {"(correct)" if ok else "(wrong)"}')
-  return 100.0 * float(np.mean(grounding)), 100.0 * float(np.mean(reading)) if reading else float('nan')
+  shown = ([(scenes[i].image, where_question(t), a, ok) for (i, t), a, ok in zip(shapes, answers, grounding)][:show // 2]
+           + [(scenes[i].image, letter_question(t), a, ok) for (i, t), a, ok in zip(lettered, read, reading)][:show // 2])
+  for image, q, a, ok in shown:
+    print(f'  [{image}] {q}\n    -> {a}   {"(correct)" if ok else "(wrong)"}')
+  score = 100.0 * float(result.metrics['score'])
+  return score, 100.0 * float(np.mean(reading)) if reading else float('nan')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,10 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f'boxes drawn on held-out images: {out / "answers"}; total {time.perf_counter() - start:.0f} s')
   chat = export_chat(params, model_config, tokenizer, out / CHAT_DIR, demo['eval'])
   print(f'letter reading accuracy: {reading:.1f}%')
-  print(f'grounding accuracy (IoU>=0.5): {grounding:.1f}%')
-  image = root / test_scenes[0].image
-  # --image-root keeps the prompt's image path as short as in training (it must fit the image span).
-  print(f'chat with the trained model:\n  qwenvl-jax chat --ckpt {chat} --image-root {root} --image {image} '
+  print(f'grounding accuracy (refcoco Precision@1, IoU>=0.5, through qwenvl_eval): {grounding:.1f}%')
+  # --image is relative to --image-root, so the prompt's image path is as short as in training (it must
+  # fit the image span).
+  print(f'chat with the trained model:\n  qwenvl-jax chat --ckpt {chat} --image-root {root} '
+        f'--image {test_scenes[0].image} '
         f'"{world.where_question(test_scenes[0].things[0])}"')
   return 0
 
@@ -183,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def export_chat(params, model_config, tokenizer, directory: pathlib.Path, ev: dict) -> pathlib.Path:
   """The trained model in the released layout with its vocabulary and a greedy generation_config.json,
   ready for `qwenvl-jax chat --ckpt` and `load_pretrained`."""
-  from qwenvl_jax.generate import ENDOFTEXT_ID
+  from qwenvl_jax.generation_config import ENDOFTEXT_ID
   from train.trainer import export
   generation = {'chat_format': 'chatml', 'do_sample': False, 'max_new_tokens': ev['max_new_tokens'],
                 'eos_token_id': ENDOFTEXT_ID, 'pad_token_id': ENDOFTEXT_ID}
