@@ -4,6 +4,8 @@ Outside CI a missing ../shared skips the tests that need it, with the reason; in
 """
 import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -45,8 +47,10 @@ def vocab_file(shared_dir) -> pathlib.Path:
 
 @pytest.fixture
 def compiles():
-  """Names of the functions XLA compiles while the test runs, starting from empty caches."""
+  """Names of the functions XLA compiles while the test runs, starting from empty caches (the persistent
+  cache off, so that every program counted is compiled)."""
   jax.clear_caches()
+  jax.config.update('jax_enable_compilation_cache', False)
   names = []
 
   def listen(event, duration, **kw):
@@ -56,3 +60,25 @@ def compiles():
   jax.monitoring.register_event_duration_secs_listener(listen)
   yield names
   jax.monitoring.unregister_event_duration_listener(listen)
+  jax.config.update('jax_enable_compilation_cache', True)
+
+
+_OWN_CACHE = []  # the cache directory this process made (and removes at the end)
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the session, its worker processes and subprocesses, made
+  fresh for each session: many tests compile the same small programs (a train step per run of the CLI,
+  the tiny model's forward)."""
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    _OWN_CACHE.append(tempfile.mkdtemp(prefix='qwenvl-jax-test-xla-cache-'))
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE[0]
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+  jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+
+
+def pytest_unconfigure(config):
+  for path in _OWN_CACHE:
+    shutil.rmtree(path, ignore_errors=True)

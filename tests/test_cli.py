@@ -125,7 +125,7 @@ def test_image_paths_are_relative_to_the_image_root(ckpt, vocab_file, images, ca
 
 @pytest.mark.parametrize('flags, message', [
     (['--image', 'nope.jpg'], '--image nope.jpg: no such file'),
-    (['--image', 'bad.jpg'], 'cannot decode image bad.jpg'),
+    (['--image', 'bad.jpg'], "cannot decode image 'bad.jpg'"),
 ])
 def test_bad_images_refused_before_loading(ckpt, vocab_file, images, capsys, no_loading, flags, message):
   (images / 'bad.jpg').write_bytes(b'not a jpeg')
