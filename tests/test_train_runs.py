@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from test_train_resume import MODEL  # the tiny real-vocabulary model of the resume tests
 from train import world
 from train.cli import main
 from train.config import TrainConfig
@@ -19,12 +20,6 @@ from train.data import LoaderConfig
 from train.run_dir import CHECKPOINT_DIR, METRICS_FILE
 from train.trainer import run
 
-MODEL = {
-    'vocab_size': 151936, 'hidden_size': 128, 'num_hidden_layers': 1, 'num_attention_heads': 2,
-    'kv_channels': 64, 'intermediate_size': 256, 'seq_length': 256,
-    'visual': {'image_size': 28, 'patch_size': 14, 'width': 32, 'layers': 1, 'heads': 2, 'mlp_ratio': 2.0,
-               'output_dim': 128, 'n_queries': 16, 'image_start_id': 151857},
-}
 
 
 @pytest.fixture(scope='module')
