@@ -77,6 +77,9 @@ def _tasks(out: TextIO) -> int:
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
+  if args.dtype != 'float32':
+    from qwenvl_jax import xla_flags
+    xla_flags.use_for_low_precision_cpu()  # before jax starts its backend (see qwenvl_jax/xla_flags.py)
   from qwenvl_jax import distributed
   distributed.initialize_from_args(args)
   from qwenvl_jax.checkpoint import load_pretrained
