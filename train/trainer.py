@@ -10,24 +10,24 @@ import time
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from qwenvl_jax.checkpoint import load_pretrained
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.model import QwenVL, init_params
+from qwenvl_jax import sharding
+from qwenvl_jax.model import QwenVL
 from qwenvl_jax.params import params_to_hf
 from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, find_vocab
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig
 from train.data import LoaderConfig
-from train.lora import init_lora, merge_lora
+from train.lora import merge_lora
 from train.metrics import MetricsLog, measure_peak_flops, step_flops
-from train.optim import make_optimizer
 from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, SKIPPED_FILE, TrainError, check_resume, is_run_dir,
                            run_weights, write_configs)
-from train.step import TrainState, init_state, make_train_step
+from train.state import create, make_layout, run_optimizer
+from train.step import make_train_step
 from train.validate import make_loader, read_records
 
 
@@ -56,13 +56,11 @@ def base_model_config(cfg: TrainConfig, model_config: QwenVLConfig | None = None
   return QwenVLConfig.from_json(path)
 
 
-def model_and_params(cfg: TrainConfig, model_config: QwenVLConfig, params: Any = None
-                     ) -> tuple[QwenVLConfig, Any]:
-  """The architecture with this run's numerics and image size, and float32 master weights.
-
-  Weights, first match: `params` given, cfg.init_from (a checkpoint or a training out_dir), a random init
-  with cfg.seed.
-  """
+def model_and_weights(cfg: TrainConfig, model_config: QwenVLConfig, params: Any = None
+                      ) -> tuple[QwenVLConfig, Any]:
+  """The architecture with this run's numerics and image size, and the weights to start from: `params`
+  given, else cfg.init_from (a checkpoint or a training out_dir), else None (a random init with cfg.seed,
+  made by `state.create` on the state's shardings)."""
   if params is None and cfg.init_from:
     if is_run_dir(cfg.init_from):
       model_config, params = run_weights(cfg.init_from, say)
@@ -71,9 +69,7 @@ def model_and_params(cfg: TrainConfig, model_config: QwenVLConfig, params: Any =
       model_config = model.config
   model_config = model_config.replace(dtype=cfg.dtype, param_dtype='float32', remat=cfg.remat,
                                       vision={'image_size': cfg.image_size})
-  if params is None:
-    params = init_params(QwenVL(model_config), jax.random.key(cfg.seed))
-  return model_config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  return model_config, params
 
 
 def vocab_path(cfg: TrainConfig) -> pathlib.Path:
@@ -144,27 +140,6 @@ class _Throughput:
     return record
 
 
-def _place(mesh_spec: str, rules: str, state: TrainState):
-  """(state placed on the mesh, function placing a host batch, jit for the step); single device when
-  mesh_spec is empty."""
-  if not mesh_spec:
-    return state, lambda batch: batch, lambda fn: jax.jit(fn, donate_argnums=0)
-  from qwenvl_jax import sharding
-  mesh = sharding.make_mesh(mesh_spec)
-  rules = rules or sharding.default_rules(dict(mesh.shape))
-  state_sh = sharding.state_shardings(mesh, state, rules)
-  state = sharding.put(state, state_sh)
-
-  def place_batch(batch):
-    return {k: jax.make_array_from_process_local_data(
-        sharding.batch_sharding(mesh, rules, (v.shape[0] * jax.process_count(),) + v.shape[1:]), v)
-        for k, v in batch.items()}
-
-  def jit(fn):
-    return sharding.sharded_jit(fn, mesh, rules, out_shardings=(state_sh, None), donate_argnums=0)
-  return state, place_batch, jit
-
-
 def run(cfg: TrainConfig, *, model_config: QwenVLConfig | None = None, params: Any = None,
         tokenizer: QwenVLTokenizer | None = None, records: Sequence[Any] | None = None,
         resume: bool = False, mesh: str = '', rules: str = '', progress: bool = True,
@@ -215,22 +190,24 @@ def _run(cfg, checkpointer, model_config, params, tokenizer, records, resume, me
       root, jax.process_index(), jax.process_count(), source=cfg.data or 'records', lines=lines,
       on_overlong=cfg.on_overlong)
 
-  model_config, params = model_and_params(cfg, model_config, params)
+  model_config, params = model_and_weights(cfg, model_config, params)
   model = QwenVL(model_config)
   if jax.process_index() == 0:
     write_configs(out_dir, cfg, model_config, tokenizer.vocab_file)
     if report.skipped:
       report.write_skipped(out_dir / SKIPPED_FILE)
   say(report.summary(cfg.seq_buckets[-1], out_dir / SKIPPED_FILE))
-  lora = None
-  if cfg.lora:
-    lora = init_lora(params, cfg.lora_targets, cfg.lora_rank, jax.random.key(cfg.seed + 1))
-  optimizer = make_optimizer(cfg, params, lora)
-  state = init_state(params, optimizer, lora)
+  optimizer = run_optimizer(cfg, model)
+  layout = make_layout(cfg, model, optimizer, mesh, rules)
   if resuming:
-    state, loader_state = checkpointer.restore(state, say)
+    state, loader_state = checkpointer.restore(layout.abstract, say)
     loader.restore(loader_state)
-  state, place_batch, jit = _place(mesh, rules, state)
+  else:
+    if params is not None:
+      params = sharding.put(params, layout.param_shardings()) if layout.mesh else params
+    state = create(layout, cfg, model, optimizer, params)
+  del params
+  place_batch, jit = layout.place_batch, layout.jit
   first = int(state.step)
   logged: list[dict] = []
   if first >= last:

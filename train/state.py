@@ -1,0 +1,102 @@
+"""The train state of a run, born where it lives: shapes from `eval_shape`, then created on its shardings.
+
+Nothing is built on one device and moved afterwards. `Layout` holds the state's shardings on the mesh;
+`create` runs the random init (or the cast of loaded weights), the LoRA init and `optimizer.init` under
+one jit with those `out_shardings`, so each device computes only its own slices. A resume restores into
+`Layout.abstract` (ShapeDtypeStructs carrying the shardings) and initialises nothing. The train step is
+jitted here too, with the same shardings and the state donated, so `qwenvl-train` and
+`qwenvl-jax plan --compile` run one function.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qwenvl_jax import sharding
+from qwenvl_jax.model import QwenVL, init_params, param_shapes
+from train.config import TrainConfig
+from train.lora import init_lora
+from train.optim import make_optimizer
+from train.step import TrainState, init_state
+
+MASTER_DTYPE = jnp.float32  # master weights, gradients and AdamW moments; compute runs in cfg.dtype
+
+
+def _lora(cfg: TrainConfig, params: Any) -> Any:
+  return init_lora(params, cfg.lora_targets, cfg.lora_rank, jax.random.key(cfg.seed + 1)) if cfg.lora else None
+
+
+def run_optimizer(cfg: TrainConfig, model: QwenVL) -> optax.GradientTransformation:
+  """The run's optimizer, built from the shapes of params and LoRA alone (nothing allocated)."""
+  params = param_shapes(model)
+  return make_optimizer(cfg, params, jax.eval_shape(lambda p: _lora(cfg, p), params))
+
+
+def from_params(cfg: TrainConfig, optimizer: optax.GradientTransformation) -> Callable[[Any], TrainState]:
+  """params (any float dtype) -> the initial TrainState: float32 master weights, LoRA, optimizer state."""
+  def build(params):
+    params = jax.tree.map(lambda x: jnp.asarray(x, MASTER_DTYPE), params)
+    lora = _lora(cfg, params)
+    return init_state(params, optimizer, lora)
+  return build
+
+
+def from_random(cfg: TrainConfig, model: QwenVL, optimizer: optax.GradientTransformation
+                ) -> Callable[[], TrainState]:
+  """() -> the initial TrainState of a random init with cfg.seed."""
+  build = from_params(cfg, optimizer)
+  return lambda: build(init_params(model, jax.random.key(cfg.seed)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where the state lives: one device (mesh None) or its shardings on a mesh under `rules`."""
+  abstract: TrainState  # ShapeDtypeStructs, carrying shardings on a mesh
+  mesh: jax.sharding.Mesh | None = None
+  rules: Any = None
+  shardings: Any = None  # TrainState of NamedSharding, None on one device
+
+  def jit(self, fn: Callable) -> Callable:
+    """jit for `fn(state, batch) -> (state, metrics)`: state donated, kept on its shardings."""
+    if self.mesh is None:
+      return jax.jit(fn, donate_argnums=0)
+    return sharding.sharded_jit(fn, self.mesh, self.rules, out_shardings=(self.shardings, None),
+                                donate_argnums=0)
+
+  def place_batch(self, batch: dict) -> dict:
+    """This process's rows of a batch -> global arrays split along the batch axes."""
+    if self.mesh is None:
+      return batch
+    return {k: jax.make_array_from_process_local_data(
+        sharding.batch_sharding(self.mesh, self.rules, (v.shape[0] * jax.process_count(),) + v.shape[1:]), v)
+        for k, v in batch.items()}
+
+  def param_shardings(self) -> Any:
+    """Shardings of the params alone (targets for a checkpoint restore); None on one device."""
+    return None if self.shardings is None else self.shardings.params
+
+
+def make_layout(cfg: TrainConfig, model: QwenVL, optimizer: optax.GradientTransformation,
+                mesh_spec: str = '', rules: str = '') -> Layout:
+  """The state's shapes (`jax.eval_shape` of the init: nothing allocated) and, with a mesh, shardings."""
+  abstract = jax.eval_shape(from_random(cfg, model, optimizer))
+  if not mesh_spec:
+    return Layout(abstract)
+  mesh = sharding.make_mesh(mesh_spec)
+  rules = rules or sharding.default_rules(dict(mesh.shape))
+  shardings = sharding.state_shardings(mesh, abstract, rules)
+  return Layout(sharding.with_shardings(abstract, shardings), mesh, rules, shardings)
+
+
+def create(layout: Layout, cfg: TrainConfig, model: QwenVL, optimizer: optax.GradientTransformation,
+           params: Any = None) -> TrainState:
+  """The initial state, made on its shardings: from `params` (already placed on
+  `layout.param_shardings()`, e.g. restored from a checkpoint; donated) or a random init."""
+  kwargs = {} if layout.shardings is None else {'out_shardings': layout.shardings}
+  if params is None:
+    return jax.jit(from_random(cfg, model, optimizer), **kwargs)()
+  return jax.jit(from_params(cfg, optimizer), donate_argnums=0, **kwargs)(params)
