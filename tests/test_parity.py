@@ -92,7 +92,9 @@ def test_parity_is_sensitive_to_every_tensor(tiny, pixels, golden, forward):
     leaf = np.array(get_path(params, rule.path))
     where = slice(None) if rule.layer is None else rule.layer
     leaf[where] += 1e-3 * rng.choice([-1.0, 1.0], size=leaf[where].shape)
-    logits = forward(_replace(params, rule.path, jnp.asarray(leaf)), ids, pixels[:2])['logits']
+    # Placed as the loaded leaf (committed to its device): an uncommitted array would compile anew per tensor.
+    leaf = jax.device_put(leaf, get_path(params, rule.path).sharding)
+    logits = forward(_replace(params, rule.path, leaf), ids, pixels[:2])['logits']
     try:
       chex.assert_trees_all_close(logits, want, rtol=RTOL, atol=ATOL)
       undetected.append(name)
