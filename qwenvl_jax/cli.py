@@ -1,4 +1,4 @@
-"""`qwenvl-jax`: `chat` with a checkpoint (one prompt, or interactive), and `plan` (sharding plans).
+"""`qwenvl-jax`: `chat` with a checkpoint (one prompt, or interactive), `plan` (sharding plans) and `serve`.
 
 Errors the user can fix (a bad flag value, a missing file, a refused image, a prompt too long) print
 one line `qwenvl-jax: error: ...` and exit 2 for a wrong command line, 1 otherwise; anything else is a
@@ -57,6 +57,7 @@ def _parser(with_plan: bool) -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest='command', required=True)
   _add_chat_arguments(sub.add_parser('chat', help='chat with a Qwen-VL-Chat checkpoint'))
   plan = sub.add_parser('plan', help='memory and sharding plan for a configuration')
+  sub.add_parser('serve', help='OpenAI-compatible HTTP server (qwenvl-jax serve --help)', add_help=False)
   if with_plan:  # imported only when asked for: it is optional for chat
     from qwenvl_jax import plan as plan_lib
     plan_lib.add_arguments(plan)
@@ -65,6 +66,9 @@ def _parser(with_plan: bool) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ['serve']:  # the server parses its own flags (and needs the `serve` extra)
+    from serve.cli import main as serve_main
+    return serve_main(argv[1:])
   want_plan = argv[:1] == ['plan']
   args = _parser(with_plan=want_plan).parse_args(argv)
   if args.command == 'plan':

@@ -1,0 +1,96 @@
+"""`qwenvl-jax serve`: an OpenAI-compatible HTTP server for a Qwen-VL-Chat checkpoint.
+
+Binds 127.0.0.1 unless --host says otherwise. SIGTERM (or Ctrl-C) stops accepting connections, lets the
+requests in flight finish, then exits.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+from typing import Sequence
+
+from serve.limits import Limits
+
+API_KEY_ENV = 'QWENVL_JAX_API_KEY'
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  d = Limits()
+  p.add_argument('--ckpt', required=True, help='checkpoint directory (released layout or converted)')
+  p.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')
+  p.add_argument('--port', type=int, default=8000)
+  p.add_argument('--model-name', help='the model id clients send (default: the --ckpt directory name)')
+  p.add_argument('--max-batch', type=int, default=8, help='requests decoded at once (the interim engine '
+                 'decodes one at a time)')
+  p.add_argument('--max-queue', type=int, default=16, help='requests waiting; more get 429 with Retry-After')
+  p.add_argument('--image-root', metavar='DIR', help='image paths in requests must lie under DIR '
+                 '(default: local paths are refused; send images as data URLs)')
+  p.add_argument('--allow-urls', action='store_true', help='fetch http(s) image URLs (only for trusted '
+                 'clients: the server reaches whatever it can reach)')
+  p.add_argument('--api-key', help=f'require "Authorization: Bearer KEY" on /v1 (default: ${API_KEY_ENV})')
+  p.add_argument('--max-request-bytes', type=int, default=d.max_request_bytes)
+  p.add_argument('--max-image-bytes', type=int, default=d.max_image_bytes)
+  p.add_argument('--max-image-pixels', type=int, default=d.max_image_pixels)
+  p.add_argument('--max-images', type=int, default=d.max_images, help='images per request')
+  p.add_argument('--url-timeout', type=float, default=d.url_timeout, help='seconds per image download')
+  p.add_argument('--vocab', help='qwen.tiktoken (default: the one in --ckpt)')
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog='qwenvl-jax serve', description=__doc__.split('\n')[0])
+  add_arguments(p)
+  args = p.parse_args(argv)
+  try:
+    limits = Limits(args.max_request_bytes, args.max_image_bytes, args.max_image_pixels, args.max_images,
+                    args.url_timeout)
+    if args.max_batch < 1 or args.max_queue < 1:
+      raise ValueError(f'--max-batch and --max-queue must be >= 1, got {args.max_batch}, {args.max_queue}')
+    if args.image_root is not None and not pathlib.Path(args.image_root).is_dir():
+      raise ValueError(f'--image-root {args.image_root}: not a directory')
+  except ValueError as e:
+    p.error(str(e))
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  try:
+    app = build(args, limits)
+  except (OSError, ValueError) as e:
+    print(f'qwenvl-jax serve: error: {e}', file=sys.stderr)
+    return 1
+  import uvicorn
+  uvicorn.run(app, host=args.host, port=args.port, log_level='info')
+  return 0
+
+
+def build(args: argparse.Namespace, limits: Limits):
+  """Loads the checkpoint and makes the app (the weights in the decode layout, one copy)."""
+  ckpt = pathlib.Path(args.ckpt)
+  if not ckpt.is_dir():
+    raise FileNotFoundError(f'checkpoint directory not found: {ckpt}')
+  if args.dtype != 'float32':
+    from qwenvl_jax import xla_flags
+    xla_flags.use_for_low_precision_cpu()  # before jax starts its backend
+  from qwenvl_jax import GenerationConfig, QwenVL, QwenVLTokenizer, load_pretrained
+  from qwenvl_jax.generate import decode_params
+  from qwenvl_jax.tokenizer import check_tokenizer
+  from serve.app import Service, create_app
+  from serve.engine import InterimEngine
+  from serve.prompt import Preparer
+  generation_config = GenerationConfig.from_pretrained(ckpt)
+  model, params = load_pretrained(ckpt, dtype=args.dtype, split_layers=True)
+  params = decode_params(params, consume=True)
+  model = QwenVL(model.config.replace(dtype=args.dtype))
+  tokenizer = QwenVLTokenizer.from_pretrained(ckpt if args.vocab is None else args.vocab,
+                                              image_span_length=model.config.vision.n_queries)
+  check_tokenizer(tokenizer, model.config)
+  if args.max_batch > InterimEngine.max_batch:
+    logging.getLogger('qwenvl_jax.serve').info(
+        '--max-batch %d: this engine decodes one request at a time (continuous batching is to come)',
+        args.max_batch)
+  preparer = Preparer(model, params, tokenizer, limits, args.image_root, args.allow_urls)
+  service = Service(args.model_name or ckpt.resolve().name, tokenizer, generation_config, preparer,
+                    InterimEngine(model, params, args.max_queue), limits,
+                    args.api_key or os.environ.get(API_KEY_ENV) or None)
+  return create_app(service)

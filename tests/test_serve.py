@@ -1,0 +1,265 @@
+"""The OpenAI-compatible server against the real `openai` client: one live server on 127.0.0.1 for the
+module, over the tiny real-vocabulary model of test_chat."""
+import base64
+import io
+import struct
+import threading
+import time
+import zlib
+
+import httpx
+import pytest
+from PIL import Image
+
+openai = pytest.importorskip('openai', reason='the serve tests need the test extra (openai, fastapi, uvicorn)')
+uvicorn = pytest.importorskip('uvicorn')
+
+from processes import free_port  # noqa: E402
+from qwenvl_jax import GenerationConfig, ImageLoader, QwenVL  # noqa: E402
+from qwenvl_jax.chat import chat  # noqa: E402
+from qwenvl_jax.chat_format import DEFAULT_SYSTEM, make_context  # noqa: E402
+from qwenvl_jax.generate import decode_params  # noqa: E402
+from qwenvl_jax.tokenizer import QwenVLTokenizer  # noqa: E402
+from serve.app import Service, create_app  # noqa: E402
+from serve.engine import InterimEngine  # noqa: E402
+from serve.limits import Limits  # noqa: E402
+from serve.prompt import Preparer  # noqa: E402
+from test_chat import N_QUERIES, random_params, tiny_chat_config  # noqa: E402
+
+KEY, NAME = 'test-key', 'tiny'
+BASE = GenerationConfig(max_new_tokens=8, do_sample=False)
+LIMITS = Limits(max_request_bytes=2**20, max_images=2, max_image_pixels=10**6)
+
+
+class Engine(InterimEngine):
+  """The interim engine with two test hooks: `gate` (cleared, a request waits after each token, so
+  tests can hold one mid-way) and `script` (tokens to answer with instead of the model's)."""
+
+  def __init__(self, *args, **kw):
+    super().__init__(*args, **kw)
+    self.gate = threading.Event()
+    self.gate.set()
+    self.script = None
+
+  def _steps(self, request):
+    steps = ([t] for t in self.script) if self.script else super()._steps(request)
+    for step in steps:
+      yield step
+      assert self.gate.wait(30)
+
+
+@pytest.fixture(scope='module')
+def server(vocab_file, golden_dir):
+  cfg = tiny_chat_config()
+  model, params = QwenVL(cfg), decode_params(random_params(cfg))
+  tok = QwenVLTokenizer(vocab_file, image_span_length=N_QUERIES)
+  engine = Engine(model, params, max_queue=1)
+  preparer = Preparer(model, params, tok, LIMITS, image_root=golden_dir / 'img')
+  app = create_app(Service(NAME, tok, BASE, preparer, engine, LIMITS, KEY))
+  port = free_port()
+  srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
+  thread = threading.Thread(target=srv.run, daemon=True)
+  thread.start()
+  while not srv.started:
+    assert thread.is_alive(), 'the server did not start'
+    time.sleep(0.05)
+  yield dict(url=f'http://127.0.0.1:{port}', model=model, params=params, tok=tok, engine=engine)
+  srv.should_exit = True
+  thread.join(10)
+  engine.close()
+
+
+@pytest.fixture(scope='module')
+def client(server):
+  return openai.OpenAI(base_url=server['url'] + '/v1', api_key=KEY, max_retries=0, timeout=60)
+
+
+def _data_url(path) -> str:
+  return 'data:image/jpeg;base64,' + base64.b64encode(path.read_bytes()).decode()
+
+
+def _ask(client, messages, **kw):
+  return client.chat.completions.create(model=NAME, messages=messages, **kw)
+
+
+def _streamed(client, messages, **kw) -> tuple[str, list]:
+  chunks = list(_ask(client, messages, stream=True, **kw))
+  return ''.join(c.choices[0].delta.content or '' for c in chunks if c.choices), chunks
+
+
+def test_answers_equal_chat(server, client, golden_dir):
+  """Text, an image as a data URL and as a path, and a history with a system message: greedy answers,
+  streamed or not, equal chat()'s for the same conversation."""
+  model, params, tok = server['model'], server['params'], server['tok']
+  poster = golden_dir / 'img' / 'poster.jpg'
+  loader = ImageLoader(allowed_root=golden_dir / 'img')
+  cases = [
+      ([{'role': 'user', 'content': 'Hello, who are you?'}],
+       dict(query='Hello, who are you?')),
+      ([{'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': _data_url(poster)}},
+                                     {'type': 'text', 'text': 'What is written here?'}]}],
+       dict(query='Picture 1:<img>upload1</img>\nWhat is written here?', images={'upload1': poster.read_bytes()})),
+      ([{'role': 'system', 'content': 'Be brief.'},
+        {'role': 'user', 'content': 'Describe <img>menu.jpg</img>'},
+        {'role': 'assistant', 'content': 'A menu.'},
+        {'role': 'user', 'content': 'Translate it.'}],
+       dict(query='Translate it.', history=[('Describe <img>menu.jpg</img>', 'A menu.')], system='Be brief.')),
+  ]
+  for messages, want in cases:
+    expected, _ = chat(model, params, tok, want['query'], want.get('history'), want.get('system', DEFAULT_SYSTEM),
+                       images=want.get('images'), generation_config=BASE, image_loader=loader)
+    answer = _ask(client, messages, temperature=0)
+    assert answer.choices[0].message.content == expected and expected
+    _, context = make_context(tok, want['query'], want.get('history'), want.get('system', DEFAULT_SYSTEM))
+    assert answer.usage.prompt_tokens == len(context) and 0 < answer.usage.completion_tokens <= 8
+    text, chunks = _streamed(client, messages, temperature=0, stream_options={'include_usage': True})
+    assert text == expected
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens and not chunks[-1].choices
+    assert chunks[-2].choices[0].finish_reason == answer.choices[0].finish_reason
+
+
+def test_stream_is_sse_ending_with_done(server):
+  body = {'model': NAME, 'messages': [{'role': 'user', 'content': 'hi'}], 'stream': True, 'max_tokens': 3}
+  with httpx.stream('POST', server['url'] + '/v1/chat/completions', json=body,
+                    headers={'Authorization': f'Bearer {KEY}'}) as r:
+    assert r.status_code == 200 and r.headers['content-type'].startswith('text/event-stream')
+    lines = [line for line in r.iter_lines() if line]
+  assert all(line.startswith('data: ') for line in lines) and lines[-1] == 'data: [DONE]'
+
+
+def test_boxes_and_stop_strings(server, client):
+  """A grounding answer keeps its text and carries the parsed boxes; a stop string ends the answer."""
+  tok, engine = server['tok'], server['engine']
+  text = 'The<ref> cat</ref><box>(10,20),(300,400)</box> sleeps. Then it wakes.'
+  engine.script = tok.encode(text) + [tok.im_end_id]
+  try:
+    answer = _ask(client, [{'role': 'user', 'content': 'Where is the cat?'}])
+    message = answer.choices[0].message
+    assert message.content == text and answer.choices[0].finish_reason == 'stop'
+    assert message.model_extra['boxes'] == [{'box': [10, 20, 300, 400], 'ref': 'cat'}]
+    streamed, chunks = _streamed(client, [{'role': 'user', 'content': 'Where?'}])
+    assert streamed == text and chunks[-1].choices[0].delta.model_extra['boxes'][0]['ref'] == 'cat'
+    for stream in (False, True):
+      kw = dict(stop=['wakes', ' Then'], stream=stream)
+      cut = _streamed(client, [{'role': 'user', 'content': 'x'}], stop=kw['stop'])[0] if stream else \
+          _ask(client, [{'role': 'user', 'content': 'x'}], stop=kw['stop']).choices[0].message.content
+      assert cut == text[:text.index(' Then')]
+  finally:
+    engine.script = None
+
+
+def _wait_for(condition, what: str, seconds: float = 10):
+  end = time.monotonic() + seconds
+  while not condition():
+    assert time.monotonic() < end, what
+    time.sleep(0.02)
+
+
+def test_disconnect_frees_slot(server, client):
+  engine = server['engine']
+  before = engine.stats()['cancelled']
+  engine.gate.clear()
+  try:
+    stream = _ask(client, [{'role': 'user', 'content': 'Tell a long story.'}], stream=True, max_tokens=30)
+    next(iter(stream))  # the role chunk: the request is in the engine
+    _wait_for(lambda: engine.stats()['active'] == 1, 'the request did not start')
+    stream.close()
+    time.sleep(0.3)  # the server sees the connection close while the engine holds the request
+  finally:
+    engine.gate.set()
+  _wait_for(lambda: engine.stats()['cancelled'] == before + 1 and engine.stats()['active'] == 0,
+            f'the request was not cancelled: {engine.stats()}')
+  assert _ask(client, [{'role': 'user', 'content': 'hi'}], max_tokens=2).choices[0].message.content is not None
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+  """A 1x1 PNG whose header claims width x height: a decompression bomb as far as the header goes."""
+  out = io.BytesIO()
+  Image.new('RGB', (1, 1)).save(out, 'PNG')
+  data = bytearray(out.getvalue())
+  ihdr = struct.pack('>II', width, height) + bytes(data[24:29])
+  data[16:29] = ihdr
+  data[29:33] = struct.pack('>I', zlib.crc32(b'IHDR' + ihdr))
+  return bytes(data)
+
+
+def _image_part(data: bytes, kind: str = 'png') -> dict:
+  return {'type': 'image_url', 'image_url': {'url': f'data:image/{kind};base64,' + base64.b64encode(data).decode()}}
+
+
+TINY_PNG = _png_claiming(1, 1)
+REFUSALS = {  # name -> (request body changes, status, error code or param, words of the message)
+    'malformed JSON': ('{"model": "tiny", "messages": [', 400, 'invalid_json', 'not valid JSON'),
+    'unknown role': ({'messages': [{'role': 'wizard', 'content': 'hi'}]}, 400, 'messages[0].role', 'wizard'),
+    'unknown field': ({'best_of': 3}, 400, 'best_of', 'unrecognized'),
+    'bad temperature': ({'temperature': -1}, 400, 'temperature', '>= 0'),
+    'bad base64 image': ({'messages': [{'role': 'user', 'content': [
+        {'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,@@not base64@@'}}]}]},
+        400, 'invalid_image', 'base64'),
+    'undecodable image': ({'messages': [{'role': 'user', 'content': [_image_part(b'not an image at all')]}]},
+                          400, 'invalid_image', 'cannot decode'),
+    'decompression bomb': ({'messages': [{'role': 'user', 'content': [_image_part(_png_claiming(5000, 5000))]}]},
+                           400, 'invalid_image', 'max_pixels'),
+    'too many images': ({'messages': [{'role': 'user', 'content': [_image_part(TINY_PNG)] * 3}]},
+                        400, 'too_many_images', 'max_images=2'),
+    'path outside the root': ({'messages': [{'role': 'user', 'content': '<img>../x.png</img>'}]},
+                              400, 'invalid_image', 'outside the allowed root'),
+    'url refused': ({'messages': [{'role': 'user', 'content': [
+        {'type': 'image_url', 'image_url': {'url': 'http://127.0.0.1:9/a.png'}}]}]}, 400, 'invalid_image',
+        'URLs are disabled'),
+    'over-long prompt': ({'messages': [{'role': 'user', 'content': 'word ' * 9000}]}, 400,
+                         'context_length_exceeded', 'model window'),
+    'request too large': ({'messages': [{'role': 'user', 'content': 'x' * 2**21}]}, 413, 'request_too_large',
+                          'max_request_bytes'),
+    'unknown model': ({'model': 'gpt-4'}, 404, 'model_not_found', 'gpt-4'),
+    'wrong API key': ({'_key': 'wrong'}, 401, 'invalid_api_key', 'Bearer'),
+}
+
+
+@pytest.mark.parametrize('name', list(REFUSALS))
+def test_refusals_then_serves(server, client, name):
+  """Each refusal is OpenAI's error JSON naming the problem, and the server answers the next request."""
+  change, status, code, words = REFUSALS[name]
+  headers = {'Authorization': f'Bearer {KEY}'}
+  if isinstance(change, str):
+    r = httpx.post(server['url'] + '/v1/chat/completions', content=change, headers=headers)
+  else:
+    change = dict(change)
+    headers['Authorization'] = f'Bearer {change.pop("_key", KEY)}'
+    body = {'model': NAME, 'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 2, **change}
+    r = httpx.post(server['url'] + '/v1/chat/completions', json=body, headers=headers, timeout=30)
+  error = r.json()['error']
+  assert r.status_code == status and code in (error['code'], error['param']) and words in error['message'], error
+  assert _ask(client, [{'role': 'user', 'content': 'hi'}], max_tokens=2).choices[0].finish_reason
+
+
+def test_full_queue_gets_429(server, client):
+  """One request decoding (held), one waiting (the queue holds 1): the next gets 429 with Retry-After,
+  and once they finish the server answers again."""
+  engine = server['engine']
+  engine.gate.clear()
+  results = []
+  ask = lambda: results.append(_ask(client, [{'role': 'user', 'content': 'hi'}], max_tokens=3))
+  threads = [threading.Thread(target=ask) for _ in range(2)]
+  try:
+    threads[0].start()
+    _wait_for(lambda: engine.stats()['active'] == 1, 'the first request did not start')
+    threads[1].start()
+    _wait_for(lambda: engine.stats()['queued'] == 1, 'the second request was not queued')
+    with pytest.raises(openai.RateLimitError) as e:
+      _ask(client, [{'role': 'user', 'content': 'hi'}], max_tokens=3)
+    assert int(e.value.response.headers['retry-after']) >= 1 and 'queue is full' in e.value.message
+  finally:
+    engine.gate.set()
+    for t in threads:
+      t.join(60)
+  assert len(results) == 2
+  assert _ask(client, [{'role': 'user', 'content': 'hi'}], max_tokens=2).choices[0].message.content is not None
+
+
+def test_models_health_and_key(server, client):
+  assert [m.id for m in client.models.list()] == [NAME]
+  assert httpx.get(server['url'] + '/health').json()['status'] == 'ok'  # no key needed for probes
+  with pytest.raises(openai.AuthenticationError):
+    openai.OpenAI(base_url=server['url'] + '/v1', api_key='wrong', max_retries=0).models.list()
+  assert httpx.get(server['url'] + '/').status_code == 200
