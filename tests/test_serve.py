@@ -28,6 +28,7 @@ from test_chat import N_QUERIES, random_params, tiny_chat_config  # noqa: E402
 
 KEY, NAME = 'test-key', 'tiny'
 BASE = GenerationConfig(max_new_tokens=8, do_sample=False)
+HELLO = 'Hello, who are you? Say in a few words who made you and what you can do for me.'  # 33+ tokens
 LIMITS = Limits(max_request_bytes=2**20, max_images=2, max_image_pixels=10**6)
 
 
@@ -89,13 +90,13 @@ def _streamed(client, messages, **kw) -> tuple[str, list]:
 
 def test_answers_equal_chat(server, client, golden_dir):
   """Text, an image as a data URL and as a path, and a history with a system message: greedy answers,
-  streamed or not, equal chat()'s for the same conversation."""
+  streamed or not, equal chat()'s for the same conversation. The contexts share one length bucket, so
+  each side compiles once."""
   model, params, tok = server['model'], server['params'], server['tok']
   poster = golden_dir / 'img' / 'poster.jpg'
   loader = ImageLoader(allowed_root=golden_dir / 'img')
   cases = [
-      ([{'role': 'user', 'content': 'Hello, who are you?'}],
-       dict(query='Hello, who are you?')),
+      ([{'role': 'user', 'content': HELLO}], dict(query=HELLO)),
       ([{'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': _data_url(poster)}},
                                      {'type': 'text', 'text': 'What is written here?'}]}],
        dict(query='Picture 1:<img>upload1</img>\nWhat is written here?', images={'upload1': poster.read_bytes()})),
@@ -119,9 +120,9 @@ def test_answers_equal_chat(server, client, golden_dir):
 
 
 def test_stream_is_sse_ending_with_done(server):
-  body = {'model': NAME, 'messages': [{'role': 'user', 'content': 'hi'}], 'stream': True, 'max_tokens': 3}
+  body = {'model': NAME, 'messages': [{'role': 'user', 'content': HELLO}], 'stream': True, 'max_tokens': 3}
   with httpx.stream('POST', server['url'] + '/v1/chat/completions', json=body,
-                    headers={'Authorization': f'Bearer {KEY}'}) as r:
+                    headers={'Authorization': f'Bearer {KEY}'}, timeout=60) as r:
     assert r.status_code == 200 and r.headers['content-type'].startswith('text/event-stream')
     lines = [line for line in r.iter_lines() if line]
   assert all(line.startswith('data: ') for line in lines) and lines[-1] == 'data: [DONE]'
@@ -133,16 +134,16 @@ def test_boxes_and_stop_strings(server, client):
   text = 'The<ref> cat</ref><box>(10,20),(300,400)</box> sleeps. Then it wakes.'
   engine.script = tok.encode(text) + [tok.im_end_id]
   try:
-    answer = _ask(client, [{'role': 'user', 'content': 'Where is the cat?'}])
+    answer = _ask(client, [{'role': 'user', 'content': HELLO}])
     message = answer.choices[0].message
     assert message.content == text and answer.choices[0].finish_reason == 'stop'
     assert message.model_extra['boxes'] == [{'box': [10, 20, 300, 400], 'ref': 'cat'}]
-    streamed, chunks = _streamed(client, [{'role': 'user', 'content': 'Where?'}])
+    streamed, chunks = _streamed(client, [{'role': 'user', 'content': HELLO}])
     assert streamed == text and chunks[-1].choices[0].delta.model_extra['boxes'][0]['ref'] == 'cat'
     for stream in (False, True):
       kw = dict(stop=['wakes', ' Then'], stream=stream)
-      cut = _streamed(client, [{'role': 'user', 'content': 'x'}], stop=kw['stop'])[0] if stream else \
-          _ask(client, [{'role': 'user', 'content': 'x'}], stop=kw['stop']).choices[0].message.content
+      cut = _streamed(client, [{'role': 'user', 'content': HELLO}], stop=kw['stop'])[0] if stream else \
+          _ask(client, [{'role': 'user', 'content': HELLO}], stop=kw['stop']).choices[0].message.content
       assert cut == text[:text.index(' Then')]
   finally:
     engine.script = None
@@ -160,7 +161,7 @@ def test_disconnect_frees_slot(server, client):
   before = engine.stats()['cancelled']
   engine.gate.clear()
   try:
-    stream = _ask(client, [{'role': 'user', 'content': 'Tell a long story.'}], stream=True, max_tokens=30)
+    stream = _ask(client, [{'role': 'user', 'content': HELLO}], stream=True, max_tokens=30)
     next(iter(stream))  # the role chunk: the request is in the engine
     _wait_for(lambda: engine.stats()['active'] == 1, 'the request did not start')
     stream.close()
@@ -169,7 +170,7 @@ def test_disconnect_frees_slot(server, client):
     engine.gate.set()
   _wait_for(lambda: engine.stats()['cancelled'] == before + 1 and engine.stats()['active'] == 0,
             f'the request was not cancelled: {engine.stats()}')
-  assert _ask(client, [{'role': 'user', 'content': 'hi'}], max_tokens=2).choices[0].message.content is not None
+  assert _ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=2).choices[0].message.content is not None
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -226,11 +227,11 @@ def test_refusals_then_serves(server, client, name):
   else:
     change = dict(change)
     headers['Authorization'] = f'Bearer {change.pop("_key", KEY)}'
-    body = {'model': NAME, 'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 2, **change}
+    body = {'model': NAME, 'messages': [{'role': 'user', 'content': HELLO}], 'max_tokens': 2, **change}
     r = httpx.post(server['url'] + '/v1/chat/completions', json=body, headers=headers, timeout=30)
   error = r.json()['error']
   assert r.status_code == status and code in (error['code'], error['param']) and words in error['message'], error
-  assert _ask(client, [{'role': 'user', 'content': 'hi'}], max_tokens=2).choices[0].finish_reason
+  assert _ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=2).choices[0].finish_reason
 
 
 def test_full_queue_gets_429(server, client):
@@ -239,7 +240,7 @@ def test_full_queue_gets_429(server, client):
   engine = server['engine']
   engine.gate.clear()
   results = []
-  ask = lambda: results.append(_ask(client, [{'role': 'user', 'content': 'hi'}], max_tokens=3))
+  ask = lambda: results.append(_ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=3))
   threads = [threading.Thread(target=ask) for _ in range(2)]
   try:
     threads[0].start()
@@ -247,14 +248,14 @@ def test_full_queue_gets_429(server, client):
     threads[1].start()
     _wait_for(lambda: engine.stats()['queued'] == 1, 'the second request was not queued')
     with pytest.raises(openai.RateLimitError) as e:
-      _ask(client, [{'role': 'user', 'content': 'hi'}], max_tokens=3)
+      _ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=3)
     assert int(e.value.response.headers['retry-after']) >= 1 and 'queue is full' in e.value.message
   finally:
     engine.gate.set()
     for t in threads:
       t.join(60)
   assert len(results) == 2
-  assert _ask(client, [{'role': 'user', 'content': 'hi'}], max_tokens=2).choices[0].message.content is not None
+  assert _ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=2).choices[0].message.content is not None
 
 
 def test_models_health_and_key(server, client):
