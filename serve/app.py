@@ -8,6 +8,7 @@ next event cannot be sent, a plain one when the connection closes (watched while
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -63,7 +64,14 @@ def _error(e: ApiError) -> JSONResponse:
 
 
 def create_app(service: Service) -> FastAPI:
-  app = FastAPI(title='qwenvl-jax', docs_url=None, redoc_url=None, openapi_url=None)
+  @contextlib.asynccontextmanager
+  async def lifespan(app: FastAPI):
+    yield
+    # uvicorn runs this once the connections in flight are done (SIGTERM: no new ones are accepted)
+    await anyio.to_thread.run_sync(service.engine.close)
+    log.info('engine stopped: %s', service.engine.stats())
+
+  app = FastAPI(title='qwenvl-jax', docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
   app.state.service = service
 
   @app.exception_handler(ApiError)

@@ -57,11 +57,17 @@ class Handle:
     self.cancelled.set()
 
   def put(self, token: int) -> None:
-    self._loop.call_soon_threadsafe(self._queue.put_nowait, token)
+    self._send(token)
 
   def finish(self, error: BaseException | None = None) -> None:
     self.error = error
-    self._loop.call_soon_threadsafe(self._queue.put_nowait, self._END)
+    self._send(self._END)
+
+  def _send(self, item) -> None:
+    try:
+      self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+      self.cancelled.set()
 
   async def __aiter__(self) -> AsyncIterator[int]:
     while (item := await self._queue.get()) is not self._END:
@@ -79,7 +85,7 @@ class Engine(Protocol):
     """Queues `request` (raises QueueFull when full); call from the event loop's thread."""
 
   def stats(self) -> dict[str, int]:
-    """active, queued, finished and cancelled counts (for /health)."""
+    """active, queued, finished, cancelled and failed counts, max_batch and max_queue (for /health)."""
 
   def close(self) -> None:
     """Finishes the requests already submitted, then stops; later submits raise QueueFull."""
@@ -100,7 +106,7 @@ class InterimEngine:
     self._lock = threading.Condition()
     self._active = 0
     self._closing = False
-    self._counts = {'finished': 0, 'cancelled': 0}
+    self._counts = {'finished': 0, 'cancelled': 0, 'failed': 0}
     self._worker = threading.Thread(target=self._run, name='qwenvl-serve-engine', daemon=True)
     self._worker.start()
 
@@ -147,6 +153,7 @@ class InterimEngine:
           outcome = self._generate(request, handle)
         handle.finish()
       except Exception as e:  # handed to the request's handler, which answers with an error
+        outcome = 'failed'
         handle.finish(e)
       with self._lock:
         self._active = 0

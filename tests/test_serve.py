@@ -2,7 +2,12 @@
 module, over the tiny real-vocabulary model of test_chat."""
 import base64
 import io
+import os
+import pathlib
+import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -25,7 +30,9 @@ from serve.engine import InterimEngine  # noqa: E402
 from serve.limits import Limits  # noqa: E402
 from serve.prompt import Preparer  # noqa: E402
 from test_chat import N_QUERIES, random_params, tiny_chat_config  # noqa: E402
+from test_cli import ckpt  # noqa: E402,F401 (the fixture: a tiny checkpoint directory)
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEY, NAME = 'test-key', 'tiny'
 BASE = GenerationConfig(max_new_tokens=8, do_sample=False)
 HELLO = 'Hello, who are you? Say in a few words who made you and what you can do for me.'  # 33+ tokens
@@ -141,10 +148,10 @@ def test_boxes_and_stop_strings(server, client):
     streamed, chunks = _streamed(client, [{'role': 'user', 'content': HELLO}])
     assert streamed == text and chunks[-1].choices[0].delta.model_extra['boxes'][0]['ref'] == 'cat'
     for stream in (False, True):
-      kw = dict(stop=['wakes', ' Then'], stream=stream)
+      kw = dict(stop=['wakes', 'ps. Th'], stream=stream)  # the second spans tokens
       cut = _streamed(client, [{'role': 'user', 'content': HELLO}], stop=kw['stop'])[0] if stream else \
           _ask(client, [{'role': 'user', 'content': HELLO}], stop=kw['stop']).choices[0].message.content
-      assert cut == text[:text.index(' Then')]
+      assert cut == text[:text.index('ps. Th')]
   finally:
     engine.script = None
 
@@ -156,16 +163,31 @@ def _wait_for(condition, what: str, seconds: float = 10):
     time.sleep(0.02)
 
 
-def test_disconnect_frees_slot(server, client):
+def _leave_streamed(client):
+  stream = _ask(client, [{'role': 'user', 'content': HELLO}], stream=True, max_tokens=30)
+  next(iter(stream))  # the role chunk: the request is in the engine
+  return stream.close
+
+
+def _leave_whole(client):
+  """A plain request whose client gives up (its read times out) while the engine holds the request."""
+  leaving = threading.Thread(target=lambda: pytest.raises(openai.APITimeoutError, _ask, client.with_options(
+      timeout=1), [{'role': 'user', 'content': HELLO}], max_tokens=30))
+  leaving.start()
+  return leaving.join
+
+
+@pytest.mark.parametrize('leave', [_leave_streamed, _leave_whole])
+def test_disconnect_frees_slot(server, client, leave):
+  """A client that goes away mid-answer has its request cancelled, freeing the engine for the next."""
   engine = server['engine']
   before = engine.stats()['cancelled']
   engine.gate.clear()
   try:
-    stream = _ask(client, [{'role': 'user', 'content': HELLO}], stream=True, max_tokens=30)
-    next(iter(stream))  # the role chunk: the request is in the engine
+    gone = leave(client)
     _wait_for(lambda: engine.stats()['active'] == 1, 'the request did not start')
-    stream.close()
-    time.sleep(0.3)  # the server sees the connection close while the engine holds the request
+    gone()
+    time.sleep(0.5)  # the server sees the connection close while the engine holds the request
   finally:
     engine.gate.set()
   _wait_for(lambda: engine.stats()['cancelled'] == before + 1 and engine.stats()['active'] == 0,
@@ -264,3 +286,37 @@ def test_models_health_and_key(server, client):
   with pytest.raises(openai.AuthenticationError):
     openai.OpenAI(base_url=server['url'] + '/v1', api_key='wrong', max_retries=0).models.list()
   assert httpx.get(server['url'] + '/').status_code == 200
+
+
+@pytest.mark.slow
+def test_serve_command_drains_on_sigterm(ckpt, vocab_file, tmp_path):
+  """`qwenvl-jax serve` on a checkpoint: SIGTERM during a streamed answer lets it finish, then exits."""
+  port = free_port()
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  log = open(tmp_path / 'serve.log', 'w')
+  proc = subprocess.Popen([sys.executable, '-m', 'qwenvl_jax.cli', 'serve', '--ckpt', str(ckpt), '--vocab',
+                           str(vocab_file), '--port', str(port), '--model-name', NAME], env=env, stdout=log,
+                          stderr=subprocess.STDOUT)
+  try:
+    url = f'http://127.0.0.1:{port}'
+    end = time.monotonic() + 120
+    while True:
+      assert proc.poll() is None and time.monotonic() < end, (tmp_path / 'serve.log').read_text()[-3000:]
+      try:
+        httpx.get(url + '/health')
+        break
+      except httpx.TransportError:
+        time.sleep(0.2)
+    client = openai.OpenAI(base_url=url + '/v1', api_key='none', max_retries=0, timeout=120)
+    stream = _ask(client, [{'role': 'user', 'content': HELLO}], stream=True, max_tokens=12, temperature=0)
+    chunks = [next(iter(stream))]
+    proc.send_signal(signal.SIGTERM)
+    chunks += list(stream)  # the answer goes on to its end
+    assert chunks[-1].choices[0].finish_reason in ('stop', 'length')
+    assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn ends by its signal once drained
+    assert 'engine stopped' in (tmp_path / 'serve.log').read_text()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    log.close()
