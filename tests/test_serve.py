@@ -280,12 +280,14 @@ def test_full_queue_gets_429(server, client):
   assert _ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=2).choices[0].message.content is not None
 
 
-def test_models_health_and_key(server, client):
+def test_models_health_key_and_page(server, client):
   assert [m.id for m in client.models.list()] == [NAME]
   assert httpx.get(server['url'] + '/health').json()['status'] == 'ok'  # no key needed for probes
   with pytest.raises(openai.AuthenticationError):
     openai.OpenAI(base_url=server['url'] + '/v1', api_key='wrong', max_retries=0).models.list()
-  assert httpx.get(server['url'] + '/').status_code == 200
+  page = httpx.get(server['url'] + '/')
+  assert page.status_code == 200 and '/v1/chat/completions' in page.text
+  assert 'http' not in page.text  # works offline: nothing fetched from elsewhere
 
 
 @pytest.mark.slow
