@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')
   p.add_argument('--port', type=int, default=8000)
   p.add_argument('--model-name', help='the model id clients send (default: the --ckpt directory name)')
-  p.add_argument('--max-batch', type=int, default=8, help='requests decoded at once (the interim engine '
-                 'decodes one at a time)')
+  p.add_argument('--max-batch', type=int, help='requests decoded at once (the interim engine decodes one at '
+                 'a time)')
   p.add_argument('--max-queue', type=int, default=16, help='requests waiting; more get 429 with Retry-After')
   p.add_argument('--image-root', metavar='DIR', help='image paths in requests must lie under DIR '
                  '(default: local paths are refused; send images as data URLs)')
@@ -47,19 +47,25 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     limits = Limits(args.max_request_bytes, args.max_image_bytes, args.max_image_pixels, args.max_images,
                     args.url_timeout)
-    if args.max_batch < 1 or args.max_queue < 1:
+    if (args.max_batch is not None and args.max_batch < 1) or args.max_queue < 1:
       raise ValueError(f'--max-batch and --max-queue must be >= 1, got {args.max_batch}, {args.max_queue}')
     if args.image_root is not None and not pathlib.Path(args.image_root).is_dir():
       raise ValueError(f'--image-root {args.image_root}: not a directory')
   except ValueError as e:
     p.error(str(e))
+  try:
+    import fastapi  # noqa: F401
+    import uvicorn
+  except ImportError as e:
+    print(f"qwenvl-jax serve: error: {e}; install the serve extra: pip install 'qwenvl-jax[serve]'",
+          file=sys.stderr)
+    return 1
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   try:
     app = build(args, limits)
   except (OSError, ValueError) as e:
     print(f'qwenvl-jax serve: error: {e}', file=sys.stderr)
     return 1
-  import uvicorn
   uvicorn.run(app, host=args.host, port=args.port, log_level='info')
   return 0
 
@@ -85,7 +91,7 @@ def build(args: argparse.Namespace, limits: Limits):
   tokenizer = QwenVLTokenizer.from_pretrained(ckpt if args.vocab is None else args.vocab,
                                               image_span_length=model.config.vision.n_queries)
   check_tokenizer(tokenizer, model.config)
-  if args.max_batch > InterimEngine.max_batch:
+  if args.max_batch is not None and args.max_batch > InterimEngine.max_batch:
     logging.getLogger('qwenvl_jax.serve').info(
         '--max-batch %d: this engine decodes one request at a time (continuous batching is to come)',
         args.max_batch)

@@ -322,3 +322,16 @@ def test_serve_command_drains_on_sigterm(ckpt, vocab_file, tmp_path):
       proc.kill()
       proc.wait()
     log.close()
+
+
+def test_serve_command_errors(tmp_path, capsys):
+  """Bad flags exit 2 and a missing checkpoint 1, each naming the problem, before any model work."""
+  from serve.cli import main
+  with pytest.raises(SystemExit) as e:
+    main(['--ckpt', str(tmp_path), '--max-queue', '0'])
+  assert e.value.code == 2 and '--max-queue' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    main(['--ckpt', str(tmp_path), '--image-root', str(tmp_path / 'nope')])
+  assert 'not a directory' in capsys.readouterr().err
+  assert main(['--ckpt', str(tmp_path / 'missing')]) == 1
+  assert 'checkpoint directory not found' in capsys.readouterr().err
