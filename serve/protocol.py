@@ -54,8 +54,8 @@ def _type_name(value: Any) -> str:
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], param: str, what: str) -> Any:
-  if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
-                                                                              else (kind,))):
+  kinds = kind if isinstance(kind, tuple) else (kind,)
+  if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # bool is an int
     raise bad_request(f'{param} must be {what}, got {_type_name(value)}', param)
   return value
 

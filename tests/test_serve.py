@@ -36,7 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEY, NAME = 'test-key', 'tiny'
 BASE = GenerationConfig(max_new_tokens=8, do_sample=False)
 HELLO = 'Hello, who are you? Say in a few words who made you and what you can do for me.'  # 33+ tokens
-LIMITS = Limits(max_request_bytes=2**20, max_images=2, max_image_pixels=10**6)
+LIMITS = Limits(max_request_bytes=2**20, max_image_bytes=2**17, max_images=2, max_image_pixels=10**6)
 
 
 class Engine(InterimEngine):
@@ -223,6 +223,22 @@ REFUSALS = {  # name -> (request body changes, status, error code or param, word
                           400, 'invalid_image', 'cannot decode'),
     'decompression bomb': ({'messages': [{'role': 'user', 'content': [_image_part(_png_claiming(5000, 5000))]}]},
                            400, 'invalid_image', 'max_pixels'),
+    'image too large': ({'messages': [{'role': 'user', 'content': [
+        {'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,' + 'A' * 2**18}}]}]},
+        400, 'image_too_large', 'max_image_bytes=131072'),
+    'image path longer than its span': ({'messages': [{'role': 'user', 'content': '<img>../golden.safetensors</img>'}]},
+                             400, 'messages', 'longer than the image span'),
+    'image part outside the root': ({'messages': [{'role': 'user', 'content': [
+        {'type': 'image_url', 'image_url': {'url': '../x.png'}}]}]}, 400, 'invalid_image', 'outside the allowed root'),
+    'not an image data URL': ({'messages': [{'role': 'user', 'content': [
+        {'type': 'image_url', 'image_url': {'url': 'data:text/plain;base64,aGk='}}]}]}, 400, 'invalid_image',
+        'not an image'),
+    'content part of unknown type': ({'messages': [{'role': 'user', 'content': [{'type': 'audio'}]}]}, 400,
+                                     'messages[0].content[0].type', 'audio'),
+    'last message not from the user': ({'messages': [{'role': 'user', 'content': 'hi'},
+                                                     {'role': 'assistant', 'content': 'yes'}]},
+                                       400, 'messages', 'last message'),
+    'n > 1': ({'n': 2}, 400, 'n', 'not supported'),
     'too many images': ({'messages': [{'role': 'user', 'content': [_image_part(TINY_PNG)] * 3}]},
                         400, 'too_many_images', 'max_images=2'),
     'path outside the root': ({'messages': [{'role': 'user', 'content': '<img>../x.png</img>'}]},
