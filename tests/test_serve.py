@@ -226,8 +226,9 @@ REFUSALS = {  # name -> (request body changes, status, error code or param, word
     'image too large': ({'messages': [{'role': 'user', 'content': [
         {'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,' + 'A' * 2**18}}]}]},
         400, 'image_too_large', 'max_image_bytes=131072'),
-    'image path longer than its span': ({'messages': [{'role': 'user', 'content': '<img>../golden.safetensors</img>'}]},
-                             400, 'messages', 'longer than the image span'),
+    'image path longer than its span': (
+        {'messages': [{'role': 'user', 'content': '<img>../golden.safetensors</img>'}]}, 400, 'messages',
+        'longer than the image span'),
     'image part outside the root': ({'messages': [{'role': 'user', 'content': [
         {'type': 'image_url', 'image_url': {'url': '../x.png'}}]}]}, 400, 'invalid_image', 'outside the allowed root'),
     'not an image data URL': ({'messages': [{'role': 'user', 'content': [
