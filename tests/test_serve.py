@@ -34,6 +34,7 @@ from test_cli import ckpt  # noqa: E402,F401 (the fixture: a tiny checkpoint dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEY, NAME = 'test-key', 'tiny'
+QUEUE = 8  # requests waiting while one decodes: room for the 8 concurrent ones
 BASE = GenerationConfig(max_new_tokens=8, do_sample=False)
 HELLO = 'Hello, who are you? Say in a few words who made you and what you can do for me.'  # 33+ tokens
 LIMITS = Limits(max_request_bytes=2**20, max_image_bytes=2**17, max_images=2, max_image_pixels=10**6)
@@ -61,7 +62,7 @@ def server(vocab_file, golden_dir):
   cfg = tiny_chat_config()
   model, params = QwenVL(cfg), decode_params(random_params(cfg))
   tok = QwenVLTokenizer(vocab_file, image_span_length=N_QUERIES)
-  engine = Engine(model, params, max_queue=1)
+  engine = Engine(model, params, max_queue=QUEUE)
   preparer = Preparer(model, params, tok, LIMITS, image_root=golden_dir / 'img')
   app = create_app(Service(NAME, tok, BASE, preparer, engine, LIMITS, KEY))
   port = free_port()
@@ -154,6 +155,45 @@ def test_boxes_and_stop_strings(server, client):
       assert cut == text[:text.index('ps. Th')]
   finally:
     engine.script = None
+
+
+def test_concurrent_requests_equal_solo(server, client, golden_dir):
+  """8 requests at once (different prompts, with and without images) each get their solo answer."""
+  poster = {'type': 'image_url', 'image_url': {'url': _data_url(golden_dir / 'img' / 'poster.jpg')}}
+  asks = [[{'role': 'user', 'content': f'{HELLO} ({i})' if i % 2 else [poster, {'type': 'text', 'text': f'Read {i}.'}]}]
+          for i in range(8)]
+  solo = [_ask(client, messages, temperature=0).choices[0].message.content for messages in asks]
+  together = [None] * len(asks)
+
+  def ask(i):
+    together[i] = _ask(client, asks[i], temperature=0).choices[0].message.content
+  threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(120)
+  assert together == solo and len(set(solo)) > 1
+
+
+def test_sampling_settings():
+  """Request fields over the checkpoint's settings: temperature 0 is greedy, unset fields keep the file's,
+  bad values are refused naming the field."""
+  from serve.errors import ApiError
+  from serve.sampling import settings
+  base = GenerationConfig(top_p=0.8, top_k=5, do_sample=False)
+
+  class Tok:  # what chat_config reads of a tokenizer
+    im_end_id, im_start_id, eod_id, vocab_size = 151645, 151644, 151643, 151851
+  g, seed = settings(base, Tok, (('temperature', 0.7), ('max_tokens', 9), ('seed', -1)))
+  assert (g.do_sample, g.temperature, g.top_p, g.top_k, g.max_new_tokens) == (True, 0.7, 0.8, 5, 9)
+  assert seed == 2**32 - 1 and set(g.stop_ids) == {151643, 151644, 151645}
+  assert settings(base, Tok, (('temperature', 0),))[0].greedy
+  assert settings(base, Tok, (('top_k', 3), ('max_completion_tokens', 4)))[0].replace(stop_ids=(1,)) == \
+      base.replace(top_k=3, max_new_tokens=4, stop_ids=(1,), vocab_limit=151851)
+  for field, value in [('top_p', 0), ('max_tokens', 0), ('top_k', 1.5), ('seed', 'x')]:
+    with pytest.raises(ApiError) as e:
+      settings(base, Tok, ((field, value),))
+    assert e.value.status == 400 and e.value.param == field and field in e.value.message
 
 
 def _wait_for(condition, what: str, seconds: float = 10):
@@ -274,18 +314,19 @@ def test_refusals_then_serves(server, client, name):
 
 
 def test_full_queue_gets_429(server, client):
-  """One request decoding (held), one waiting (the queue holds 1): the next gets 429 with Retry-After,
-  and once they finish the server answers again."""
+  """One request decoding (held) and QUEUE waiting: the next gets 429 with Retry-After, and once they
+  finish the server answers again."""
   engine = server['engine']
   engine.gate.clear()
   results = []
   ask = lambda: results.append(_ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=3))
-  threads = [threading.Thread(target=ask) for _ in range(2)]
+  threads = [threading.Thread(target=ask) for _ in range(1 + QUEUE)]
   try:
     threads[0].start()
     _wait_for(lambda: engine.stats()['active'] == 1, 'the first request did not start')
-    threads[1].start()
-    _wait_for(lambda: engine.stats()['queued'] == 1, 'the second request was not queued')
+    for t in threads[1:]:
+      t.start()
+    _wait_for(lambda: engine.stats()['queued'] == QUEUE, 'the other requests were not queued')
     with pytest.raises(openai.RateLimitError) as e:
       _ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=3)
     assert int(e.value.response.headers['retry-after']) >= 1 and 'queue is full' in e.value.message
@@ -293,7 +334,7 @@ def test_full_queue_gets_429(server, client):
     engine.gate.set()
     for t in threads:
       t.join(60)
-  assert len(results) == 2
+  assert len(results) == len(threads)
   assert _ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=2).choices[0].message.content is not None
 
 
