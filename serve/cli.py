@@ -12,6 +12,7 @@ import pathlib
 import sys
 from typing import Sequence
 
+from qwenvl_jax.cli import DEFAULT_COMPILE_CACHE
 from serve.limits import Limits
 
 API_KEY_ENV = 'QWENVL_JAX_API_KEY'
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--url-timeout', type=float, default=d.url_timeout, help='seconds per image download')
   p.add_argument('--vocab', help='qwen.tiktoken (default: the one in --ckpt)')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument('--compile-cache', default=str(DEFAULT_COMPILE_CACHE),
+                 help='JAX persistent compilation cache directory (restarts skip compiling)')
+  p.add_argument('--no-compile-cache', action='store_true', help='do not use the compilation cache')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +82,9 @@ def build(args: argparse.Namespace, limits: Limits):
   if args.dtype != 'float32':
     from qwenvl_jax import xla_flags
     xla_flags.use_for_low_precision_cpu()  # before jax starts its backend
+  import jax
+  if not args.no_compile_cache:
+    jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(args.compile_cache).expanduser()))
   from qwenvl_jax import GenerationConfig, QwenVL, QwenVLTokenizer, load_pretrained
   from qwenvl_jax.generate import decode_params
   from qwenvl_jax.tokenizer import check_tokenizer

@@ -354,9 +354,9 @@ def test_serve_command_drains_on_sigterm(ckpt, vocab_file, tmp_path):
   port = free_port()
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   log = open(tmp_path / 'serve.log', 'w')
-  proc = subprocess.Popen([sys.executable, '-m', 'qwenvl_jax.cli', 'serve', '--ckpt', str(ckpt), '--vocab',
-                           str(vocab_file), '--port', str(port), '--model-name', NAME], env=env, stdout=log,
-                          stderr=subprocess.STDOUT)
+  command = [sys.executable, '-m', 'qwenvl_jax.cli', 'serve', '--ckpt', str(ckpt), '--vocab', str(vocab_file),
+             '--port', str(port), '--model-name', NAME, '--no-compile-cache']
+  proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
   try:
     url = f'http://127.0.0.1:{port}'
     end = time.monotonic() + 120
