@@ -343,6 +343,8 @@ def test_models_health_key_and_page(server, client):
   assert httpx.get(server['url'] + '/health').json()['status'] == 'ok'  # no key needed for probes
   with pytest.raises(openai.AuthenticationError):
     openai.OpenAI(base_url=server['url'] + '/v1', api_key='wrong', max_retries=0).models.list()
+  missing = httpx.get(server['url'] + '/v1/nope', headers={'Authorization': f'Bearer {KEY}'})
+  assert missing.status_code == 404 and '/v1/nope' in missing.json()['error']['message']
   page = httpx.get(server['url'] + '/')
   assert page.status_code == 200 and '/v1/chat/completions' in page.text
   assert 'http' not in page.text  # works offline: nothing fetched from elsewhere
