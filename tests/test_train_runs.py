@@ -16,7 +16,7 @@ from test_train_resume import MODEL  # the tiny real-vocabulary model of the res
 from train import world
 from train.cli import main
 from train.config import TrainConfig
-from train.data import LoaderConfig
+from train.loader import LoaderConfig
 from train.run_dir import CHECKPOINT_DIR, METRICS_FILE
 from train.trainer import run
 
