@@ -150,14 +150,19 @@ def chat_values(r: Mapping[str, Any]) -> list[str]:
   return [t['value'] for t in turns]
 
 
+def image_paths(record: Mapping[str, Any], data_format: str) -> list[str]:
+  """The images a record refers to, in order; ValueError when its fields are malformed."""
+  texts = chat_values(record) if data_format == 'chat' else prompt_answer(record, data_format)
+  return [p for t in texts for p in IMG_TAG.findall(t)]
+
+
 def check_record(record: Any, data_format: str, span: int, max_images: int | None = None) -> None:
   """Raises ValueError (without the record's name) for a record that cannot be encoded: missing fields or
   wrong types, an image path longer than the image span of `span` tokens, more than max_images images."""
   try:
     if not isinstance(record, Mapping):
       raise ValueError('not a JSON object')
-    texts = chat_values(record) if data_format == 'chat' else prompt_answer(record, data_format)
-    paths = [p for t in texts for p in IMG_TAG.findall(t)]
+    paths = image_paths(record, data_format)
     for p in paths:
       if len(p.encode('utf-8')) > span:
         raise ValueError(f'image path {p[:48]!r} is longer than the image span of {span} tokens (n_queries)')
