@@ -5,7 +5,8 @@ every record is checked up front: its fields and their types, the `<img>`, `<ref
 tags of every text (closed, not nested, boxes of integers in [0, 1000)), its image files (present under
 the data root and with a readable header: `PIL.Image.verify`, no pixel decoding), and its length against
 the longest bucket (`on_overlong`). Problems are listed by record (and line of a .jsonl file), field and
-reason; a full decode that fails later stops the run with a checkpoint (train/trainer.py).
+reason; a full decode that fails later is handled by on_bad_record (train/loader.py): stop with a
+checkpoint, or skip and log. Packed datasets are checked when packed (train/packing.py).
 """
 from __future__ import annotations
 
