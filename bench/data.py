@@ -7,7 +7,8 @@ On the demo's world (train/configs/demo.json: 224 px scenes, stage 2's multitask
   grain, packed, 0/1/2 workers: the same batches from `qwenvl-data pack` shards, decoded in worker processes
   train step: the demo's stage-2 model and batch at that image size, through train.trainer.run
     (step_time_s of the second logging interval: compiled, steady)
-Loader rates exclude the start (worker processes import JAX: seconds), reported apart.
+Loader rates exclude the start (worker processes import JAX: seconds), reported apart, and each worker's
+first batches.
 
   python -m bench.data [--images 512] [--batches 24] [--sizes 224 448] [--workers 0 1 2] [--no-step]
 """
@@ -23,11 +24,13 @@ from qwenvl_jax.preprocess import normalize
 
 
 def _rate(loader, batches: int) -> tuple[float, float]:
-  """(seconds to the first batch, samples/s over the next `batches`)."""
+  """(seconds to the first batch, samples/s over the next `batches` once every worker has delivered)."""
   start = time.perf_counter()
   it = iter(loader)
   next(it)
   first = time.perf_counter() - start
+  for _ in range(2 * loader.cfg.worker_count):  # each worker's start (importing JAX) is behind the first's
+    next(it)
   start = time.perf_counter()
   for _ in range(batches):
     next(it)
@@ -89,7 +92,7 @@ def main(argv=None):
         steps = 2 * cfg.log_every
         _, _, logged = run(cfg.replace(steps=steps, warmup_steps=1, peak_tflops=1.0), model_config=model_config,
                            tokenizer=tok, progress=False)
-        row.append(f'train step {cfg.batch_size / logged[-1]["step_time_s"]:.0f}')
+        row.append(f'train step {cfg.batch_size / logged[-1]["step_time_s"]:.3g}')
       print('  '.join(row), flush=True)
 
 
