@@ -214,3 +214,19 @@ def test_pack_memory_does_not_grow_with_the_source(tmp_path):
     assert PackedSource(src / 'out').manifest['records'] == n
   print(f'peak memory of pack: {peaks} MB')
   assert peaks[3000] - peaks[1000] < 40, peaks  # measured: 207 and 230 MB (all images held: +98 MB)
+
+
+def test_packed_overlong_records_follow_on_overlong(tok, packed):
+  """Packed records are not measured up front: a sample over the longest bucket meets on_overlong when its
+  batch is made, and a refused one is a bad record, named by shard, record and key."""
+  root, _, _ = packed
+  strict = _packed_loader(tok, root / 'p', seq_buckets=(64,), on_overlong='error')
+  with pytest.raises(ValueError, match=r'texts-0000\d.array_record record \d+ \(key \w+\): \d+ tokens, over '
+                                       r'the longest bucket \(64\) \(on_overlong=error\)'):
+    [strict.batch(k) for k in range(strict.batches_per_epoch)]
+  lenient = _packed_loader(tok, root / 'p', seq_buckets=(64,), on_overlong='skip', on_bad_record='skip')
+  batch = lenient.batch(0)
+  assert batch['input_ids'].shape[1] == 64 and lenient.last_skipped > 0
+  assert (batch['attention_mask'].sum(1) == 1).sum() == lenient.last_skipped
+  cut = _packed_loader(tok, root / 'p', seq_buckets=(64,))  # truncate: nothing is bad
+  assert cut.batch(0) is not None and cut.last_skipped == 0 and cut.last_truncated > 0
