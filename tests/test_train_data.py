@@ -9,7 +9,8 @@ from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.model import check_image_spans
 from qwenvl_jax.tokenizer import QwenVLTokenizer
 from train import world
-from train.data import Encoder, LoaderConfig, format_box, truncate
+from train.data import Encoder, format_box, truncate
+from train.loader import LoaderConfig
 from train.validate import make_loader, read_records
 
 SPAN = 16

@@ -16,7 +16,7 @@ from test_train_resume import MODEL  # the tiny real-vocabulary model of the res
 from train import world
 from train.cli import main
 from train.config import TrainConfig
-from train.data import LoaderConfig
+from train.loader import LoaderConfig
 from train.run_dir import CHECKPOINT_DIR, METRICS_FILE
 from train.trainer import run
 
@@ -179,7 +179,8 @@ def test_late_decode_error_stops_with_a_checkpoint(world_data, capsys, tmp_path,
   out = tmp_path / 'out'
   args = (f'data={data / "chat.json"}', f'out_dir={out}', 'steps=4', 'save_every=100')
   status, err = _cli(capsys, config, *args)
-  assert status == 1 and f"stopped before step 3 of 4: cannot decode image '{image.name}'" in err
+  assert status == 1 and f"stopped before step 3 of 4: {data / 'chat.json'} record " in err
+  assert f"cannot decode image '{image.name}'" in err and 'on_bad_record=skip' in err
   assert f'The state after step 2 is saved in {out / CHECKPOINT_DIR}' in err and '--resume' in err
   assert _steps(out) == [2] and _metric_steps(out) == [1, 2]
   image.write_bytes(original)

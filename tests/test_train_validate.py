@@ -6,7 +6,7 @@ import pytest
 
 from qwenvl_jax.tokenizer import QwenVLTokenizer
 from train import world
-from train.data import LoaderConfig
+from train.loader import LoaderConfig
 from train.validate import MAX_LISTED, DataError, make_loader, read_records, tag_problems
 
 SPAN = 16
@@ -136,7 +136,7 @@ def test_overlong_samples(tok, scenes, policy):
   assert report.truncated == ((9,) if policy == 'truncate' else ())
   assert ('leaves no token to train on' if policy == 'truncate' else 'on_overlong=skip') in \
       report.skipped[0]['reason']
-  assert len(loader.records) == len(report.used) == len(records) - len(report.skipped)
+  assert len(loader.source) == len(report.used) == len(records) - len(report.skipped)
   summary = report.summary(96, 'out/skipped.jsonl')
   assert f'{len(report.truncated)} truncated to the longest bucket (96 tokens), {len(report.skipped)} ' \
          'skipped (listed in out/skipped.jsonl)' in summary

@@ -21,6 +21,7 @@ STAGES = (1, 2, 3)
 DATA_FORMATS = ('caption', 'multitask', 'chat')
 CHAT_LABELS = ('official', 'assistant')
 ON_OVERLONG = ('truncate', 'skip', 'error')
+ON_BAD_RECORD = ('error', 'skip')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,13 @@ class TrainConfig:
   target_step: int = 256  # logits are computed at a multiple of this many positions per row
   max_images: int = 1  # image slots per row; a sample with more images is refused
   bucket_window: int = 8  # batches whose samples are sorted by length together
+  worker_count: int = 0  # grain processes decoding and tokenizing ahead of the step; 0: a thread
+  # A record that fails when its batch is made (an image that does not decode, a packed record that cannot
+  # be encoded): 'error' stops the run (with a checkpoint), naming the record; 'skip' blanks its row (no
+  # loss), appends it to out_dir/skipped.jsonl, counts it in the metrics, and stops the run when an epoch
+  # holds more than max_bad_fraction of bad records.
+  on_bad_record: str = 'error'
+  max_bad_fraction: float = 0.001
   # Optimisation.
   batch_size: int = 4096  # global, all hosts together
   grad_accum: int = 8
@@ -89,6 +97,12 @@ class TrainConfig:
       problems.append(f'chat_labels must be one of {CHAT_LABELS}, got {self.chat_labels!r}')
     if self.on_overlong not in ON_OVERLONG:
       problems.append(f'on_overlong must be one of {ON_OVERLONG}, got {self.on_overlong!r}')
+    if self.on_bad_record not in ON_BAD_RECORD:
+      problems.append(f'on_bad_record must be one of {ON_BAD_RECORD}, got {self.on_bad_record!r}')
+    if not 0 <= self.max_bad_fraction < 1:
+      problems.append(f'max_bad_fraction must lie in [0, 1), got {self.max_bad_fraction}')
+    if self.worker_count < 0:
+      problems.append(f'worker_count must be >= 0, got {self.worker_count}')
     if not self.seq_buckets or any(b < 2 for b in self.seq_buckets):
       problems.append(f'seq_buckets must be lengths >= 2, got {self.seq_buckets}')
     if list(self.seq_buckets) != sorted(set(self.seq_buckets)):

@@ -4,7 +4,8 @@ A batch (global rows, split into `grad_accum` micro-batches by a scan inside the
   input_ids [B, T] int32, attention_mask [B, T] (real tokens; right padding),
   targets [B, N] int32: positions p whose next token p+1 is a training target (padding: 0),
   target_mask [B, N] float32: 1 for real targets, 0 for padding,
-  pixel_values [B, M, S, S, 3] float32: M image slots per row, filled in order, zeros when unused.
+  pixel_values [B, M, S, S, 3] float32, or uint8 bytes normalised here: M image slots per row, filled in
+  order, zeros when unused.
 The loss is the mean cross entropy over all real targets of the global batch. Logits are computed only at
 the target positions (the model's `logits_at`): the 152k-vocabulary head dominates otherwise.
 """
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from qwenvl_jax.model import QwenVL
+from qwenvl_jax.preprocess import normalize_on_device
 from train.config import TrainConfig
 from train.lora import apply_lora
 from train.optim import lr_schedule, trainable_mask, trainables
@@ -86,6 +88,8 @@ def make_train_step(model: QwenVL, optimizer: optax.GradientTransformation,
       params = apply_lora(params, tree['lora'], cfg.lora_alpha, cfg.lora_dropout, rng)
     variables = {'params': params}
     ids, pixels = mb['input_ids'], mb['pixel_values']
+    if pixels.dtype == jnp.uint8:  # the loader ships bytes: a quarter of float32's transfer
+      pixels = normalize_on_device(pixels)
     b, slots = pixels.shape[:2]
     features = None
     if slots:

@@ -21,14 +21,13 @@ from qwenvl_jax.params import params_to_hf
 from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, find_vocab
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig
-from train.data import LoaderConfig
+from train.inputs import open_data
 from train.lora import merge_lora
 from train.metrics import MetricsLog, measure_peak_flops, step_flops
 from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, SKIPPED_FILE, TrainError, check_resume, is_run_dir,
                            run_weights, write_configs)
 from train.state import create, make_layout, run_optimizer
 from train.step import make_train_step
-from train.validate import make_loader, read_records
 
 
 def say(message: str) -> None:
@@ -108,14 +107,15 @@ class _Throughput:
     per_device = cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_peak_flops(config.compute_dtype)
     self.peak = per_device * devices
     self.pending: list[tuple[int, dict, float]] = []
-    self.truncated = 0
+    self.truncated = self.skipped = 0
     self.start = time.perf_counter()
 
   def add(self, step: int, metrics: Mapping[str, jax.Array], batch_shapes: Mapping[str, tuple],
-          truncated: int) -> None:
+          truncated: int, skipped: int) -> None:
     flops = step_flops(self.config, batch_shapes, self.cfg.stage, self.cfg.lora)
     self.pending.append((step, metrics, flops))
     self.truncated += truncated
+    self.skipped += skipped
 
   def flush(self) -> dict[str, float] | None:
     if not self.pending:
@@ -131,12 +131,13 @@ class _Throughput:
         'mfu': float(sum(f for _, _, f in self.pending) / elapsed / self.peak),
         'step_time_s': elapsed / len(self.pending),
         'truncated': self.truncated,  # samples of these steps' batches cut to the longest bucket
+        'skipped': self.skipped,  # bad records of these steps' batches left out (on_bad_record=skip)
     }
     self.log.write(record)
     self.bar.set_postfix(loss=f'{record["loss"]:.4f}', lr=f'{record["lr"]:.2e}',
                          gnorm=f'{record["grad_norm"]:.3f}', tok_s=f'{record["tokens_per_s"]:.0f}',
                          mfu=f'{record["mfu"]:.1%}', refresh=False)
-    self.pending, self.truncated, self.start = [], 0, time.perf_counter()
+    self.pending, self.truncated, self.skipped, self.start = [], 0, 0, time.perf_counter()
     return record
 
 
@@ -177,25 +178,15 @@ def _run(cfg, checkpointer, model_config, params, tokenizer, records, resume, me
       return model_config, None, []
   tokenizer = tokenizer or QwenVLTokenizer(vocab_path(cfg), image_span_length=model_config.vision.n_queries)
   check_tokenizer(tokenizer, model_config)
-  lines = None
-  if records is None:
-    if not cfg.data:
-      raise TrainError('no training data: set data=<.json or .jsonl file>')
-    records, lines = read_records(cfg.data)
-  root = cfg.data_root or (str(pathlib.Path(cfg.data).resolve().parent) if cfg.data else os.getcwd())
-  loader, report = make_loader(
-      records, tokenizer, cfg.data_format, cfg.chat_labels,
-      LoaderConfig(cfg.batch_size, cfg.seq_buckets, cfg.target_step, cfg.max_images, cfg.image_size,
-                   cfg.seed, cfg.bucket_window),
-      root, jax.process_index(), jax.process_count(), source=cfg.data or 'records', lines=lines,
-      on_overlong=cfg.on_overlong)
+  loader, report = open_data(cfg, tokenizer, records, jax.process_index(), jax.process_count())
 
   model_config, params = model_and_weights(cfg, model_config, params)
   model = QwenVL(model_config)
   if jax.process_index() == 0:
     write_configs(out_dir, cfg, model_config, tokenizer.vocab_file)
-    if report.skipped:
+    if report.skipped and not resuming:  # a resumed run appends the records it skips while training
       report.write_skipped(out_dir / SKIPPED_FILE)
+  loader.skipped_file = out_dir / SKIPPED_FILE
   say(report.summary(cfg.seq_buckets[-1], out_dir / SKIPPED_FILE))
   optimizer = run_optimizer(cfg, model)
   layout = make_layout(cfg, model, optimizer, mesh, rules)
@@ -253,7 +244,7 @@ def _loop(cfg, model, model_config, optimizer, state, loader, checkpointer, plac
       shapes = {k: (v.shape[0] * jax.process_count(),) + v.shape[1:] for k, v in batch.items()}
       state, metrics = train_step(state, place_batch(batch))
       step += 1
-      meter.add(step, metrics, shapes, loader.last_truncated)
+      meter.add(step, metrics, shapes, loader.last_truncated, loader.last_skipped)
       checkpointer.save(step, state, loader.state())
       bar.update(1)
       if step % cfg.log_every == 0 or step == last:

@@ -5,7 +5,8 @@ every record is checked up front: its fields and their types, the `<img>`, `<ref
 tags of every text (closed, not nested, boxes of integers in [0, 1000)), its image files (present under
 the data root and with a readable header: `PIL.Image.verify`, no pixel decoding), and its length against
 the longest bucket (`on_overlong`). Problems are listed by record (and line of a .jsonl file), field and
-reason; a full decode that fails later stops the run with a checkpoint (train/trainer.py).
+reason; a full decode that fails later is handled by on_bad_record (train/loader.py): stop with a
+checkpoint, or skip and log. Packed datasets are checked when packed (train/packing.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from PIL import Image
 
 from qwenvl_jax.images import ImageLoader
 from qwenvl_jax.tokenizer import QwenVLTokenizer
-from train.data import IMG_TAG, TASK_FIELDS, Encoder, Loader, LoaderConfig, truncate
+from train.data import IMG_TAG, TASK_FIELDS, Encoder, truncate
+from train.loader import Loader, LoaderConfig
+from train.packed import ListSource
 
 MAX_LISTED = 50  # problems listed in an error; the rest are counted
 _TAG = re.compile(r'<(/?)(img|ref|box|quad)>')
@@ -262,6 +265,5 @@ def make_loader(records: Sequence[Any], tokenizer: QwenVLTokenizer, data_format:
   encoder = Encoder(tokenizer, data_format, chat_labels, cfg.max_images)
   images = ImageLoader(allowed_root=image_root)
   report = validate(records, encoder, images, cfg.seq_buckets[-1], on_overlong, source, lines)
-  loader = Loader([records[i] for i in report.used], encoder, cfg, images, process_index, process_count,
-                  source, record_ids=report.used)
-  return loader, report
+  source = ListSource([records[i] for i in report.used], image_root, source, report.used, lines)
+  return Loader(source, encoder, cfg, process_index, process_count), report
