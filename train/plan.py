@@ -22,6 +22,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 import jax
+from jax.sharding import PartitionSpec
 
 from qwenvl_jax import sharding as sh
 from qwenvl_jax.config import QwenVLConfig, as_dtype, qwen_vl_7b
@@ -134,8 +135,13 @@ def abstract_state(setup: Setup) -> tuple[Any, Any]:
 
 
 def _local(leaf, spec, sizes) -> int:
-  """Elements of one leaf on one device."""
+  """Elements of one leaf on one device; a spec shorter than the leaf's rank leaves the rest whole."""
+  spec = PartitionSpec(*spec, *(None,) * (len(leaf.shape) - len(spec)))
   return math.prod(sh.shard_shape(leaf.shape, spec, sizes))
+
+
+def _specs(tree: Any) -> list[PartitionSpec]:
+  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def state_bytes(setup: Setup, state: Any, mask: Any) -> tuple[dict[str, int], dict[str, int]]:
@@ -144,7 +150,7 @@ def state_bytes(setup: Setup, state: Any, mask: Any) -> tuple[dict[str, int], di
   specs = sh.state_specs(state, setup.sizes, setup.rules)
   nbytes = lambda tree, spec_tree: sum(
       _local(x, s, setup.sizes) * x.dtype.itemsize
-      for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(spec_tree)))
+      for x, s in zip(jax.tree.leaves(tree), _specs(spec_tree), strict=True))
   parts = {'params': nbytes(state.params, specs.params), 'lora': nbytes(state.lora, specs.lora),
            'optimizer': nbytes(state.opt_state, specs.opt_state)}
   tree = trainables(state.params, state.lora)
@@ -153,7 +159,7 @@ def state_bytes(setup: Setup, state: Any, mask: Any) -> tuple[dict[str, int], di
   lora_paths = {TARGETS[name][0] for name in setup.cfg.lora_targets}
   counts = dict(total_params=0, trainable_params=0, trainable_local=0, decoder_local=0, vit_local=0,
                 lora_targets_local=0)
-  for (path, x), spec, train in zip(flat, jax.tree.leaves(tree_specs), jax.tree.leaves(mask)):
+  for (path, x), spec, train in zip(flat, _specs(tree_specs), jax.tree.leaves(mask), strict=True):
     keys = tuple(str(getattr(k, 'key', k)) for k in path)
     local = _local(x, spec, setup.sizes)
     if keys[0] == 'params':
@@ -191,6 +197,7 @@ def format_plan(plan: Plan, xla: Mapping[str, Any] | None = None) -> str:
       f'gradients and AdamW moments, {cfg.dtype} compute, remat {cfg.remat}',
       f'global batch {cfg.batch_size} x {s.seq} tokens in {cfg.grad_accum} micro-batch(es), '
       f'{cfg.max_images} image(s) of {cfg.image_size}px per sample',
+      f'transients at the peak of the step: the {plan.phase} phase (train/plan_model.py)',
       '',
       f'{"per device":<28}{"plan":>14}',
   ]
@@ -204,10 +211,10 @@ def format_plan(plan: Plan, xla: Mapping[str, Any] | None = None) -> str:
               f'donated arguments, temporaries {gib(xla["temp_bytes"]).strip()}',
               f'{"XLA total":<28}{gib(xla["xla_bytes_per_device"]):>14}   '
               f'(plan / XLA = {plan.total / xla["xla_bytes_per_device"]:.3f})']
-  lines += ['', f'fits in {USABLE:.0%} of the memory of one device' + ''.join(f'{k:>10}' for k in figures)]
+  lines += ['', f'{f"fits in {USABLE:.0%} of one device":<28}' + ''.join(f'{k:>14}' for k in figures)]
   for name, hbm in ACCELERATORS.items():
-    verdict = ''.join(f'{"fits" if b <= USABLE * hbm * GiB else "no":>10}' for b in figures.values())
-    lines.append(f'{f"{name} ({hbm} GiB)":<46}{verdict}')
+    verdict = ''.join(f'{"fits" if b <= USABLE * hbm * GiB else "no":>14}' for b in figures.values())
+    lines.append(f'{f"{name} ({hbm} GiB)":<28}{verdict}')
   return '\n'.join(lines)
 
 
