@@ -120,8 +120,14 @@ def test_cli_errors_and_module_entry_point(capsys):
   assert 'TPU v5p (95 GiB)' in proc.stdout and 'stage 2' in proc.stdout
 
 
+# LLVM's optimisation of the generated code changes no buffer (the figures are identical) and costs ~20%
+# of each compile.
+FAST_CODEGEN = '--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0'
+
+
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', **extra)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_CODEGEN)
+  env.update(extra)
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
   return env
 
@@ -160,9 +166,10 @@ def _check_against_xla(tmp_path, cases):
     assert 0.85 < out['plan_over_xla'] < 1.15, (name, out['plan'], xla)
 
 
+@pytest.mark.slow
 def test_plan_matches_xla(tmp_path):
-  """The plan within 15% of the compiled step's memory for every stage and LoRA (the released config's
-  figures are in the README; one compile there takes minutes)."""
+  """The plan within 15% of the compiled step's memory for every stage and LoRA (~35 s of compile each;
+  the released config's figures are in the README, one compile there takes 1-2 minutes)."""
   _check_against_xla(tmp_path, ['stage1', 'stage2', 'stage3', 'lora'])
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -125,13 +126,20 @@ def make_setup(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: in
 
 def abstract_state(setup: Setup) -> tuple[Any, Any]:
   """(TrainState of ShapeDtypeStructs, trainable mask of the optimiser's tree) as the trainer builds them."""
+  # Batch, sequence and remat shape the step, not the state: plans that differ only there share one.
+  return _abstract_state(setup.cfg.replace(batch_size=1, grad_accum=1, seq_buckets=(2,), remat='none'),
+                         setup.model_config.replace(remat='none'))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_state(cfg: TrainConfig, model_config: QwenVLConfig) -> tuple[Any, Any]:
   from qwenvl_jax.model import QwenVL
   from train.optim import trainable_mask, trainables
   from train.state import from_random, run_optimizer
-  model = QwenVL(setup.model_config)
-  optimizer = run_optimizer(setup.cfg, model)
-  state = jax.eval_shape(from_random(setup.cfg, model, optimizer))
-  return state, trainable_mask(setup.cfg, trainables(state.params, state.lora))
+  model = QwenVL(model_config)
+  optimizer = run_optimizer(cfg, model)
+  state = jax.eval_shape(from_random(cfg, model, optimizer))
+  return state, trainable_mask(cfg, trainables(state.params, state.lora))
 
 
 def _local(leaf, spec, sizes) -> int:
