@@ -118,9 +118,8 @@ def make_setup(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: in
     _check_count('image_size', image_size, config.vision.patch_size)
     overrides['image_size'] = image_size
   cfg = stage_config(stage, **overrides)
-  # The trainer's model config (train/trainer.py `model_and_weights`): float32 master weights.
-  model_config = config.replace(dtype=cfg.dtype, param_dtype='float32', remat=cfg.remat,
-                                vision={'image_size': cfg.image_size})
+  from train.trainer import model_and_weights  # the trainer's numerics, remat and image size
+  model_config, _ = model_and_weights(cfg, config)  # no init_from: nothing is read
   return Setup(cfg, model_config, sizes, rules, seq)
 
 
@@ -154,7 +153,7 @@ def _specs(tree: Any) -> list[PartitionSpec]:
 
 def state_bytes(setup: Setup, state: Any, mask: Any) -> tuple[dict[str, int], dict[str, int]]:
   """Per-device bytes of the state's parts, plus counts and the local bytes the transients scale with."""
-  from train.optim import trainables
+  from train.optim import path_keys, trainables
   specs = sh.state_specs(state, setup.sizes, setup.rules)
   nbytes = lambda tree, spec_tree: sum(
       _local(x, s, setup.sizes) * x.dtype.itemsize
@@ -168,7 +167,7 @@ def state_bytes(setup: Setup, state: Any, mask: Any) -> tuple[dict[str, int], di
   counts = dict(total_params=0, trainable_params=0, trainable_local=0, decoder_local=0, vit_local=0,
                 lora_targets_local=0)
   for (path, x), spec, train in zip(flat, _specs(tree_specs), jax.tree.leaves(mask), strict=True):
-    keys = tuple(str(getattr(k, 'key', k)) for k in path)
+    keys = path_keys(path)
     local = _local(x, spec, setup.sizes)
     if keys[0] == 'params':
       counts['total_params'] += x.size
