@@ -24,7 +24,8 @@ CASES = {  # 4 devices
     'lora': ['--stage', '3', '--mesh', 'fsdp=4', '--batch', '4', '--lora'],
     # 8 devices
     'fsdp_tp': ['--stage', '2', '--mesh', 'fsdp=4,tensor=2', '--batch', '8', '--rules', 'fsdp_tp'],
-    'remat_accum': ['--stage', '2', '--mesh', 'fsdp=8', '--batch', '16', '--remat', 'full', '--grad-accum', '2'],
+    'remat_accum': ['--stage', '2', '--mesh', 'fsdp=8', '--batch', '16', '--remat', 'full',
+                    '--grad-accum', '2'],
 }
 
 

@@ -183,9 +183,9 @@ def test_plan_matches_xla_with_tensor_parallelism_remat_and_accumulation(tmp_pat
 @pytest.mark.slow
 def test_released_stage2_matches_xla():
   """The acceptance figure: the released model, stage 2, 8-way FSDP, 8 x 1024 tokens (~60 s, 1.1 GB)."""
-  proc = subprocess.run([sys.executable, '-m', 'train.plan', '--mesh', 'fsdp=8', '--batch', '8', '--seq', '1024',
-                         '--stage', '2', '--compile', '--json'], capture_output=True, text=True, timeout=900,
-                        env=_env())
+  flags = ['--mesh', 'fsdp=8', '--batch', '8', '--seq', '1024', '--stage', '2', '--compile', '--json']
+  proc = subprocess.run([sys.executable, '-m', 'train.plan', *flags], capture_output=True, text=True,
+                        timeout=900, env=_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout)
   assert out['total_params'] == RELEASED_PARAMS and out['xla']['backend'] == 'cpu'

@@ -213,9 +213,10 @@ def format_plan(plan: Plan, xla: Mapping[str, Any] | None = None) -> str:
   figures = {'plan': plan.total}
   if xla is not None:
     figures['XLA'] = xla['xla_bytes_per_device']
-    lines += ['', f'XLA ({xla["backend"]}, compiled): arguments {gib(xla["argument_bytes"]).strip()}, outputs '
-              f'{gib(xla["output_bytes"]).strip()} of which {gib(xla["alias_bytes"]).strip()} alias the '
-              f'donated arguments, temporaries {gib(xla["temp_bytes"]).strip()}',
+    size = lambda k: gib(xla[f'{k}_bytes']).strip()
+    lines += ['', f'XLA ({xla["backend"]}, compiled): arguments {size("argument")}, outputs '
+              f'{size("output")} of which {size("alias")} alias the donated arguments, temporaries '
+              f'{size("temp")}',
               f'{"XLA total":<28}{gib(xla["xla_bytes_per_device"]):>14}   '
               f'(plan / XLA = {plan.total / xla["xla_bytes_per_device"]:.3f})']
   lines += ['', f'{f"fits in {USABLE:.0%} of one device":<28}' + ''.join(f'{k:>14}' for k in figures)]

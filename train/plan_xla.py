@@ -39,7 +39,8 @@ def abstract_batch(setup, layout) -> dict[str, jax.ShapeDtypeStruct]:
   shapes = {'input_ids': ((b, t), jnp.int32), 'attention_mask': ((b, t), jnp.int32),
             'targets': ((b, t), jnp.int32), 'target_mask': ((b, t), jnp.float32),
             'pixel_values': ((b, cfg.max_images, s, s, 3), jnp.float32)}
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(layout.mesh, layout.rules, shape))
+  place = lambda shape: sharding.batch_sharding(layout.mesh, layout.rules, shape)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=place(shape))
           for k, (shape, dtype) in shapes.items()}
 
 
@@ -68,5 +69,6 @@ def compile_step(setup) -> dict[str, Any]:
   out['host_bytes'] = host
   out['backend'] = jax.default_backend()
   # Donated state: the outputs alias the arguments, so those bytes are counted once.
-  out['xla_bytes_per_device'] = out['argument_bytes'] + out['output_bytes'] - out['alias_bytes'] + out['temp_bytes']
+  out['xla_bytes_per_device'] = (out['argument_bytes'] + out['output_bytes'] - out['alias_bytes']
+                                 + out['temp_bytes'])
   return out
