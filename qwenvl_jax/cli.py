@@ -59,7 +59,7 @@ def _parser(with_plan: bool) -> argparse.ArgumentParser:
   plan = sub.add_parser('plan', help='memory and sharding plan for a configuration')
   sub.add_parser('serve', help='OpenAI-compatible HTTP server (qwenvl-jax serve --help)', add_help=False)
   if with_plan:  # imported only when asked for: it is optional for chat
-    from qwenvl_jax import plan as plan_lib
+    from train import plan as plan_lib
     plan_lib.add_arguments(plan)
   return parser
 
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   want_plan = argv[:1] == ['plan']
   args = _parser(with_plan=want_plan).parse_args(argv)
   if args.command == 'plan':
-    from qwenvl_jax import plan as plan_lib
+    from train import plan as plan_lib
     return plan_lib.run(args)
   try:
     return _chat(args, sys.stdin, sys.stdout)

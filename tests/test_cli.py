@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-import qwenvl_jax
+import train
 from qwenvl_jax import cli
 from qwenvl_jax.chat import chat
 from qwenvl_jax.checkpoint import load_pretrained
@@ -200,8 +200,8 @@ def test_plan_is_imported_only_when_asked(monkeypatch):
   calls = []
   fake = types.SimpleNamespace(add_arguments=lambda p: p.add_argument('--devices', type=int),
                                run=lambda args: calls.append(args.devices) or 7)
-  monkeypatch.setitem(sys.modules, 'qwenvl_jax.plan', fake)
-  monkeypatch.setattr(qwenvl_jax, 'plan', fake, raising=False)
+  monkeypatch.setitem(sys.modules, 'train.plan', fake)
+  monkeypatch.setattr(train, 'plan', fake, raising=False)
   assert cli.main(['plan', '--devices', '4']) == 7 and calls == [4]
 
 

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from qwenvl_jax import load_pretrained
-from qwenvl_jax.plan import trainable
+from train.stages import trainable
 from train.config import TrainConfig, stage_config
 from train.optim import (TRAIN, labels, lr_schedule, make_optimizer, path_keys, trainables,
                          vit_layer_scale)

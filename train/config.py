@@ -15,9 +15,10 @@ from typing import Any, Mapping, Sequence
 
 from qwenvl_jax import jsonfile
 from qwenvl_jax.jsonfile import ConfigFileError
+from train import stages
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
-STAGES = (1, 2, 3)
+STAGES = tuple(stages.STAGES)  # (1, 2, 3)
 DATA_FORMATS = ('caption', 'multitask', 'chat')
 CHAT_LABELS = ('official', 'assistant')
 ON_OVERLONG = ('truncate', 'skip', 'error')

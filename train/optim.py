@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qwenvl_jax.plan import trainable
+from train.stages import trainable
 from train.config import TrainConfig
 
 TRAIN, FROZEN = 'train', 'frozen'
@@ -34,7 +34,7 @@ def labels(cfg: TrainConfig, tree: dict) -> dict:
     keys = path_keys(path)
     if keys[0] == 'lora':
       return TRAIN
-    return TRAIN if not cfg.lora and trainable(keys[1:], cfg.stage) else FROZEN  # stages: qwenvl_jax.plan
+    return TRAIN if not cfg.lora and trainable(keys[1:], cfg.stage) else FROZEN  # train/stages.py
   return jax.tree_util.tree_map_with_path(label, tree)
 
 
