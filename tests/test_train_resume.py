@@ -53,13 +53,17 @@ def _assert_bitwise_equal(a, b):
     assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
+def _refuse(*args, **kwargs):
+  raise AssertionError('a resume initialised the state or read weights')
+
+
 def _losses(out_dir):
   lines = (out_dir / METRICS_FILE).read_text().splitlines()
   return {r['step']: r['loss'] for r in map(json.loads, lines)}
 
 
 @pytest.mark.slow
-def test_six_steps_equal_three_plus_resume_plus_three(setup):
+def test_six_steps_equal_three_plus_resume_plus_three(setup, monkeypatch):
   root, cfg = setup
   straight_dir, split_dir = root / 'straight', root / 'split'
   _, straight, logged = run(cfg.replace(out_dir=str(straight_dir)), progress=False)
@@ -71,7 +75,10 @@ def test_six_steps_equal_three_plus_resume_plus_three(setup):
   assert sorted(ocp.CheckpointManager(split_dir / CHECKPOINT_DIR).all_steps()) == [3]
   with pytest.raises(TrainError, match='--resume'):
     run(split_cfg, progress=False)
-  _, resumed, _ = run(split_cfg, progress=False, resume=True)  # fresh model, optimizer, loader, jit
+  with monkeypatch.context() as m:  # fresh model, optimizer, loader, jit; no init, no weights read
+    for target in ('train.trainer.create', 'train.trainer.initial_weights'):
+      m.setattr(target, _refuse)
+    _, resumed, _ = run(split_cfg, progress=False, resume=True)
 
   _assert_bitwise_equal(straight, resumed)
   state_a, loader_a = _restore(straight_dir / CHECKPOINT_DIR, 6)
