@@ -26,7 +26,7 @@ from qwenvl_jax.config import QwenVLConfig, as_dtype
 from qwenvl_jax.jsonfile import ConfigFileError, get, read_object
 from qwenvl_jax.layout import (BIN_INDEX, MARKER, PARAMS_DIR, SAFETENSORS_INDEX, IncompleteCheckpointError,
                                Kind, describe_directory, leftover_note, wrong_kind)
-from qwenvl_jax import orbax_leaves
+from qwenvl_jax import orbax_leaves, released_slices
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.params import (CheckpointMismatchError, check_names, get_path, leaf_shapes, params_from_hf,
                                set_path)
@@ -364,8 +364,9 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
                     **config_overrides) -> tuple[QwenVL, dict]:
   """(model, params) from a released-layout or converted directory; params in `dtype` (default float32).
 
-  `shardings`: a Sharding for every leaf or a tree of them matching params. From a converted directory the
-  params are restored straight onto them; the released layout is read whole on the host first.
+  `shardings`: a Sharding for every leaf or a tree of them matching params. The params are read straight
+  onto them: each host reads only the slices its devices hold (Orbax for a converted directory,
+  `released_slices` for the released layout).
   `split_layers`: from a converted directory onto one device, the decoder's layers come as a tuple of
   per-layer trees, read one layer at a time (`restore_params`), ready for `generate.decode_params`
   without a second copy of any stacked leaf. `config_overrides` go to QwenVLConfig (e.g. `remat='full'`);
@@ -386,6 +387,9 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
     return QwenVL(config), restore_params(root, config, dtype, shardings, split_layers)
   checkpoint = ReleasedCheckpoint(root)
   check_released(checkpoint, config)
+  placement = _sharding_tree(shardings, list(leaf_shapes(config)))
+  if any(len(s.device_set) > 1 for s in placement.values()):  # each host copies only its devices' blocks
+    return QwenVL(config), released_slices.read_onto(checkpoint.tensors(), config, placement, dtype)
   # Memory-mapped tensors: params_from_hf's copies are the only ones in anonymous memory.
   tensors = {e.name: a for e, a in checkpoint.tensors()}
   params = params_from_hf(tensors, config, dtype=dtype)

@@ -26,13 +26,17 @@ ENV_PROCESS_ID = 'JAX_PROCESS_ID'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """--coordinator, --num-processes, --process-id (each defaults to its environment variable)."""
+  """--coordinator, --num-processes, --process-id (each defaults to its environment variable) and
+  --auto-distributed (the cluster's own detection)."""
   parser.add_argument('--coordinator', default=None,
                       help=f'host:port of process 0 for jax.distributed (default: ${ENV_COORDINATOR})')
   parser.add_argument('--num-processes', type=int, default=None,
                       help=f'number of processes (default: ${ENV_NUM_PROCESSES})')
   parser.add_argument('--process-id', type=int, default=None,
                       help=f'this process, 0..num_processes-1 (default: ${ENV_PROCESS_ID})')
+  parser.add_argument('--auto-distributed', action='store_true',
+                      help='start jax.distributed from the cluster itself (Cloud TPU pod slices, SLURM, '
+                           'Open MPI): run the same command on every host, no other flag needed')
 
 
 def _env_int(name: str) -> int | None:
@@ -76,7 +80,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def initialize_from_args(args: argparse.Namespace, auto: bool = False) -> bool:
-  return initialize(args.coordinator, args.num_processes, args.process_id, auto=auto)
+  return initialize(args.coordinator, args.num_processes, args.process_id,
+                    auto=auto or getattr(args, 'auto_distributed', False))
 
 
 def is_main() -> bool:

@@ -57,6 +57,22 @@ def test_settings_come_from_flags_then_environment(no_dist_env, monkeypatch):
   assert (kw['coordinator_address'], kw['num_processes'], kw['process_id']) == ('10.0.0.1:9999', 4, 1)
 
 
+def test_auto_detection_leaves_the_settings_to_jax(no_dist_env, monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.config, 'update', lambda *a: None)
+  parser = argparse.ArgumentParser()
+  distributed.add_arguments(parser)
+  assert distributed.initialize_from_args(parser.parse_args(['--auto-distributed']))
+  assert (calls[0]['coordinator_address'], calls[0]['num_processes'], calls[0]['process_id']) == (None,) * 3
+
+
+def test_train_cli_refuses_partial_settings(no_dist_env, capsys):
+  from train.cli import main
+  assert main(['--config', 'stage2', '--coordinator', '127.0.0.1:1234', '--process-id', '0']) == 2
+  assert "missing ['num_processes']" in capsys.readouterr().err
+
+
 def test_log0_prints_on_process_zero_only(capsys, monkeypatch):
   distributed.log0('hello', 1)
   assert capsys.readouterr().out == 'hello 1\n'

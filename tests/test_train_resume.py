@@ -55,15 +55,20 @@ def _assert_bitwise_equal(a, b):
     assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
+def _refuse(*args, **kwargs):
+  raise AssertionError('a resume initialised the state or read weights')
+
+
 def _losses(out_dir):
   lines = (out_dir / METRICS_FILE).read_text().splitlines()
   return {r['step']: r['loss'] for r in map(json.loads, lines)}
 
 
 @pytest.mark.slow
-def test_six_steps_equal_three_plus_resume_plus_three(setup):
+def test_six_steps_equal_three_plus_resume_plus_three(setup, monkeypatch):
   """The straight run reads the JSON file in the training process; the stopped and resumed one reads the
-  same records packed, through 2 grain worker processes: same batches, same state, bit for bit."""
+  same records packed, through 2 grain worker processes: same batches, same state, bit for bit. The resume
+  initialises nothing and reads no weights."""
   root, cfg = setup
   straight_dir, split_dir = root / 'straight', root / 'split'
   _, straight, logged = run(cfg.replace(out_dir=str(straight_dir)), progress=False)
@@ -76,7 +81,10 @@ def test_six_steps_equal_three_plus_resume_plus_three(setup):
   assert sorted(ocp.CheckpointManager(split_dir / CHECKPOINT_DIR).all_steps()) == [3]
   with pytest.raises(TrainError, match='--resume'):
     run(split_cfg, progress=False)
-  _, resumed, _ = run(split_cfg, progress=False, resume=True)  # fresh model, optimizer, loader, jit
+  with monkeypatch.context() as m:  # fresh model, optimizer, loader, jit; no init, no weights read
+    for target in ('train.trainer.create', 'train.trainer.initial_weights'):
+      m.setattr(target, _refuse)
+    _, resumed, _ = run(split_cfg, progress=False, resume=True)
 
   _assert_bitwise_equal(straight, resumed)
   state_a, loader_a = _restore(straight_dir / CHECKPOINT_DIR, 6)
@@ -111,6 +119,11 @@ def test_cli_lora_stop_and_resume(setup):
   _assert_bitwise_equal(merged, straight)
   state, _ = _restore(root / 'cli_split' / CHECKPOINT_DIR, 6)
   assert np.any(np.asarray(state['lora']['w1']['b']))
+  # The next stage from this out_dir starts from the same merged weights (merged there under jit).
+  from train.trainer import initial_weights, on_one_device
+  started = initial_weights(cfg.replace(init_from=str(root / 'cli_split')), None, on_one_device(merged))
+  for a, b in zip(jax.tree.leaves(started), jax.tree.leaves(merged)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_cli_rejects_bad_overrides(capsys):

@@ -96,10 +96,12 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore_weights(directory: str | os.PathLike, say: Callable[[str], None] = _say
+def restore_weights(directory: str | os.PathLike, shardings: Any, say: Callable[[str], None] = _say
                     ) -> tuple[int, dict, dict | None]:
-  """(step, params, LoRA tree or None) of the latest readable step in a run's checkpoint directory, as
-  host arrays; the optimizer state is not read."""
+  """(step, params, LoRA tree or None) of the latest readable step in a run's checkpoint directory; the
+  optimizer state is not read. The params come in float32 on `shardings` (a tree of them matching the
+  params), each process reading only the slices its devices hold; the LoRA factors (small) whole on
+  each of the same devices."""
   directory = pathlib.Path(directory).resolve()
   manager = ocp.CheckpointManager(directory)
   try:
@@ -114,11 +116,14 @@ def restore_weights(directory: str | os.PathLike, say: Callable[[str], None] = _
     path = directory / str(step) / 'state'
     try:
       tree = checkpointer.metadata(path).item_metadata.tree
-      wanted = {k: tree[k] for k in ('params', 'lora') if tree.get(k)}
-      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
-      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+      wanted = {'params': _targets(tree['params'], shardings, 'params')}
+      if tree.get('lora'):
+        whole = _replicated(jax.tree.leaves(shardings)[0])
+        wanted['lora'] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=whole),
+                                      tree['lora'])
       restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-          item=abstract, restore_args=restore_args, partial_restore=True))
+          item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+          partial_restore=True))
     except Exception as e:  # as in Checkpointer.restore
       failures.append(f'step {step}: {_reason(e)}')
       say(f'checkpoint step {step} in {directory} is damaged and cannot be read ({_reason(e)}); '
@@ -126,3 +131,23 @@ def restore_weights(directory: str | os.PathLike, say: Callable[[str], None] = _
       continue
     return step, restored['params'], restored.get('lora')
   raise CheckpointError(f'no readable checkpoint in {directory}: ' + '; '.join(failures))
+
+
+def _targets(metadata: Any, shardings: Any, what: str) -> Any:
+  """Restore targets: the saved shapes, float32, on `shardings`; a saved tree that differs from the
+  run's is named, leaf by leaf, rather than failing inside Orbax."""
+  saved = {jax.tree_util.keystr(k): m for k, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  wanted = {jax.tree_util.keystr(k) for k, _ in flat}
+  if saved.keys() != wanted:
+    raise ValueError(f'saved {what} differ from the model: missing {sorted(wanted - saved.keys())}, '
+                     f'unexpected {sorted(saved.keys() - wanted)}')
+  return jax.tree_util.tree_unflatten(treedef, [
+      jax.ShapeDtypeStruct(saved[jax.tree_util.keystr(k)].shape, np.float32, sharding=s) for k, s in flat])
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return sharding

@@ -1,5 +1,9 @@
 """`qwenvl-train --config stage2 data=train.jsonl init_from=ckpt/ [key=value ...] [--resume]`.
 
+On several hosts every host runs the same command, with `--coordinator HOST:PORT --num-processes N
+--process-id I` (or $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID), or
+`--auto-distributed` where the cluster tells JAX (Cloud TPU pod slices, SLURM, Open MPI).
+
 Exit status: 0 when the run ends (or, resumed, has nothing left to do), 1 when it cannot start or go on
 (`qwenvl-train: error: ...` on stderr, with what to do), 2 for a bad command line or config file.
 """
@@ -10,6 +14,7 @@ import json
 import sys
 from typing import Sequence
 
+from qwenvl_jax import distributed
 from train.config import TrainConfig
 from train.run_dir import TrainError
 
@@ -36,6 +41,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--rules', default='', help='parameter sharding rules: fsdp, tp, fsdp_tp')
   parser.add_argument('--print-config', action='store_true', help='print the resolved config and exit')
   parser.add_argument('--no-progress', action='store_true', help='no progress bar (metrics file only)')
+  distributed.add_arguments(parser)
   # Intermixed: `key=value` may come before, between or after the flags.
   return parser.parse_intermixed_args(argv)
 
@@ -54,7 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.print_config:
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
-  from train.trainer import run  # imports JAX: only once the arguments are known to be good
+  try:
+    distributed.initialize_from_args(args)  # before any device is touched
+  except ValueError as e:
+    return _error(str(e), 2)
+  from train.trainer import run
   try:
     _, _, logged = run(cfg, resume=args.resume, mesh=args.mesh, rules=args.rules,
                        progress=not args.no_progress, stop_after=args.stop_after)
@@ -62,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The user's to fix (data, paths, settings), so a message and not a traceback; JAX's and Orbax's
     # internal errors are RuntimeErrors of other kinds and still show theirs.
     return _error(str(e), 1)
-  if logged:
+  if logged and distributed.is_main():
     print(f'step {logged[-1]["step"]}: loss {logged[-1]["loss"]:.4f}; metrics in {cfg.out_dir}/metrics.jsonl')
   return 0
 

@@ -80,14 +80,17 @@ def check_resume(out_dir: pathlib.Path, cfg: TrainConfig, model_config: QwenVLCo
         + f'; to start from its weights with the new settings, use a new out_dir and init_from={out_dir}')
 
 
-def run_weights(path: str | os.PathLike, say: Callable[[str], None]) -> tuple[QwenVLConfig, Any]:
-  """(model config, params with LoRA merged) of a training out_dir's latest readable step."""
-  from train.checkpointing import restore_weights  # JAX and Orbax: only when a run starts
+def run_weights(path: str | os.PathLike, shardings: Any, say: Callable[[str], None]) -> Any:
+  """The params (LoRA merged, float32) of a training out_dir's latest readable step, restored onto
+  `shardings` (a tree of them matching the params)."""
+  import jax  # JAX and Orbax: only when a run starts
+  from train.checkpointing import restore_weights
   from train.lora import merge_lora
   path = pathlib.Path(path)
-  step, params, lora = restore_weights(path / CHECKPOINT_DIR, say)
+  step, params, lora = restore_weights(path / CHECKPOINT_DIR, shardings, say)
   if lora is not None:
     alpha = jsonfile.get(jsonfile.read_object(path / RUN_CONFIG), 'lora_alpha', float, path / RUN_CONFIG)
-    params = merge_lora(params, lora, alpha)
+    merge = jax.jit(lambda p, l: merge_lora(p, l, alpha), out_shardings=shardings, donate_argnums=0)
+    params = merge(params, lora)
   say(f'init_from {path}: the weights of its step {step}')
-  return QwenVLConfig.from_json(path / MODEL_CONFIG), params
+  return params

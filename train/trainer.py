@@ -16,7 +16,7 @@ from tqdm import tqdm
 from qwenvl_jax.checkpoint import load_pretrained
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax import sharding
-from qwenvl_jax.model import QwenVL
+from qwenvl_jax.model import QwenVL, param_shapes
 from qwenvl_jax.params import params_to_hf
 from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, find_vocab
 from train.checkpointing import Checkpointer
@@ -26,7 +26,7 @@ from train.lora import merge_lora
 from train.metrics import MetricsLog, measure_peak_flops, step_flops
 from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, SKIPPED_FILE, TrainError, check_resume, is_run_dir,
                            run_weights, write_configs)
-from train.state import create, make_layout, run_optimizer
+from train.state import MASTER_DTYPE, create, make_layout, run_optimizer
 from train.step import make_train_step
 
 
@@ -55,20 +55,37 @@ def base_model_config(cfg: TrainConfig, model_config: QwenVLConfig | None = None
   return QwenVLConfig.from_json(path)
 
 
+def run_model_config(cfg: TrainConfig, model_config: QwenVLConfig) -> QwenVLConfig:
+  """The architecture with this run's numerics and image size."""
+  return model_config.replace(dtype=cfg.dtype, param_dtype='float32', remat=cfg.remat,
+                              vision={'image_size': cfg.image_size})
+
+
+def on_one_device(params_like: Any) -> Any:
+  """Shardings placing every leaf of a params tree on this process's first device."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda _: device, params_like)
+
+
+def initial_weights(cfg: TrainConfig, params: Any, shardings: Any) -> Any:
+  """The weights to start from, on `shardings` (a tree of them matching the params): `params` given
+  (placed there), else cfg.init_from (a checkpoint or a training out_dir) read straight onto them in
+  float32, each host reading only its devices' slices; else None (a random init with cfg.seed, made by
+  `state.create` on the state's shardings)."""
+  if params is not None:
+    return sharding.put(params, shardings)
+  if not cfg.init_from:
+    return None
+  if is_run_dir(cfg.init_from):
+    return run_weights(cfg.init_from, shardings, say)
+  return load_pretrained(cfg.init_from, dtype=MASTER_DTYPE, shardings=shardings)[1]
+
+
 def model_and_weights(cfg: TrainConfig, model_config: QwenVLConfig, params: Any = None
                       ) -> tuple[QwenVLConfig, Any]:
-  """The architecture with this run's numerics and image size, and the weights to start from: `params`
-  given, else cfg.init_from (a checkpoint or a training out_dir), else None (a random init with cfg.seed,
-  made by `state.create` on the state's shardings)."""
-  if params is None and cfg.init_from:
-    if is_run_dir(cfg.init_from):
-      model_config, params = run_weights(cfg.init_from, say)
-    else:
-      model, params = load_pretrained(cfg.init_from)
-      model_config = model.config
-  model_config = model_config.replace(dtype=cfg.dtype, param_dtype='float32', remat=cfg.remat,
-                                      vision={'image_size': cfg.image_size})
-  return model_config, params
+  """(run_model_config, initial_weights) on one device."""
+  model_config = run_model_config(cfg, model_config)
+  return model_config, initial_weights(cfg, params, on_one_device(param_shapes(QwenVL(model_config))))
 
 
 def vocab_path(cfg: TrainConfig) -> pathlib.Path:
@@ -84,13 +101,19 @@ def export(params: Any, config: QwenVLConfig, directory: str | os.PathLike,
            vocab: str | os.PathLike | None = None,
            generation_config: Mapping[str, Any] | None = None) -> pathlib.Path:
   """Released layout: config.json + model.safetensors (+ qwen.tiktoken, generation_config.json), loadable
-  by `load_pretrained`, `QwenVLTokenizer.from_pretrained` and `qwenvl-jax chat --ckpt`."""
+  by `load_pretrained`, `QwenVLTokenizer.from_pretrained` and `qwenvl-jax chat --ckpt`.
+
+  On several hosts every process calls this (each leaf is gathered from all of them) and process 0 alone
+  writes; the others hold one leaf at a time."""
   from safetensors.numpy import save_file
+  params = _gathered(params)
   out = pathlib.Path(directory)
+  if jax.process_index():
+    return out
   out.mkdir(parents=True, exist_ok=True)
   with open(out / 'config.json', 'w') as f:
     json.dump(config.to_dict(), f, indent=2)
-  save_file(dict(params_to_hf(jax.device_get(params), config)), str(out / 'model.safetensors'))
+  save_file(dict(params_to_hf(params, config)), str(out / 'model.safetensors'))
   if vocab is not None:
     shutil.copyfile(vocab, out / 'qwen.tiktoken')
   if generation_config is not None:
@@ -98,10 +121,22 @@ def export(params: Any, config: QwenVLConfig, directory: str | os.PathLike,
   return out
 
 
+def _gathered(params: Any) -> Any:
+  """Host arrays of a params tree; across processes gathered leaf by leaf, kept on process 0 only."""
+  if jax.process_count() == 1:
+    return jax.device_get(params)
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    whole = multihost_utils.process_allgather(x, tiled=True)
+    return None if jax.process_index() else whole
+  return jax.tree.map(one, params)
+
+
 class _Throughput:
   """Loss, lr, grad norm, tokens/s and MFU over each logging interval."""
 
-  def __init__(self, cfg: TrainConfig, config: QwenVLConfig, log: MetricsLog, bar: tqdm):
+  def __init__(self, cfg: TrainConfig, config: QwenVLConfig, log: MetricsLog | None, bar: tqdm):
     self.cfg, self.config, self.log, self.bar = cfg, config, log, bar
     devices = jax.device_count()
     per_device = cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_peak_flops(config.compute_dtype)
@@ -133,7 +168,8 @@ class _Throughput:
         'truncated': self.truncated,  # samples of these steps' batches cut to the longest bucket
         'skipped': self.skipped,  # bad records of these steps' batches left out (on_bad_record=skip)
     }
-    self.log.write(record)
+    if self.log is not None:  # process 0's
+      self.log.write(record)
     self.bar.set_postfix(loss=f'{record["loss"]:.4f}', lr=f'{record["lr"]:.2e}',
                          gnorm=f'{record["grad_norm"]:.3f}', tok_s=f'{record["tokens_per_s"]:.0f}',
                          mfu=f'{record["mfu"]:.1%}', refresh=False)
@@ -180,7 +216,7 @@ def _run(cfg, checkpointer, model_config, params, tokenizer, records, resume, me
   check_tokenizer(tokenizer, model_config)
   loader, report = open_data(cfg, tokenizer, records, jax.process_index(), jax.process_count())
 
-  model_config, params = model_and_weights(cfg, model_config, params)
+  model_config = run_model_config(cfg, model_config)
   model = QwenVL(model_config)
   if jax.process_index() == 0:
     write_configs(out_dir, cfg, model_config, tokenizer.vocab_file)
@@ -190,13 +226,12 @@ def _run(cfg, checkpointer, model_config, params, tokenizer, records, resume, me
   say(report.summary(cfg.seq_buckets[-1], out_dir / SKIPPED_FILE))
   optimizer = run_optimizer(cfg, model)
   layout = make_layout(cfg, model, optimizer, mesh, rules)
-  if resuming:
+  if resuming:  # into the abstract state: nothing is initialised or loaded first
     state, loader_state = checkpointer.restore(layout.abstract, say)
     loader.restore(loader_state)
   else:
-    if params is not None:
-      params = sharding.put(params, layout.param_shardings()) if layout.mesh else params
-    state = create(layout, cfg, model, optimizer, params)
+    targets = layout.param_shardings() if layout.mesh else on_one_device(layout.abstract.params)
+    state = create(layout, cfg, model, optimizer, initial_weights(cfg, params, targets))
   del params
   place_batch, jit = layout.place_batch, layout.jit
   first = int(state.step)
@@ -222,9 +257,10 @@ def _loop(cfg, model, model_config, optimizer, state, loader, checkpointer, plac
   """Steps first+1 .. last; a batch that fails to load stops the run with the last step saved."""
   out_dir = pathlib.Path(cfg.out_dir)
   train_step = jit(make_train_step(model, optimizer, cfg))
-  log = MetricsLog(out_dir / METRICS_FILE)
-  bar = tqdm(total=cfg.steps, initial=first, desc=desc or f'stage {cfg.stage}', disable=not progress,
-             dynamic_ncols=True)
+  main = jax.process_index() == 0  # one metrics file and one progress bar per pod
+  log = MetricsLog(out_dir / METRICS_FILE) if main else None
+  bar = tqdm(total=cfg.steps, initial=first, desc=desc or f'stage {cfg.stage}',
+             disable=not (progress and main), dynamic_ncols=True)
   meter = _Throughput(cfg, model_config, log, bar)
   step = first
   batches = iter(loader)
@@ -253,5 +289,6 @@ def _loop(cfg, model, model_config, optimizer, state, loader, checkpointer, plac
   finally:
     batches.close()
     bar.close()
-    log.close()
+    if log is not None:
+      log.close()
   return state

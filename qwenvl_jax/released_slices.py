@@ -1,0 +1,86 @@
+"""The released layout read straight onto a mesh: each process copies only the slices its devices hold.
+
+`load_pretrained` on one device keeps its own path (every tensor cast once into the whole leaf). Over
+several devices, or several hosts, a host would otherwise read every tensor into whole leaves and then
+split them: the full model in host memory, on every host. Here each source tensor (memory-mapped, in the
+order of its file) is changed into the leaf's layout by its `params.Rule` (a view: reshape and transpose,
+no copy) and only the blocks of this process's devices are copied out of it, cast on the way, into one
+buffer per device. A leaf goes onto its devices once its last tensor is read (a stacked leaf after its
+last layer), so the host holds at most its devices' share of the parameters plus the pages of one
+tensor; on the CPU the devices adopt those buffers without a copy.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import numpy as np
+
+from qwenvl_jax.config import QwenVLConfig
+from qwenvl_jax.orbax_leaves import aligned_empty, to_device
+from qwenvl_jax.params import Path, Rule, rules, set_path
+
+
+class _Leaf:
+  """The per-device blocks of one leaf being filled, and how many source tensors are still to come."""
+
+  def __init__(self, shape: tuple[int, ...], sharding: jax.sharding.Sharding, dtype, pending: int):
+    self.shape, self.sharding, self.pending = shape, sharding, pending
+    # One buffer per device, even for replicated blocks: a device array adopts its buffer, and a donated
+    # one may be overwritten in place, so two devices must never share one.
+    self.blocks = [(device, _key(index, shape)) for device, index in
+                   sharding.addressable_devices_indices_map(shape).items()]
+    self.buffers = [aligned_empty(tuple(b - a for a, b in key), dtype) for _, key in self.blocks]
+
+  def fill(self, rule: Rule, source: np.ndarray) -> None:
+    """Copies the parts of `source` (one released tensor, already in the leaf's layout) that the blocks
+    hold: the whole leaf, or layer `rule.layer` of a stacked one."""
+    for (_, key), block in zip(self.blocks, self.buffers):
+      if rule.layer is None:
+        block[...] = source[tuple(slice(a, b) for a, b in key)]
+        continue
+      (first, last), rest = key[0], key[1:]
+      if first <= rule.layer < last:
+        block[rule.layer - first] = source[tuple(slice(a, b) for a, b in rest)]
+    self.pending -= 1
+
+  def to_devices(self) -> jax.Array:
+    arrays = [to_device(buffer, jax.sharding.SingleDeviceSharding(device))
+              for (device, _), buffer in zip(self.blocks, self.buffers)]
+    self.buffers.clear()
+    return jax.make_array_from_single_device_arrays(self.shape, self.sharding, arrays)
+
+
+def _key(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  """A device's index (slices, possibly open) -> ((start, stop) per axis)."""
+  out = []
+  for s, n in zip(index, shape):
+    start, stop, step = s.indices(n)
+    if step != 1:
+      raise ValueError(f'strided shard index {index} of a leaf of shape {shape}')
+    out.append((start, stop))
+  return tuple(out)
+
+
+def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.sharding.Sharding], dtype) -> dict:
+  """The params tree in `dtype` on `shardings` (Flax path -> Sharding, every leaf), from `tensors`:
+  (entry with `.name`, array) pairs as `ReleasedCheckpoint.tensors()` yields them, names already checked.
+  Only this process's blocks are copied; every process passes the same shardings."""
+  table = rules(config)
+  counts: dict[Path, int] = {}
+  for rule in table.values():
+    counts[rule.path] = counts.get(rule.path, 0) + 1
+  leaves: dict[Path, _Leaf] = {}
+  params: dict = {}
+  for entry, array in tensors:
+    rule = table[entry.name]
+    leaf = leaves.get(rule.path)
+    if leaf is None:
+      leaf = leaves[rule.path] = _Leaf(rule.leaf_shape, shardings[rule.path], dtype, counts[rule.path])
+    leaf.fill(rule, rule.to_flax(array))
+    if not leaf.pending:
+      set_path(params, rule.path, leaves.pop(rule.path).to_devices())
+  if leaves:  # names were checked against the config: unreachable unless a tensor is listed twice
+    raise ValueError(f'leaves left incomplete: {sorted("/".join(p) for p in leaves)}')
+  return params
+
