@@ -118,8 +118,8 @@ def make_setup(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: in
     _check_count('image_size', image_size, config.vision.patch_size)
     overrides['image_size'] = image_size
   cfg = stage_config(stage, **overrides)
-  from train.trainer import model_and_weights  # the trainer's numerics, remat and image size
-  model_config, _ = model_and_weights(cfg, config)  # no init_from: nothing is read
+  from train.trainer import run_model_config  # the trainer's numerics, remat and image size
+  model_config = run_model_config(cfg, config)
   return Setup(cfg, model_config, sizes, rules, seq)
 
 
