@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Sequence
 
-from qwenvl_jax import distributed
+from qwenvl_jax import distributed, xla_flags
 from train.config import TrainConfig
 from train.run_dir import TrainError
 
@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.print_config:
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
+  if cfg.dtype != 'float32':  # low-precision compute: no float32 copy of every weight on the CPU
+    xla_flags.use_for_low_precision_cpu()  # before JAX starts its backend (qwenvl_jax/xla_flags.py)
   try:
     distributed.initialize_from_args(args)  # before any device is touched
   except ValueError as e:
