@@ -35,7 +35,7 @@ class KVCache:
             slots_last: bool = False) -> 'KVCache':
     """An empty cache; `layers`: one stacked cache of that many layers (for `scan_layers`)."""
     if slots_last:
-      shape = (batch, text.num_heads, text.head_dim, slots)[batch == 1 and not _kernel_attends(dtype):]
+      shape = (batch, text.num_heads, text.head_dim, slots)[batch == 1 and not _kernel_applies(dtype):]
     else:
       shape = (batch, slots, text.num_heads, text.head_dim)
     shape = shape if layers is None else (layers,) + shape
@@ -73,10 +73,16 @@ class KVCache:
     return attend(q, k, v, mask, dtype)
 
 
+def _kernel_applies(dtype) -> bool:
+  """Whether `cpu_kernels.attend_one` serves this dtype in this process (float32, the kernel built): what
+  the cache's shape depends on."""
+  return dtype == jnp.float32 and cpu_kernels.available()
+
+
 def _kernel_attends(dtype) -> bool:
-  """Whether decode steps attend with `cpu_kernels.attend_one`: float32, and not under sharding rules
-  (XLA's partitioner does not see into the kernel)."""
-  return dtype == jnp.float32 and not rules_active() and cpu_kernels.available()
+  """Whether decode steps attend with the kernel: where it applies, and not under sharding rules (XLA's
+  partitioner does not see into the kernel)."""
+  return _kernel_applies(dtype) and not rules_active()
 
 
 def ntk_alpha_of(attention_mask: Array, text: TextConfig, train: bool = False) -> Array:

@@ -218,7 +218,7 @@ def test_images_given_as_paths(tiny, poster, golden, golden_dir):
                                 generate(model, params, prompt, poster, **kw))
 
 
-@pytest.mark.parametrize('scan_layers,weight_major', [(False, True), (False, False), (True, True)])
+@pytest.mark.parametrize('scan_layers,weight_major', [(False, True), (False, False)])
 def test_param_forms_round_trip_and_generate_alike(tiny, text_prompt, scan_layers, weight_major):
   """Every form converts back bit for bit, and generation reads any form to the same tokens."""
   model, params = tiny
@@ -239,7 +239,7 @@ def test_param_forms_round_trip_and_generate_alike(tiny, text_prompt, scan_layer
   chex.assert_trees_all_equal(consumed, other)
 
 
-@pytest.mark.parametrize('scan_layers,slots_last', [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize('scan_layers,slots_last', [(True, False), (False, True)])
 def test_cached_decoding_equals_full_forward(tiny, long_row, scan_layers, slots_last):
   """The model's cached forward (prefill, then single-token steps at one slot per row: rows at
   different lengths) gives the full forward's logits at every position."""
@@ -266,7 +266,7 @@ def test_cached_decoding_equals_full_forward(tiny, long_row, scan_layers, slots_
   for r in range(b):
     chex.assert_trees_all_close(out['logits'][r, :lengths[r]], full[r, :lengths[r]], atol=1e-4, rtol=0)
   cache = out['cache']
-  for i in range(10):
+  for i in range(5):
     at = jnp.asarray(lengths + i, jnp.int32)
     out = step(p, ids[np.arange(b), lengths + i][:, None], cache, at)
     cache = out['cache']
