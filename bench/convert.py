@@ -110,12 +110,12 @@ def read_speed(files: list[pathlib.Path]) -> float:
 def _each_block(files: list[pathlib.Path], job: Callable[[pathlib.Path, int, np.ndarray], int]) -> int:
   """Runs job(file, offset, buffer) on every READ_BLOCK of the files, READ_THREADS at a time, each thread
   with its own aligned buffer; returns the sum of what the jobs return."""
-  from convert import orbax_io
+  from convert import direct_io
   local = threading.local()
 
   def run(task: tuple[pathlib.Path, int]) -> int:
     if not hasattr(local, 'buf'):
-      local.buf = orbax_io.BufferPool(0).get(READ_BLOCK)
+      local.buf = direct_io.BufferPool(0).get(READ_BLOCK)
     return job(*task, local.buf)
 
   tasks = [(f, offset) for f in files for offset in range(0, f.stat().st_size, READ_BLOCK)]
@@ -125,23 +125,23 @@ def _each_block(files: list[pathlib.Path], job: Callable[[pathlib.Path, int, np.
 
 def direct_read_speed(files: list[pathlib.Path]) -> float:
   """Cold reads with O_DIRECT, READ_THREADS at a time."""
-  from convert import source
+  from convert import direct_io
   drop_cache(files)
   start = time.perf_counter()
-  total = _each_block(files, source.pread)
+  total = _each_block(files, direct_io.pread)
   return total / (time.perf_counter() - start)
 
 
 def copy_speed(files: list[pathlib.Path], work: pathlib.Path) -> float:
   """Cold shards copied into work/ with O_DIRECT both ways and synced: the most that a conversion, which
   reads and writes every byte once, can reach on this disk."""
-  from convert import orbax_io, source
+  from convert import direct_io
   drop_cache(files)
-  fds = {f: orbax_io.open_direct(work / f.name, os.O_WRONLY | os.O_CREAT)[0] for f in files}
+  fds = {f: direct_io.open_direct(work / f.name, os.O_WRONLY | os.O_CREAT)[0] for f in files}
 
   def copy(file: pathlib.Path, offset: int, buf: np.ndarray) -> int:
-    n = source.pread(file, offset, buf)
-    os.pwrite(fds[file], buf[:orbax_io.aligned(n)], offset)  # whole blocks; the copies are not kept
+    n = direct_io.pread(file, offset, buf)
+    os.pwrite(fds[file], buf[:direct_io.aligned(n)], offset)  # whole blocks; the copies are not kept
     return n
 
   try:

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import qwenvl_jax as q
-from qwenvl_jax.generate import decode_params, generate
-from qwenvl_jax.params import leaf_shapes, set_path
+from qwenvl_jax.decode import decode_params, generate
+from qwenvl_jax.param_layout import leaf_shapes
+from qwenvl_jax.params import set_path
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

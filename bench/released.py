@@ -126,9 +126,9 @@ def phase_convert(src: str, dst: str) -> dict:
 
 def phase_chat(ckpt: str, image: str, new_tokens: int) -> dict:
   import jax
-  from qwenvl_jax.chat import chat
+  from qwenvl_jax.chat_session import chat
   from qwenvl_jax.checkpoint import load_pretrained
-  from qwenvl_jax.generate import GenerationConfig, decode_params
+  from qwenvl_jax.decode import GenerationConfig, decode_params
   from qwenvl_jax.images import ImageLoader
   from qwenvl_jax.tokenizer import QwenVLTokenizer
   start = time.perf_counter()

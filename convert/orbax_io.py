@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import errno
 import functools
 import math
 import os
@@ -27,17 +26,16 @@ import pathlib
 import signal
 import threading
 from concurrent import futures
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import future as ocp_future
 
+from convert.direct_io import BufferPool, Rows, write_file
 from qwenvl_jax.params import set_path
 
-if TYPE_CHECKING:
-  from convert.source import Rows
 
 Path = tuple[str, ...]
 
@@ -52,7 +50,6 @@ WRITE_THREADS = min(8, (os.cpu_count() or 1) + 1)
 # along the destination's contiguous axis, the block's source rows: 16 rows of 4096 bfloat16 beat 8 by a
 # third and 32 by half.
 COPY_BLOCK = 128 << 10
-ALIGN = 4096  # O_DIRECT needs buffers, lengths and offsets aligned to the device's blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,41 +122,6 @@ def contiguous(src: np.ndarray, dtype: np.dtype) -> np.ndarray:
   return out
 
 
-def aligned(nbytes: int) -> int:
-  return -(-nbytes // ALIGN) * ALIGN
-
-
-class BufferPool:
-  """Reusable ALIGN-aligned byte buffers: fresh memory costs a page fault per 4 KiB (dear on virtual
-  machines). Lengths come in size classes, 8 to a doubling, so that blocks of rows at different offsets
-  share buffers. Keeps at most `cap` bytes of idle buffers; thread-safe."""
-
-  def __init__(self, cap: int):
-    self._free: dict[int, list[np.ndarray]] = collections.defaultdict(list)
-    self._idle = 0
-    self._cap = cap
-    self._lock = threading.Lock()
-
-  def get(self, nbytes: int) -> np.ndarray:
-    """A uint8 buffer of at least aligned(nbytes) bytes; pages past those that a caller touches stay
-    unallocated."""
-    step = max(ALIGN, 1 << max(0, nbytes.bit_length() - 4))
-    size = -(-nbytes // step) * step
-    with self._lock:
-      if self._free[size]:
-        self._idle -= size
-        return self._free[size].pop()
-    raw = np.empty(size + ALIGN, np.uint8)
-    skip = -raw.ctypes.data % ALIGN
-    return raw[skip:skip + size]
-
-  def put(self, buf: np.ndarray) -> None:
-    with self._lock:
-      if self._idle + buf.nbytes <= self._cap:
-        self._free[buf.nbytes].append(buf)
-        self._idle += buf.nbytes
-
-
 @dataclasses.dataclass(frozen=True)
 class Piece:
   """Chunk `chunk` (its position in the chunk grid) of the leaf at `path`, filled from the chunk's origin
@@ -193,31 +155,6 @@ def leaf_pieces(leaf: StreamedLeaf, layer: int | None, rows: Rows,
     yield Piece(leaf.path, head + (0,) * axis + (i,) + (0,) * (len(shape) - axis - 1),
                 shape[:axis] + (stop - start,) + shape[axis + 1:],
                 functools.partial(_transposed, rows, start, stop, perm))
-
-
-def open_direct(path: str | os.PathLike, flags: int, mode: int = 0o644) -> tuple[int, bool]:
-  """os.open with O_DIRECT where the filesystem takes it (tmpfs and some others refuse it); returns the
-  descriptor and whether it is direct."""
-  try:
-    return os.open(path, flags | getattr(os, 'O_DIRECT', 0), mode), hasattr(os, 'O_DIRECT')
-  except OSError as e:
-    if e.errno != errno.EINVAL:
-      raise
-  return os.open(path, flags, mode), False
-
-
-def write_file(path: str, buf: np.ndarray, nbytes: int) -> None:
-  """Writes the first nbytes of buf (from BufferPool) as the file at path; with O_DIRECT, whole aligned
-  blocks, then cut to nbytes."""
-  fd, direct = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-  try:
-    view = memoryview(buf[:aligned(nbytes) if direct else nbytes])
-    while view:
-      view = view[os.write(fd, view):]
-    if direct and aligned(nbytes) != nbytes:
-      os.ftruncate(fd, nbytes)
-  finally:
-    os.close(fd)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,27 +10,13 @@ import contextlib
 import dataclasses
 import errno
 import math
-import os
 import pathlib
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 
-from convert import orbax_io
+from convert.direct_io import ALIGN, BufferPool, Rows, aligned, pread
 from qwenvl_jax.checkpoint import ReleasedCheckpoint, TensorEntry
-
-
-class Rows(Protocol):
-  """A tensor whose blocks of rows (along axis 0) can be read one at a time."""
-  shape: tuple[int, ...]
-  dtype: np.dtype
-
-  def reshape(self, shape: tuple[int, ...]) -> Rows:
-    """The same data as a C-order array of `shape`."""
-
-  def read(self, start: int, stop: int, pool: orbax_io.BufferPool) -> contextlib.AbstractContextManager[
-      np.ndarray]:
-    """Rows [start, stop), valid until the block exits (their buffer goes back to pool)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +35,7 @@ class ArrayRows:
   def reshape(self, shape: tuple[int, ...]) -> ArrayRows:
     return ArrayRows(self.array.reshape(shape))
 
-  def read(self, start: int, stop: int, pool: orbax_io.BufferPool) -> contextlib.AbstractContextManager[
+  def read(self, start: int, stop: int, pool: BufferPool) -> contextlib.AbstractContextManager[
       np.ndarray]:
     return contextlib.nullcontext(self.array[start:stop])
 
@@ -68,30 +54,19 @@ class FileRows:
     return dataclasses.replace(self, shape=shape)
 
   @contextlib.contextmanager
-  def read(self, start: int, stop: int, pool: orbax_io.BufferPool) -> Iterator[np.ndarray]:
+  def read(self, start: int, stop: int, pool: BufferPool) -> Iterator[np.ndarray]:
     row = math.prod(self.shape[1:]) * self.dtype.itemsize
     begin, end = self.offset + start * row, self.offset + stop * row
-    lo = begin // orbax_io.ALIGN * orbax_io.ALIGN  # O_DIRECT reads whole aligned blocks
+    lo = begin // ALIGN * ALIGN  # O_DIRECT reads whole aligned blocks
     buf = pool.get(end - lo)
     try:
-      got = pread(self.file, lo, buf[:orbax_io.aligned(end - lo)])
+      got = pread(self.file, lo, buf[:aligned(end - lo)])
       if got < end - lo:
         raise OSError(errno.EIO, f'{self.file}: ends {end - lo - got} bytes early (truncated while read?)')
       yield np.frombuffer(buf, self.dtype, (stop - start) * row // self.dtype.itemsize,
                           begin - lo).reshape((stop - start,) + self.shape[1:])
     finally:
       pool.put(buf)
-
-
-def pread(file: pathlib.Path, offset: int, buf: np.ndarray) -> int:
-  """Fills buf (ALIGN-aligned in address and length) from file at offset (aligned too), with O_DIRECT where the filesystem
-  takes it; returns the bytes read, fewer only at the end of the file (Linux completes reads of regular
-  files up to 2 GB)."""
-  fd, _ = orbax_io.open_direct(file, os.O_RDONLY)
-  try:
-    return os.preadv(fd, [buf], offset)
-  finally:
-    os.close(fd)
 
 
 def released_rows(checkpoint: ReleasedCheckpoint) -> Iterator[tuple[TensorEntry, Rows]]:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenvl_jax.generate import Buckets, GenerationConfig, decode_params, generate
+from qwenvl_jax.decode import Buckets, GenerationConfig, decode_params, generate
 from qwenvl_jax.images import ImageLoader
 from qwenvl_jax.model import lm_loss
 from qwenvl_jax.preprocess import preprocess_images

@@ -1,8 +1,6 @@
 """Loading checkpoints: the released Hugging Face layout and the Orbax layout written by `qwenvl-convert`.
 
-Released layout: `model.safetensors`, or shards listed by `model.safetensors.index.json`; older mirrors
-ship `pytorch_model*.bin` (read only with the `torch` extra). Tensor names, shapes and dtypes come from the
-shard headers before any data is read, so a mismatched checkpoint fails before the slow part.
+The released layout is read by `released_layout` (whose names are re-exported here).
 
 Converted layout (`qwenvl-convert SRC DST`): `params/` (an Orbax PyTree checkpoint of the Flax params),
 `config.json`, optional `generation_config.json` and `qwen.tiktoken`, and `qwenvl_checkpoint.json`,
@@ -10,250 +8,28 @@ written last: a directory without it is an interrupted conversion and never load
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import mmap
 import os
 import pathlib
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
-import ml_dtypes
-import numpy as np
 
 from qwenvl_jax.config import QwenVLConfig, as_dtype
 from qwenvl_jax.jsonfile import ConfigFileError, get, read_object
-from qwenvl_jax.layout import (BIN_INDEX, MARKER, PARAMS_DIR, SAFETENSORS_INDEX, IncompleteCheckpointError,
+from qwenvl_jax.layout import (MARKER, PARAMS_DIR, SAFETENSORS_INDEX, IncompleteCheckpointError,  # noqa: F401
                                Kind, describe_directory, leftover_note, wrong_kind)
-from qwenvl_jax import orbax_leaves, released_slices
+from qwenvl_jax import orbax_leaves, param_layout, released_slices
 from qwenvl_jax.model import QwenVL
-from qwenvl_jax.params import (CheckpointMismatchError, check_names, get_path, leaf_shapes, params_from_hf,
-                               set_path)
+from qwenvl_jax.params import check_shapes, params_from_hf, set_path
+from qwenvl_jax.released_layout import (ST_DTYPES, CheckpointFormatError, ReleasedCheckpoint,  # noqa: F401
+                                        TensorEntry, check_released, read_released, released_files,
+                                        safetensors_header)
+from qwenvl_jax.sharding import put
 
 FORMAT = 'qwenvl-jax/orbax'
 FORMAT_VERSION = 1
-# safetensors dtype codes of the released checkpoints.
-ST_DTYPES = {'F16': np.dtype(np.float16), 'BF16': np.dtype(ml_dtypes.bfloat16), 'F32': np.dtype(np.float32)}
-_MAX_HEADER = 100 << 20  # the safetensors library's own limit
 
 Path = tuple[str, ...]
-
-
-class CheckpointFormatError(ValueError):
-  """A checkpoint file or index that cannot be read as it claims to be."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorEntry:
-  """Where one released tensor lives; `start` is the absolute byte offset (safetensors only)."""
-  name: str
-  file: pathlib.Path
-  dtype: np.dtype
-  shape: tuple[int, ...]
-  start: int | None = None
-
-  @property
-  def nbytes(self) -> int:
-    return math.prod(self.shape) * self.dtype.itemsize
-
-
-# ------------------------------------------------------------------------------ released layout
-
-def _index_files(root: pathlib.Path, index: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str]]:
-  weight_map = get(read_object(index), 'weight_map', dict, index)
-  bad = [f'{name!r}: {shard!r}' for name, shard in weight_map.items()
-         if not isinstance(shard, str) or not shard]
-  if bad:
-    raise ConfigFileError(index, f'expected tensor name -> shard file name, found {", ".join(bad[:5])}',
-                          'weight_map')
-  files = [root / name for name in dict.fromkeys(weight_map.values())]
-  missing = [f.name for f in files if not f.exists()]
-  if missing:
-    raise FileNotFoundError(f'{root}: shards listed in {index.name} are missing: {", ".join(missing)}')
-  return files, weight_map
-
-
-def released_files(path: str | os.PathLike) -> tuple[str, list[pathlib.Path], dict[str, str] | None]:
-  """(kind, shard files, index weight map or None); kind is 'safetensors' or 'bin'."""
-  root = pathlib.Path(path)
-  for kind, index, single in (('safetensors', SAFETENSORS_INDEX, 'model.safetensors'),
-                              ('bin', BIN_INDEX, 'pytorch_model.bin')):
-    if (root / index).exists():
-      return (kind, *_index_files(root, root / index))
-    if (root / single).exists():
-      return kind, [root / single], None
-  raise FileNotFoundError(
-      f'{root}: no released checkpoint found (expected {SAFETENSORS_INDEX}, model.safetensors, '
-      f'{BIN_INDEX} or pytorch_model.bin)')
-
-
-def safetensors_header(file: pathlib.Path) -> list[TensorEntry]:
-  """The tensors of one safetensors file, checked against the file's size, in the order of their data."""
-  size = file.stat().st_size
-  with open(file, 'rb') as f:
-    head = f.read(8)
-    n = int.from_bytes(head, 'little') if len(head) == 8 else -1
-    if n < 0 or n > min(size - 8, _MAX_HEADER):
-      raise CheckpointFormatError(f'{file}: not a safetensors file (bad header length; truncated?)')
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:
-      raise CheckpointFormatError(f'{file}: corrupt safetensors header ({e})') from e
-  if not isinstance(header, dict):
-    raise CheckpointFormatError(f'{file}: corrupt safetensors header (not a JSON object)')
-  header.pop('__metadata__', None)
-  entries, unsupported, truncated, inconsistent = [], [], [], []
-  for name, info in header.items():
-    try:
-      code, shape, (begin, end) = info['dtype'], tuple(info['shape']), info['data_offsets']
-      if not all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end)):
-        raise TypeError('sizes and offsets must be non-negative integers')
-    except (KeyError, TypeError, ValueError) as e:
-      raise CheckpointFormatError(f'{file}: corrupt header entry for {name}: {info!r} ({e})') from e
-    if not isinstance(code, str) or code not in ST_DTYPES:
-      unsupported.append(f'{name} ({code})')
-      continue
-    entry = TensorEntry(name, file, ST_DTYPES[code], shape, 8 + n + begin)
-    if end - begin != entry.nbytes:
-      inconsistent.append(name)
-    elif 8 + n + end > size:
-      truncated.append(name)
-    entries.append(entry)
-  if unsupported:
-    raise CheckpointFormatError(f'{file}: unsupported dtypes (expected F16, BF16 or F32): '
-                                f'{", ".join(unsupported)}')
-  if inconsistent:
-    raise CheckpointFormatError(f'{file}: corrupt header, data sizes do not match shapes: '
-                                f'{", ".join(inconsistent)}')
-  if truncated:
-    raise CheckpointFormatError(f'{file}: truncated ({size} bytes); tensors cut off: {", ".join(truncated)}')
-  return sorted(entries, key=lambda e: e.start)
-
-
-def _import_torch():
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError('reading pytorch_model*.bin needs PyTorch: pip install "qwenvl-jax[torch]" '
-                      '(or convert the checkpoint to safetensors)') from e
-  return torch
-
-
-def _torch_load(file: pathlib.Path) -> dict:
-  torch = _import_torch()
-  try:
-    return torch.load(file, map_location='cpu', weights_only=True, mmap=True)
-  except Exception as e:  # torch raises RuntimeError, UnpicklingError, ... for unreadable files
-    raise CheckpointFormatError(f'{file}: not a readable PyTorch checkpoint ({e})') from e
-
-
-def _torch_dtype(t, name: str, file: pathlib.Path) -> np.dtype:
-  torch = _import_torch()
-  dtypes = {torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(ml_dtypes.bfloat16),
-            torch.float32: np.dtype(np.float32)}
-  if t.dtype not in dtypes:
-    raise CheckpointFormatError(f'{file}: unsupported dtype {t.dtype} for {name} '
-                                '(expected float16, bfloat16 or float32)')
-  return dtypes[t.dtype]
-
-
-def _torch_to_numpy(t) -> np.ndarray:
-  torch = _import_torch()
-  if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
-    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-  return t.numpy()
-
-
-def _bin_header(file: pathlib.Path) -> list[TensorEntry]:
-  state = _torch_load(file)  # memory-mapped: only the pickle is read
-  return [TensorEntry(name, file, _torch_dtype(t, name, file), tuple(t.shape)) for name, t in state.items()]
-
-
-class ReleasedCheckpoint:
-  """The tensors of a released-layout directory, known from shard headers before any data is read."""
-
-  def __init__(self, path: str | os.PathLike):
-    self.root = pathlib.Path(path)
-    self.kind, self.files, weight_map = released_files(self.root)
-    scan = safetensors_header if self.kind == 'safetensors' else _bin_header
-    self.shards: dict[pathlib.Path, list[TensorEntry]] = {f: scan(f) for f in self.files}
-    self.entries: dict[str, TensorEntry] = {}
-    duplicated = []
-    for entry in (e for entries in self.shards.values() for e in entries):
-      if entry.name in self.entries:
-        duplicated.append(f'{entry.name} ({self.entries[entry.name].file.name}, {entry.file.name})')
-      self.entries[entry.name] = entry
-    if duplicated:
-      raise CheckpointFormatError(
-          f'{self.root}: tensors stored in more than one shard: {", ".join(duplicated)}')
-    if weight_map is not None:
-      self._check_index(weight_map)
-
-  def _check_index(self, weight_map: Mapping[str, str]) -> None:
-    found = {name: e.file.name for name, e in self.entries.items()}
-    wrong = [f'{name} (index: {shard}, found in: {found.get(name, "none")})'
-             for name, shard in weight_map.items() if found.get(name) != shard]
-    unlisted = [f'{name} (in {e.file.name})' for name, e in self.entries.items() if name not in weight_map]
-    if wrong or unlisted:
-      parts = ([f'index entries that do not match the shards: {", ".join(wrong)}'] if wrong else []) + (
-          [f'tensors missing from the index: {", ".join(unlisted)}'] if unlisted else [])
-      raise CheckpointFormatError(f'{self.root}: index and shards disagree; ' + '; '.join(parts))
-
-  def shapes(self) -> dict[str, tuple[int, ...]]:
-    return {name: e.shape for name, e in self.entries.items()}
-
-  @property
-  def nbytes(self) -> int:
-    return sum(e.nbytes for e in self.entries.values())
-
-  def dtypes(self) -> set[np.dtype]:
-    return {e.dtype for e in self.entries.values()}
-
-  def tensors(self) -> Iterator[tuple[TensorEntry, np.ndarray]]:
-    """Every tensor as a read-only memory-mapped array, shard by shard in the order of its data.
-
-    The kernel reads the next tensor ahead; once the caller asks for the next one, the previous one's
-    pages leave this process's memory (the array stays valid: touching it again re-reads the file), so
-    about one tensor is resident whatever the shard size (for callers that use each array before asking
-    for the next).
-    """
-    for file, entries in self.shards.items():
-      if self.kind == 'bin':
-        state = _torch_load(file)
-        for e in entries:
-          yield e, _torch_to_numpy(state.pop(e.name))
-        continue
-      with open(file, 'rb') as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-      mapped.madvise(mmap.MADV_SEQUENTIAL)
-      for i, e in enumerate(entries):
-        if i + 1 < len(entries):
-          _advise(mapped, mmap.MADV_WILLNEED, entries[i + 1].start, entries[i + 1].nbytes)
-        yield e, np.frombuffer(mapped, e.dtype, math.prod(e.shape), e.start).reshape(e.shape)
-        _advise(mapped, mmap.MADV_DONTNEED, e.start, e.nbytes)
-
-
-def _advise(mapped: mmap.mmap, advice: int, offset: int, nbytes: int) -> None:
-  start = offset // mmap.PAGESIZE * mmap.PAGESIZE
-  if nbytes:
-    mapped.madvise(advice, start, offset + nbytes - start)
-
-
-def check_released(checkpoint: ReleasedCheckpoint, config: QwenVLConfig) -> None:
-  """Raises CheckpointMismatchError naming the directory and every tensor that config.json does not
-  describe, from the shard headers alone."""
-  try:
-    check_names(checkpoint.shapes(), config)
-  except CheckpointMismatchError as e:
-    e.args = (f'{checkpoint.root}: {e} (config.json and the weights do not belong together)',)
-    raise
-
-
-def read_released(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Every tensor of a released-layout directory (safetensors or .bin), by name, in memory."""
-  return {e.name: np.array(a) for e, a in ReleasedCheckpoint(path).tensors()}
-
 
 
 # ----------------------------------------------------------------------------- converted layout
@@ -283,16 +59,9 @@ def read_marker(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_leaves(found: Mapping[Path, tuple[int, ...]], config: QwenVLConfig, where: str) -> None:
-  """Raises a ValueError naming every missing, unexpected and mis-shaped leaf."""
-  expected = leaf_shapes(config)
-  missing = sorted('/'.join(p) for p in expected.keys() - found.keys())
-  unexpected = sorted('/'.join(p) for p in found.keys() - expected.keys())
-  misshaped = sorted(f'{"/".join(p)} {tuple(found[p])} (expected {s})' for p, s in expected.items()
-                     if p in found and tuple(found[p]) != s)
-  problems = [f'{len(v)} {k}: {", ".join(v)}' for k, v in
-              (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)) if v]
-  if problems:
-    raise ValueError(f'{where} does not match config.json: ' + '; '.join(problems))
+  """Raises CheckpointMismatchError naming every missing, unexpected and mis-shaped leaf."""
+  expected = {'/'.join(p): s for p, s in param_layout.leaf_shapes(config).items()}
+  check_shapes({'/'.join(p): s for p, s in found.items()}, expected, where, 'config.json')
 
 
 def _sharding_tree(shardings, paths: list[Path]) -> dict[Path, jax.sharding.Sharding]:
@@ -319,8 +88,8 @@ def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, sh
   (on the CPU the device array adopts that buffer), so the host's peak is the parameters plus one block,
   where Orbax's restore peaks at twice the parameters. Over several devices Orbax restores, reading only
   the slices this process's devices hold, so no host materialises the full model.
-  `split_layers` (one device only): `params['decoder']['layers']` becomes a tuple of per-layer trees, each
-  read on its own from the stacked leaves, the form generation reads (`generate.decode_params`).
+  `split_layers` (one device only): the decoder's layers come one subtree per layer ('layers_0'..), each
+  read on its own from the stacked leaves (the form of `config.scan_layers=False`; see `param_layout`).
   """
   import orbax.checkpoint as ocp
   root = pathlib.Path(path)
@@ -335,29 +104,18 @@ def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, sh
     def read(p: Path, index: tuple = ()) -> jax.Array:
       return orbax_leaves.to_device(orbax_leaves.read_leaf(reader, p, target_dtype, index), placement[p])
     stacked = [p for p in meta if split_layers and p[:2] == ('decoder', 'layers')]
-    layers: list[dict] = [{} for _ in range(config.text.num_layers if stacked else 0)]
-    for i, layer in enumerate(layers):
+    for i in range(config.text.num_layers if stacked else 0):
       for p in stacked:
-        set_path(layer, p[2:], read(p, (i,)))
+        set_path(params, ('decoder', f'layers_{i}') + p[2:], read(p, (i,)))
     for p in meta:
       if p not in stacked:
         set_path(params, p, read(p))
-    if stacked:
-      params['decoder']['layers'] = tuple(layers)
     return params
   if split_layers:
     raise ValueError('split_layers needs every leaf on one device')
   for p, m in meta.items():
     set_path(params, p, jax.ShapeDtypeStruct(m.shape, target_dtype, sharding=placement[p]))
   return ocp.StandardCheckpointer().restore(root / PARAMS_DIR, params)
-
-
-def _put(params: dict, shardings, paths: list[Path]) -> dict:
-  placement = _sharding_tree(shardings, paths)
-  out: dict = {}
-  for p in paths:
-    set_path(out, p, jax.device_put(get_path(params, p), placement[p]))
-  return out
 
 
 def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_layers: bool = False,
@@ -367,9 +125,9 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
   `shardings`: a Sharding for every leaf or a tree of them matching params. The params are read straight
   onto them: each host reads only the slices its devices hold (Orbax for a converted directory,
   `released_slices` for the released layout).
-  `split_layers`: from a converted directory onto one device, the decoder's layers come as a tuple of
-  per-layer trees, read one layer at a time (`restore_params`), ready for `generate.decode_params`
-  without a second copy of any stacked leaf. `config_overrides` go to QwenVLConfig (e.g. `remat='full'`);
+  `split_layers`: from a converted directory onto one device, the decoder's layers come one subtree per
+  layer, read one layer at a time (`restore_params`), ready for `decode.decode_params` without a second
+  copy of any stacked leaf. `config_overrides` go to QwenVLConfig (e.g. `remat='full'`);
   for bf16 compute, `QwenVL(model.config.replace(dtype='bfloat16'))`.
   """
   root = pathlib.Path(path)
@@ -387,10 +145,13 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
     return QwenVL(config), restore_params(root, config, dtype, shardings, split_layers)
   checkpoint = ReleasedCheckpoint(root)
   check_released(checkpoint, config)
-  placement = _sharding_tree(shardings, list(leaf_shapes(config)))
+  placement = _sharding_tree(shardings, list(param_layout.leaf_shapes(config)))
   if any(len(s.device_set) > 1 for s in placement.values()):  # each host copies only its devices' blocks
     return QwenVL(config), released_slices.read_onto(checkpoint.tensors(), config, placement, dtype)
   # Memory-mapped tensors: params_from_hf's copies are the only ones in anonymous memory.
   tensors = {e.name: a for e, a in checkpoint.tensors()}
   params = params_from_hf(tensors, config, dtype=dtype)
-  return QwenVL(config), _put(params, shardings, list(leaf_shapes(config)))
+  targets: dict = {}
+  for p, s in placement.items():
+    set_path(targets, p, s)
+  return QwenVL(config), put(params, targets)

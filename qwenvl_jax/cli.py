@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _generation_config(args: argparse.Namespace):
   """generation_config.json of --ckpt with the flags on top; a bad flag value is a UsageError naming it."""
-  from qwenvl_jax.generate import GenerationConfig, SettingError
+  from qwenvl_jax.decode import GenerationConfig, SettingError
   overrides = {k: v for k, v in dict(
       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
       top_k=args.top_k).items() if v is not None}
@@ -130,7 +130,7 @@ class _Session:
 
   def __init__(self, args: argparse.Namespace):
     from qwenvl_jax import budget
-    from qwenvl_jax.chat import DEFAULT_SYSTEM
+    from qwenvl_jax.chat_session import DEFAULT_SYSTEM
     from qwenvl_jax.config import QwenVLConfig
     from qwenvl_jax.images import ImageLoader
     from qwenvl_jax.tokenizer import QwenVLTokenizer
@@ -172,7 +172,7 @@ class _Session:
     if not args.no_compile_cache:
       jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(args.compile_cache).expanduser()))
     from qwenvl_jax.checkpoint import load_pretrained
-    from qwenvl_jax.generate import decode_params
+    from qwenvl_jax.decode import decode_params
     from qwenvl_jax.model import QwenVL
     from qwenvl_jax.tokenizer import check_tokenizer
     model, params = load_pretrained(args.ckpt, dtype=args.dtype, split_layers=True)
@@ -188,7 +188,7 @@ class _Session:
   def ask(self, query: str, out: TextIO) -> str:
     """Streams one answer to `out` (each piece once: chat_stream's texts extend one another), then saves
     its boxes drawn on the latest image."""
-    from qwenvl_jax.chat import chat_stream
+    from qwenvl_jax.chat_session import chat_stream
     shown = ''
     for text in chat_stream(self.model, self.params, self.tokenizer, query, self.history, self.system,
                             generation_config=self.generation_config, image_loader=self.loader,
@@ -204,7 +204,7 @@ class _Session:
   def _save_boxes(self, response: str, out: TextIO) -> None:
     """Draws the answer's boxes (special tokens in it are text to the box parser); a failure to draw is
     reported and the chat goes on."""
-    from qwenvl_jax.chat import latest_image
+    from qwenvl_jax.chat_session import latest_image
     from qwenvl_jax.grounding import draw_boxes, extract_boxes
     try:
       boxes = extract_boxes(response)

@@ -146,13 +146,20 @@ class QwenVLConfig:
 
   `param_dtype` is what parameters are stored in; `dtype` is what matmuls run in. Norms, softmax, rotary
   tables and the loss always run in float32. `remat` is a `jax.checkpoint` policy name
-  ('none', 'full', 'dots', 'dots_no_batch') applied to every scanned block.
+  ('none', 'full', 'dots', 'dots_no_batch') applied to every decoder and ViT block.
+
+  The parameter tree's form: `scan_layers` stacks the decoder's layers under one scanned module (what
+  checkpoints store), else one module per layer (what decoding reads); `weight_major` stores the decoder's
+  and lm_head's kernels output dims first (the CPU decode layout, see `layers.Einsum`).
+  `param_layout.convert` moves a tree between the forms.
   """
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: str = 'none'
+  scan_layers: bool = True
+  weight_major: bool = False
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], file: str | os.PathLike = DICT_SOURCE,

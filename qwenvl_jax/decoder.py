@@ -1,48 +1,111 @@
 """The Qwen language model: RMSNorm pre-norm blocks, rotary attention with dynamic NTK and logn scaling."""
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenvl_jax import cpu_kernels
 from qwenvl_jax.config import QwenVLConfig, TextConfig
-from qwenvl_jax.layers import Einsum, RMSNorm, attend, scanned
-from qwenvl_jax.sharding import constrain
+from qwenvl_jax.layers import Einsum, RMSNorm, attend, remat, scanned
+from qwenvl_jax.logical import constrain, rules_active
 
 Array = jax.Array
 
 
-class KVCache(NamedTuple):
-  """Per-layer keys and values, [layers, batch, slots, heads, head_dim]; slot s holds token s of the row.
+@flax.struct.dataclass
+class KVCache:
+  """One layer's keys and values, or every layer's (a leading [layers] axis, for the scanned stack).
 
-  A block reaches one layer's arrays through `write`, `read` and `attend` only, so a subclass may store
-  them in another layout and attend its own way (generation does: `generate.SlotsLastCache`).
+  Slots first: [b, slots, heads, head_dim]. slots_last (the CPU decode layout): [b, heads, head_dim,
+  slots], the layout in which XLA's CPU dots and `cpu_kernels.attend_one` take them (with slots before
+  heads every decode step transposes each layer's whole cache, ~10% of a batch-1 step); a batch of one
+  that the kernel will not attend over is stored without its b axis (with it, XLA fuses the cache update
+  into the two attention dots and copies the cache to do so). A block reaches the arrays through `write`
+  and `attend` only.
   """
   k: Array
   v: Array
+  slots_last: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
-  def zeros(cls, text: TextConfig, batch: int, slots: int, dtype) -> 'KVCache':
-    shape = (text.num_layers, batch, slots, text.num_heads, text.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  def zeros(cls, text: TextConfig, batch: int, slots: int, dtype, *, layers: int | None = None,
+            slots_last: bool = False) -> 'KVCache':
+    """An empty cache; `layers`: one stacked cache of that many layers (for `scan_layers`)."""
+    if slots_last:
+      shape = (batch, text.num_heads, text.head_dim, slots)[batch == 1 and not _kernel_applies(dtype):]
+    else:
+      shape = (batch, slots, text.num_heads, text.head_dim)
+    shape = shape if layers is None else (layers,) + shape
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), slots_last)
 
   def write(self, keys: Array, values: Array, index: Array) -> 'KVCache':
-    """One layer's cache with keys and values [b, t, h, k] stored at slots index..index+t."""
+    """This layer's cache with keys and values [b, t, h, k] stored at slots index..index+t; index is an
+    int32 scalar or one slot per row [b] (rows at different lengths)."""
     def put(cache: Array, new: Array) -> Array:
-      new = jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
-      return constrain(new, ('batch', 'length', 'act_heads', 'head_dim'))
-    return type(self)(put(self.k, keys), put(self.v, values))
-
-  def read(self) -> tuple[Array, Array]:
-    """One layer's keys and values, [b, slots, h, k]."""
-    return self.k, self.v
+      b = new.shape[0]
+      if self.slots_last:
+        full, new, axis = cache.reshape((b,) + cache.shape[-3:]), jnp.einsum('bthk->bhkt', new), 3
+      else:
+        full, axis = cache, 1
+      new = new.astype(cache.dtype)
+      if jnp.ndim(index) == 0:
+        full = jax.lax.dynamic_update_slice_in_dim(full, new, index, axis=axis)
+      else:
+        full = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=axis - 1))(
+            full, new, index)
+      if self.slots_last:
+        return full.reshape(cache.shape)
+      return constrain(full, ('batch', 'length', 'act_heads', 'head_dim'))
+    return self.replace(k=put(self.k, keys), v=put(self.v, values))
 
   def attend(self, q: Array, mask: Array, dtype) -> Array:
-    """`layers.attend` of queries q [b, t, h, k] over this layer's slots."""
-    return attend(q, *self.read(), mask, dtype)
+    """`layers.attend` of queries q [b, t, h, k] over this layer's slots. In the slots-last layout one
+    query per row goes to the CPU kernel where it applies (`_kernel_attends`)."""
+    if not self.slots_last:
+      return attend(q, self.k, self.v, mask, dtype)
+    k, v = (c.reshape((q.shape[0],) + c.shape[-3:]) for c in (self.k, self.v))  # [b, h, k, slots]
+    if q.shape[1] == 1 and _kernel_attends(dtype):
+      return cpu_kernels.attend_one(q[:, 0], k, v, mask[:, 0])[:, None]
+    k, v = (jnp.einsum('bhks->bshk', c) for c in (k, v))
+    return attend(q, k, v, mask, dtype)
+
+
+def _kernel_applies(dtype) -> bool:
+  """Whether `cpu_kernels.attend_one` serves this dtype in this process (float32, the kernel built): what
+  the cache's shape depends on."""
+  return dtype == jnp.float32 and cpu_kernels.available()
+
+
+def _kernel_attends(dtype) -> bool:
+  """Whether decode steps attend with the kernel: where it applies, and not under sharding rules (XLA's
+  partitioner does not see into the kernel)."""
+  return _kernel_applies(dtype) and not rules_active()
+
+
+def ntk_alpha_of(attention_mask: Array, text: TextConfig, train: bool = False) -> Array:
+  """The dynamic-NTK factor [b] of each row's real length (valid slots of the mask [b, s]), as the
+  original picks at prefill; 1 in training (where the original also uses 1) or without dynamic NTK."""
+  if train or not text.use_dynamic_ntk:
+    return jnp.ones((attention_mask.shape[0],), jnp.float32)
+  return ntk_alpha(attention_mask.sum(axis=1), text.seq_length)
+
+
+def positions_of(attention_mask: Array, cache_index: Array | int, t: int) -> Array:
+  """Rotary positions [b, t] of the queries at slots cache_index.. : 0.. over each row's valid slots."""
+  before = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+  slots = jnp.asarray(cache_index, jnp.int32).reshape(-1, 1) + jnp.arange(t)
+  return jnp.take_along_axis(before, jnp.broadcast_to(slots, (attention_mask.shape[0], t)), axis=1)
+
+
+def causal_mask(key_valid: Array, t: int, cache_index: Array | int = 0) -> Array:
+  """[b, t, s] mask: query i (at slot cache_index + i; one index or one per row) sees valid key slots up
+  to its own."""
+  slots = jnp.arange(key_valid.shape[1])
+  query_slots = jnp.asarray(cache_index, jnp.int32).reshape(-1, 1) + jnp.arange(t)  # [1 or b, t]
+  return key_valid[:, None, :].astype(bool) & (slots[None, None, :] <= query_slots[:, :, None])
 
 
 def ntk_alpha(length: Array | int, seq_length: int) -> Array:
@@ -80,22 +143,17 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 
 class Attention(nn.Module):
-  """decode_layout reads generation's weight layout (`generate.decode_params`): c_attn as [3, h, k, d]
-  and c_proj as [d, h, k], applied weight-major (`layers.weight_major_einsum`)."""
   text: TextConfig
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  decode_layout: bool = False
+  weight_major: bool = False  # see Einsum
 
   @nn.compact
   def __call__(self, x, cache, rope, q_scale, mask, cache_index):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, weight_major=self.weight_major)
     d, h, k = self.text.hidden_size, self.text.num_heads, self.text.head_dim
-    if self.decode_layout:
-      kw['weight_major'] = True
-      qkv = Einsum((3, h, k, d), (3, h, k), name='c_attn', **kw)('btd,chkd->btchk', x)
-    else:
-      qkv = Einsum((d, 3, h, k), (3, h, k), name='c_attn', **kw)('btd,dchk->btchk', x)
+    qkv = Einsum((d, 3, h, k), (3, h, k), kernel_axes=('embed', 'qkv', 'heads', 'head_dim'),
+                 bias_axes=('qkv', 'heads', 'head_dim'), name='c_attn', **kw)('btd,dchk->btchk', x)
     q, key, v = (qkv[:, :, i] for i in range(3))
     q = apply_rotary(q, *rope) * q_scale[:, :, None, None].astype(self.dtype)
     key = apply_rotary(key, *rope)
@@ -105,36 +163,25 @@ class Attention(nn.Module):
       cache = cache.write(key, v, cache_index)
       y = cache.attend(q, mask, self.dtype)
     y = constrain(y, ('batch', 'length', 'act_heads', 'head_dim'))
-    if self.decode_layout:
-      return Einsum((d, h, k), name='c_proj', **kw)('bthk,dhk->btd', y), cache
-    return Einsum((h, k, d), name='c_proj', **kw)('bthk,hkd->btd', y), cache
+    out = Einsum((h, k, d), kernel_axes=('heads', 'head_dim', 'embed'), name='c_proj', **kw)('bthk,hkd->btd', y)
+    return out, cache
 
 
 class MLP(nn.Module):
-  """SwiGLU as the original writes it: c_proj(w1(x) * silu(w2(x))).
-
-  decode_layout reads generation's weight layout (`generate.decode_params`): w1 and w2 as one kernel w12
-  [2, f, d] and c_proj as [d, f], applied weight-major (`layers.weight_major_einsum`).
-  """
+  """SwiGLU as the original writes it: c_proj(w1(x) * silu(w2(x)))."""
   text: TextConfig
   dtype: jnp.dtype
   param_dtype: jnp.dtype
-  decode_layout: bool = False
+  weight_major: bool = False  # see Einsum
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, weight_major=self.weight_major)
     d, f = self.text.hidden_size, self.text.mlp_width
-    if self.decode_layout:
-      kw['weight_major'] = True
-      up, gate = jnp.unstack(Einsum((2, f, d), name='w12', **kw)('btd,cfd->btcf', x), axis=2)
-    else:
-      up = Einsum((d, f), name='w1', **kw)('btd,df->btf', x)
-      gate = Einsum((d, f), name='w2', **kw)('btd,df->btf', x)
+    up = Einsum((d, f), kernel_axes=('embed', 'mlp'), name='w1', **kw)('btd,df->btf', x)
+    gate = Einsum((d, f), kernel_axes=('embed', 'mlp'), name='w2', **kw)('btd,df->btf', x)
     hidden = constrain(up * nn.silu(gate), ('batch', 'length', 'act_mlp'))
-    if self.decode_layout:
-      return Einsum((d, f), name='c_proj', **kw)('btf,df->btd', hidden)
-    return Einsum((f, d), name='c_proj', **kw)('btf,fd->btd', hidden)
+    return Einsum((f, d), kernel_axes=('mlp', 'embed'), name='c_proj', **kw)('btf,fd->btd', hidden)
 
 
 class DecoderBlock(nn.Module):
@@ -142,7 +189,7 @@ class DecoderBlock(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   collect_hidden: bool = False
-  decode_layout: bool = False  # see Attention and MLP
+  weight_major: bool = False
 
   @nn.compact
   def __call__(self, x: Array, cache: KVCache | None, rope: tuple[Array, Array], q_scale: Array,
@@ -150,27 +197,45 @@ class DecoderBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.text.layer_norm_eps
     x = x_in = constrain(x, ('batch', 'length', 'act_embed'))
-    y, cache = Attention(self.text, decode_layout=self.decode_layout, name='attn', **kw)(
+    y, cache = Attention(self.text, weight_major=self.weight_major, name='attn', **kw)(
         RMSNorm(eps, name='ln_1', **kw)(x), cache, rope, q_scale, mask, cache_index)
     x = x + y
-    mlp = MLP(self.text, decode_layout=self.decode_layout, name='mlp', **kw)
+    mlp = MLP(self.text, weight_major=self.weight_major, name='mlp', **kw)
     x = x + mlp(RMSNorm(eps, name='ln_2', **kw)(x))
     return x, (cache, x_in if self.collect_hidden else None)
 
 
 class Decoder(nn.Module):
-  """The block stack plus ln_f. Returns (normed output, per-block inputs or None, updated cache or None)."""
+  """The block stack plus ln_f. Returns (normed output, per-block inputs or None, updated cache or None).
+
+  config.scan_layers: one `nn.scan` over stacked parameters 'layers' (one block compiled, any depth;
+  the cache is one KVCache with a leading layers axis), else one module per layer 'layers_0'.. (the
+  cache a tuple of per-layer KVCaches): decoding reads each weight once per step that way, where the
+  scan would copy every layer's slice out of the stack first. `param_layout.convert` moves a params tree
+  between the two.
+  """
   config: QwenVLConfig
 
   @nn.compact
   def __call__(self, x: Array, *, positions: Array, alpha: Array, use_logn: bool, mask: Array,
-               cache: KVCache | None = None, cache_index: Array | int = 0, collect_hidden: bool = False):
-    t = self.config.text
-    kw = dict(dtype=self.config.compute_dtype, param_dtype=self.config.weights_dtype)
+               cache=None, cache_index: Array | int = 0, collect_hidden: bool = False):
+    c, t = self.config, self.config.text
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weights_dtype, weight_major=c.weight_major,
+              collect_hidden=collect_hidden)
     rope = rotary_tables(positions, alpha, t)
     q_scale = logn_scale(positions, t.seq_length) if use_logn else jnp.ones(positions.shape, jnp.float32)
-    blocks = scanned(DecoderBlock, self.config.remat, t.num_layers, n_broadcast=4, n_scanned=1)
-    x, (cache, hidden) = blocks(t, collect_hidden=collect_hidden, name='layers', **kw)(
-        x, cache, rope, q_scale, mask, jnp.asarray(cache_index, jnp.int32))
-    x = RMSNorm(t.layer_norm_eps, name='ln_f', **kw)(x)
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    if c.scan_layers:
+      blocks = scanned(DecoderBlock, c.remat, t.num_layers, n_broadcast=4, n_scanned=1)
+      x, (cache, hidden) = blocks(t, name='layers', **kw)(x, cache, rope, q_scale, mask, cache_index)
+    else:
+      block, caches, hidden = remat(DecoderBlock, c.remat), [], []
+      for i in range(t.num_layers):
+        x, (layer_cache, h) = block(t, name=f'layers_{i}', **kw)(
+            x, None if cache is None else cache[i], rope, q_scale, mask, cache_index)
+        caches.append(layer_cache)
+        hidden.append(h)
+      cache = None if cache is None else tuple(caches)
+      hidden = jnp.stack(hidden) if collect_hidden else None
+    x = RMSNorm(t.layer_norm_eps, name='ln_f', dtype=c.compute_dtype, param_dtype=c.weights_dtype)(x)
     return x, hidden, cache

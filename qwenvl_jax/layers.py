@@ -16,10 +16,20 @@ Dtype = Any
 default_kernel_init = nn.initializers.normal(0.02)
 
 
+def with_axes(init: Callable, *names: str) -> Callable:
+  """`init` whose parameter carries its logical axis names (the one description sharding reads)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def weight_major_order(w_dims: str, out: str) -> str:
+  """A kernel's dims reordered weight-major: the dims it keeps in the output first, contracted ones last."""
+  return ''.join(c for c in w_dims if c in out) + ''.join(c for c in w_dims if c not in out)
+
+
 def weight_major_einsum(eqn: str, x: Array, w: Array) -> Array:
   """jnp.einsum(eqn, x, w), computed as a product whose output has w's own dims first.
 
-  For a few rows of x (batched decoding) XLA's CPU dot reads w at 13-16 GB/s in the x-major form and at
+  For a few rows of x (decoding) XLA's CPU dot reads w at 13-16 GB/s in the x-major form and at
   24-27 GB/s in this one, when w's contracted dims are its minor ones (bench dims, batch 8). The barrier
   keeps XLA from folding the final transpose back into the dot, which would undo the gain.
   """
@@ -34,22 +44,54 @@ class Einsum(nn.Module):
   """A weight of a given shape applied with an einsum equation, optionally plus a bias.
 
   Keeping heads as their own axis (`[d, 3, h, k]` rather than `[d, 3*h*k]`) lets sharding rules split them.
-  weight_major computes it with `weight_major_einsum` (generation's layout).
+  `kernel_axes` (and `bias_axes`) name each dim's logical axis: the one description of the parameter that
+  sharding and layout conversion read (`param_layout`).
+
+  weight_major (the CPU decode layout): the kernel is stored with the dims the equation keeps first and
+  the contracted ones last (torch's [out, in]), as `kernel_t`, and applied with `weight_major_einsum`; the
+  other name keeps a tree of one layout from ever being read as the other. out_chunks > 1 (weight_major
+  only) computes the product over that many slices of the kernel's first stored dim, each converted to
+  `dtype` on its own: XLA's CPU backend has no bfloat16 dot and would otherwise convert a whole 152k-row
+  lm_head to float32 at once (2.5 GB for the released model).
   """
   shape: Sequence[int]
   bias_shape: Sequence[int] | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = default_kernel_init
+  kernel_axes: Sequence[str] | None = None
+  bias_axes: Sequence[str] | None = None
   weight_major: bool = False
+  out_chunks: int = 1
 
   @nn.compact
   def __call__(self, eqn: str, x: Array) -> Array:
-    w = self.param('kernel', self.kernel_init, tuple(self.shape), self.param_dtype)
-    y = (weight_major_einsum if self.weight_major else jnp.einsum)(
-        eqn, x.astype(self.dtype), w.astype(self.dtype))
+    x_dims, rest = eqn.split(',')
+    w_dims, out = rest.split('->')
+    order = weight_major_order(w_dims, out) if self.weight_major else w_dims
+    perm = [w_dims.index(c) for c in order]
+    shape = tuple(self.shape[i] for i in perm)
+    init = self.kernel_init
+    if self.kernel_axes is not None:
+      init = with_axes(init, *(self.kernel_axes[i] for i in perm))
+    w = self.param('kernel_t' if self.weight_major else 'kernel', init, shape, self.param_dtype)
+    x = x.astype(self.dtype)
+    if not self.weight_major:
+      y = jnp.einsum(eqn, x, w.astype(self.dtype))
+    elif self.out_chunks == 1:
+      y = weight_major_einsum(f'{x_dims},{order}->{out}', x, w.astype(self.dtype))
+    else:
+      n = self.out_chunks
+      parts = jax.lax.map(lambda k: weight_major_einsum(f'{x_dims},{order}->{out}', x, k.astype(self.dtype)),
+                          w.reshape((n, shape[0] // n) + shape[1:]))
+      at = out.index(order[0])  # the chunked dim's place in the output
+      y = jnp.moveaxis(parts, 0, at)
+      y = y.reshape(y.shape[:at] + (-1,) + y.shape[at + 2:])
     if self.bias_shape is not None:
-      b = self.param('bias', nn.initializers.zeros, tuple(self.bias_shape), self.param_dtype)
+      init = nn.initializers.zeros
+      if self.bias_axes is not None:
+        init = with_axes(init, *self.bias_axes)
+      b = self.param('bias', init, tuple(self.bias_shape), self.param_dtype)
       y = y + b.astype(self.dtype)
     return y
 
@@ -63,8 +105,10 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (d,), self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, (d,), self.param_dtype)
+    scale = self.param('scale', with_axes(nn.initializers.ones, 'norm'), (d,),
+                       self.param_dtype)
+    bias = self.param('bias', with_axes(nn.initializers.zeros, 'norm'), (d,),
+                      self.param_dtype)
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -80,7 +124,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    scale = self.param('scale', with_axes(nn.initializers.ones, 'norm'),
+                       (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
     return y.astype(self.dtype) * scale.astype(self.dtype)
@@ -103,19 +148,26 @@ REMAT_POLICIES = {
 }
 
 
-def scanned(block: type[nn.Module], remat: str, length: int, n_broadcast: int, n_scanned: int = 0):
-  """`block` stacked `length` times with nn.scan over one set of stacked parameters.
+def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
+  """`block` under `jax.checkpoint` with the named policy ('none': as it is)."""
+  if policy == 'none':
+    return block
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat policy {policy!r}; expected none or one of {sorted(REMAT_POLICIES)}')
+  return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+def scanned(block: type[nn.Module], policy: str, length: int, n_broadcast: int, n_scanned: int = 0):
+  """`block` stacked `length` times with nn.scan over one set of stacked parameters (leading axis
+  'layers').
 
   The block is called as `block(carry, *scanned_args, *broadcast_args)` and returns `(carry, ys)`. Only one
   block is traced and compiled, whatever the depth.
   """
-  if remat != 'none':
-    if remat not in REMAT_POLICIES:
-      raise ValueError(f'unknown remat policy {remat!r}; expected none or one of {sorted(REMAT_POLICIES)}')
-    block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
   return nn.scan(
-      block, variable_axes={'params': 0}, split_rngs={'params': True}, length=length,
-      in_axes=(0,) * n_scanned + (nn.broadcast,) * n_broadcast)
+      remat(block, policy), variable_axes={'params': 0}, split_rngs={'params': True}, length=length,
+      in_axes=(0,) * n_scanned + (nn.broadcast,) * n_broadcast,
+      metadata_params={nn.PARTITION_NAME: 'layers'})
 
 
 @functools.lru_cache(maxsize=64)

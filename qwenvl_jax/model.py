@@ -1,7 +1,6 @@
 """QwenVL: image features written over the `<img>` spans of the token embeddings, then the decoder."""
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -10,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.decoder import Decoder, KVCache, ntk_alpha
-from qwenvl_jax.layers import Einsum, default_kernel_init
-from qwenvl_jax.sharding import constrain
+from qwenvl_jax.decoder import Decoder, KVCache, causal_mask, ntk_alpha_of, positions_of
+from qwenvl_jax.layers import Einsum, default_kernel_init, with_axes
+from qwenvl_jax.logical import constrain
 from qwenvl_jax.vision import VisionTransformer
 
 Array = jax.Array
@@ -58,22 +57,18 @@ def splice_images(x: Array, input_ids: Array, features: Array, image_start_id: i
   return spliced.reshape(b, t, d)
 
 
-def causal_mask(key_valid: Array, t: int, cache_index: Array | int = 0) -> Array:
-  """[b, t, s] mask: query i (at slot cache_index + i) sees valid key slots up to its own."""
-  slots = jnp.arange(key_valid.shape[1])
-  query_slots = jnp.asarray(cache_index) + jnp.arange(t)
-  return key_valid[:, None, :].astype(bool) & (slots[None, None, :] <= query_slots[None, :, None])
-
-
 class QwenVL(nn.Module):
   """The whole model. `apply({'params': p}, input_ids, pixel_values)` -> logits [b, t, vocab].
 
   Keyword arguments cover batched and cached use:
     attention_mask [b, s]: which key slots hold real tokens (left padding); s = t, or the cache's slots.
-    positions [b, t]: rotary positions; by default 0.. over each row's real tokens.
-    alpha [b]: dynamic-NTK factor; by default chosen from each row's real length, as the original does at
-      prefill (1 in training, where the original also uses 1 and no logn scaling).
-    cache, cache_index: a KVCache and the slot at which this call's tokens are written.
+    positions [b, t]: rotary positions; by default 0.. over each row's real tokens (`positions_of`).
+    alpha [b]: dynamic-NTK factor; by default chosen from each row's real length up to this call's last
+      token, as the original does at prefill (1 in training, where the original also uses 1 and no logn
+      scaling). Decode steps pass the prefill's, as the original keeps it.
+    cache, cache_index: the KV cache (a KVCache with a leading layers axis when config.scan_layers, else a
+      tuple of per-layer ones) and the slot at which this call's tokens are written: an int, or an int32
+      [b] of one slot per row (rows at different lengths). Returns {'logits', 'cache'} then.
     image_features: precomputed `encode_images` output instead of pixel_values.
     logits_at [b, n]: compute logits only at these positions (prefill's last token, training's targets):
       with a 152k vocabulary the lm_head dominates otherwise.
@@ -83,10 +78,12 @@ class QwenVL(nn.Module):
   def setup(self):
     c, t = self.config, self.config.text
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weights_dtype)
-    self.wte = nn.Embed(t.vocab_size, t.hidden_size, embedding_init=default_kernel_init, **kw)
+    self.wte = nn.Embed(t.vocab_size, t.hidden_size, **kw,
+                        embedding_init=with_axes(default_kernel_init, 'vocab', 'embed'))
     self.visual = VisionTransformer(c)
     self.decoder = Decoder(c)
-    self.lm_head = Einsum((t.hidden_size, t.vocab_size), **kw)
+    self.lm_head = Einsum((t.hidden_size, t.vocab_size), kernel_axes=('embed', 'vocab'),
+                          weight_major=c.weight_major, out_chunks=head_chunks(c), **kw)
 
   def encode_images(self, pixel_values: Array) -> Array:
     """[n, H, W, 3] normalised pixels -> [n, n_queries, hidden]."""
@@ -114,16 +111,14 @@ class QwenVL(nn.Module):
     x = self.embed(input_ids, image_features)
 
     if attention_mask is None:
-      attention_mask = jnp.ones((b, t if cache is None else cache.k.shape[2]), bool)
+      attention_mask = jnp.ones((b, t if cache is None else _slots(cache)), bool)
     attention_mask = attention_mask.astype(bool)
     if positions is None:
-      if cache is not None:
-        raise ValueError('positions are required with a cache')
-      positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    if alpha is None:
-      lengths = attention_mask.sum(axis=1)
-      alpha = (ntk_alpha(lengths, t_cfg.seq_length) if t_cfg.use_dynamic_ntk and not train
-               else jnp.ones((b,), jnp.float32))
+      positions = positions_of(attention_mask, cache_index, t)
+    if alpha is None:  # the real length so far: valid slots before this call's last query + 1
+      end = jnp.asarray(cache_index, jnp.int32).reshape(-1, 1) + t
+      so_far = attention_mask & (jnp.arange(attention_mask.shape[1]) < end)
+      alpha = ntk_alpha_of(so_far, t_cfg, train)
     mask = causal_mask(attention_mask, t, cache_index)
 
     x, hidden, cache = self.decoder(
@@ -142,6 +137,26 @@ class QwenVL(nn.Module):
     return out
 
 
+# XLA's CPU backend has no bfloat16 or float16 dot: it converts a weight to float32 first. For the
+# 152k x 4096 lm_head that is a 2.5 GB temporary (13% of the released model's bf16 weights), so there the
+# head runs over vocabulary chunks, each converted on its own (XLA_FLAGS in the README keep XLA from
+# hoisting the conversions out of the loop). The logits are the same numbers.
+_HEAD_CHUNKS = 8
+
+
+def head_chunks(config: QwenVLConfig) -> int:
+  """Vocabulary chunks of the lm_head (`Einsum.out_chunks`): several only for low-precision weights in the
+  CPU decode layout."""
+  if not config.weight_major or config.weights_dtype == jnp.float32:
+    return 1
+  return next(n for n in (_HEAD_CHUNKS, 4, 2, 1) if config.text.vocab_size % n == 0)
+
+
+def _slots(cache) -> int:
+  layer = cache[0] if isinstance(cache, tuple) else cache
+  return layer.k.shape[-1] if layer.slots_last else layer.k.shape[-3]
+
+
 def example_inputs(config: QwenVLConfig, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """(input_ids, pixel_values) holding one well-formed image span per row: what `init` needs."""
   v = config.vision
@@ -152,12 +167,15 @@ def example_inputs(config: QwenVLConfig, batch: int = 1) -> tuple[np.ndarray, np
 
 def init_params(model: QwenVL, rng: Array) -> dict:
   """Random parameters (initializer_range 0.02, as the original); use under jax.eval_shape for shapes only."""
-  return model.init(rng, *example_inputs(model.config))['params']
+  return nn.meta.unbox(model.init(rng, *example_inputs(model.config))['params'])
 
 
-def param_shapes(model: QwenVL) -> dict:
-  """The params tree as ShapeDtypeStructs (init under jax.eval_shape): nothing is allocated."""
-  return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+def param_shapes(model: QwenVL, boxed: bool = False) -> dict:
+  """The params tree as ShapeDtypeStructs (init under jax.eval_shape): nothing is allocated. The one
+  source of every parameter's shape; boxed=True keeps each leaf in its `nn.LogicallyPartitioned` box,
+  which carries the logical axis names its module annotates."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(model.config))['params'])
+  return shapes if boxed else nn.meta.unbox(shapes)
 
 
 def lm_loss(logits: Array, labels: Array, loss_mask: Array | None = None) -> Array:

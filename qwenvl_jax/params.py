@@ -49,10 +49,10 @@ class Rule:
 
 
 class CheckpointMismatchError(ValueError):
-  """Missing, unexpected and mis-shaped tensors, all reported at once."""
+  """Missing, unexpected and mis-shaped tensors (or leaves), all reported at once."""
 
   def __init__(self, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
-               misshaped: Iterable[str] = ()):
+               misshaped: Iterable[str] = (), where: str = 'checkpoint', against: str = 'the config'):
     self.missing, self.unexpected, self.misshaped = sorted(missing), sorted(unexpected), sorted(misshaped)
     parts = []
     for label, names in (('missing', self.missing), ('unexpected', self.unexpected),
@@ -60,7 +60,19 @@ class CheckpointMismatchError(ValueError):
       if names:
         shown = ', '.join(names[:20]) + (f', ... ({len(names) - 20} more)' if len(names) > 20 else '')
         parts.append(f'{len(names)} {label}: {shown}')
-    super().__init__('checkpoint does not match the config: ' + '; '.join(parts))
+    super().__init__(f'{where} does not match {against}: ' + '; '.join(parts))
+
+
+def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                 where: str = 'checkpoint', against: str = 'the config') -> None:
+  """The one mismatch check: raises CheckpointMismatchError listing every missing, unexpected and
+  mis-shaped name of `found` against `expected`."""
+  missing = set(expected) - set(found)
+  unexpected = set(found) - set(expected)
+  misshaped = [f'{n} {tuple(s)} (expected {tuple(expected[n])})' for n, s in found.items()
+               if n in expected and tuple(s) != tuple(expected[n])]
+  if missing or unexpected or misshaped:
+    raise CheckpointMismatchError(missing, unexpected, misshaped, where, against)
 
 
 def _linear(out_f: int, in_f: int) -> dict:
@@ -157,20 +169,9 @@ def rules(cfg: QwenVLConfig) -> dict[str, Rule]:
   return out
 
 
-def leaf_shapes(cfg: QwenVLConfig) -> dict[Path, tuple[int, ...]]:
-  """Flax leaf path -> shape, as the model's init produces them."""
-  return {r.path: r.leaf_shape for r in rules(cfg).values()}
-
-
 def check_names(names_to_shapes: Mapping[str, tuple[int, ...]], cfg: QwenVLConfig) -> None:
-  """Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped tensor."""
-  table = rules(cfg)
-  missing = set(table) - set(names_to_shapes)
-  unexpected = set(names_to_shapes) - set(table)
-  misshaped = [f'{n} {tuple(s)} (expected {table[n].hf_shape})' for n, s in names_to_shapes.items()
-               if n in table and tuple(s) != table[n].hf_shape]
-  if missing or unexpected or misshaped:
-    raise CheckpointMismatchError(missing, unexpected, misshaped)
+  """Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped released tensor."""
+  check_shapes(names_to_shapes, {name: rule.hf_shape for name, rule in rules(cfg).items()})
 
 
 def set_path(tree: dict, path: Path, value) -> None:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenvl_jax.layers import Einsum, LayerNorm, attend, resize_table, sincos_2d
+from qwenvl_jax.layers import Einsum, LayerNorm, attend, resize_table, sincos_2d, with_axes
 
 Array = jax.Array
 
@@ -31,12 +31,13 @@ class Resampler(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # A parameter (so checkpoints round-trip bit for bit) that is never trained, as in the original.
     pos_embed = jax.lax.stop_gradient(
-        self.param('pos_embed', lambda _: jnp.asarray(sincos_2d(d, side), self.param_dtype)))
-    query = self.param('query', nn.initializers.truncated_normal(0.02), (self.n_queries, d),
-                       self.param_dtype)
+        self.param('pos_embed', with_axes(lambda _: jnp.asarray(sincos_2d(d, side), self.param_dtype),
+                                          'queries', 'embed')))
+    query = self.param('query', with_axes(nn.initializers.truncated_normal(0.02), 'queries', 'embed'),
+                       (self.n_queries, d), self.param_dtype)
 
     if x.shape[-1] != d:
-      x = Einsum((x.shape[-1], d), name='kv_proj', **kw)('bpw,wd->bpd', x)
+      x = Einsum((x.shape[-1], d), kernel_axes=('vit_embed', 'embed'), name='kv_proj', **kw)('bpw,wd->bpd', x)
     x = LayerNorm(self.eps, name='ln_kv', **kw)(x)
     q = LayerNorm(self.eps, name='ln_q', **kw)(query)
 
@@ -46,7 +47,8 @@ class Resampler(nn.Module):
     queries, keys, values = InProjection(h, k, name='in_proj', **kw)(q_in, k_in, x)
     queries = jnp.broadcast_to(queries, (x.shape[0],) + queries.shape[1:])
     out = attend(queries, keys, values, None, self.dtype)  # [n, q, h, k]
-    return Einsum((h, k, d), (d,), name='out_proj', **kw)('bqhk,hkd->bqd', out)
+    return Einsum((h, k, d), (d,), kernel_axes=('heads', 'head_dim', 'embed'), bias_axes=('embed',),
+                  name='out_proj', **kw)('bqhk,hkd->bqd', out)
 
 
 class InProjection(nn.Module):
@@ -59,8 +61,10 @@ class InProjection(nn.Module):
   @nn.compact
   def __call__(self, *inputs: Array) -> tuple[Array, ...]:
     h, k = self.num_heads, self.head_dim
-    w = self.param('kernel', local_attention_init, (inputs[0].shape[-1], 3, h, k), self.param_dtype)
-    b = self.param('bias', nn.initializers.zeros, (3, h, k), self.param_dtype)
+    w = self.param('kernel', with_axes(local_attention_init, 'embed', 'qkv', 'heads', 'head_dim'),
+                   (inputs[0].shape[-1], 3, h, k), self.param_dtype)
+    b = self.param('bias', with_axes(nn.initializers.zeros, 'qkv', 'heads', 'head_dim'), (3, h, k),
+                   self.param_dtype)
     return tuple(jnp.einsum('bpd,dhk->bphk', t, w[:, i].astype(self.dtype)) + b[i].astype(self.dtype)
                  for i, t in enumerate(inputs))
 

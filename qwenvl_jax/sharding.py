@@ -1,114 +1,27 @@
-"""Sharding on a device mesh: mesh builder, logical axis names, rule sets, sharded init and batches.
+"""Sharding on a device mesh, above the model: mesh builder, parameter specs, sharded init, placement, jit.
 
-The mesh always has three axes, in this order:
-  data    pure data parallelism: parameters replicated, the batch split.
-  fsdp    fully sharded data parallelism: parameters (and optimizer state) split along their 'embed'
-          dimension, the batch split too; XLA gathers each weight where a layer uses it.
-  tensor  tensor (Megatron) parallelism: attention heads, MLP width and vocabulary split, activations
-          split the same way inside a block.
-
-Every parameter leaf has logical axis names (`PARAM_AXES`, keyed by its Flax path); a rule set maps logical
-names to mesh axes. A dimension is split only when its size divides evenly, otherwise it stays replicated
-(e.g. the tiny test ViT's MLP width 315), so any rule set works on any config. Activations are constrained
-with `constrain(x, names)`, a no-op outside `with use_rules(mesh, rules):`.
+Logical names, rule sets and `constrain` live below the model, in `logical` (re-exported here). Each
+parameter's logical names are read from the model's own annotations (`param_layout.leaf_axes`).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import contextvars
 import functools
 import math
 import re
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+from qwenvl_jax import param_layout
+from qwenvl_jax.logical import (ACTIVATION_AXES, LOGICAL_NAMES, MESH_AXES, RULE_SETS, Rules,  # noqa: F401
+                                as_tuple, constrain, get_rules, logical_sharding, rules_active, spec_for,
+                                use_rules)
+from qwenvl_jax.model import init_params, param_shapes
+
 Path = tuple[str, ...]
-Rules = Mapping[str, Any]  # logical name -> mesh axis, tuple of mesh axes, or None
-
-_D = ('decoder', 'layers')
-_V = ('visual', 'blocks')
-_P = ('visual', 'attn_pool')
-
-# Logical names of every parameter leaf of `QwenVL(cfg).init`, by Flax path (without the 'params' key).
-PARAM_AXES: dict[Path, tuple[str, ...]] = {
-    ('wte', 'embedding'): ('vocab', 'embed'),
-    _D + ('ln_1', 'scale'): ('layers', 'norm'),
-    _D + ('ln_2', 'scale'): ('layers', 'norm'),
-    _D + ('attn', 'c_attn', 'kernel'): ('layers', 'embed', 'qkv', 'heads', 'head_dim'),
-    _D + ('attn', 'c_attn', 'bias'): ('layers', 'qkv', 'heads', 'head_dim'),
-    _D + ('attn', 'c_proj', 'kernel'): ('layers', 'heads', 'head_dim', 'embed'),
-    _D + ('mlp', 'w1', 'kernel'): ('layers', 'embed', 'mlp'),
-    _D + ('mlp', 'w2', 'kernel'): ('layers', 'embed', 'mlp'),
-    _D + ('mlp', 'c_proj', 'kernel'): ('layers', 'mlp', 'embed'),
-    ('decoder', 'ln_f', 'scale'): ('norm',),
-    ('lm_head', 'kernel'): ('embed', 'vocab'),
-    ('visual', 'conv1', 'kernel'): ('patch', 'patch', 'channel', 'vit_embed'),
-    ('visual', 'positional_embedding'): ('position', 'vit_embed'),
-    ('visual', 'ln_pre', 'scale'): ('norm',),
-    ('visual', 'ln_pre', 'bias'): ('norm',),
-    _V + ('ln_1', 'scale'): ('layers', 'norm'),
-    _V + ('ln_1', 'bias'): ('layers', 'norm'),
-    _V + ('ln_2', 'scale'): ('layers', 'norm'),
-    _V + ('ln_2', 'bias'): ('layers', 'norm'),
-    _V + ('in_proj', 'kernel'): ('layers', 'vit_embed', 'qkv', 'vit_heads', 'head_dim'),
-    _V + ('in_proj', 'bias'): ('layers', 'qkv', 'vit_heads', 'head_dim'),
-    _V + ('out_proj', 'kernel'): ('layers', 'vit_heads', 'head_dim', 'vit_embed'),
-    _V + ('out_proj', 'bias'): ('layers', 'vit_embed'),
-    _V + ('c_fc', 'kernel'): ('layers', 'vit_embed', 'vit_mlp'),
-    _V + ('c_fc', 'bias'): ('layers', 'vit_mlp'),
-    _V + ('c_proj', 'kernel'): ('layers', 'vit_mlp', 'vit_embed'),
-    _V + ('c_proj', 'bias'): ('layers', 'vit_embed'),
-    _P + ('kv_proj', 'kernel'): ('vit_embed', 'embed'),
-    _P + ('pos_embed',): ('queries', 'embed'),
-    _P + ('query',): ('queries', 'embed'),
-    _P + ('ln_q', 'scale'): ('norm',),
-    _P + ('ln_q', 'bias'): ('norm',),
-    _P + ('ln_kv', 'scale'): ('norm',),
-    _P + ('ln_kv', 'bias'): ('norm',),
-    _P + ('in_proj', 'kernel'): ('embed', 'qkv', 'heads', 'head_dim'),
-    _P + ('in_proj', 'bias'): ('qkv', 'heads', 'head_dim'),
-    _P + ('out_proj', 'kernel'): ('heads', 'head_dim', 'embed'),
-    _P + ('out_proj', 'bias'): ('embed',),
-    ('visual', 'ln_post', 'scale'): ('norm',),
-    ('visual', 'ln_post', 'bias'): ('norm',),
-    ('visual', 'proj'): ('embed', 'embed'),
-}
-
-# Activation names; the 'act_' ones are kept apart from the parameter names so that FSDP can split a
-# weight's 'embed' while the activation's embed stays whole.
-ACTIVATION_AXES = ('batch', 'length', 'act_embed', 'act_heads', 'act_mlp', 'act_vocab', 'head_dim')
-LOGICAL_NAMES = frozenset(n for names in PARAM_AXES.values() for n in names) | set(ACTIVATION_AXES)
-
-_BATCH = {'batch': ('data', 'fsdp')}
-_FSDP = {'embed': 'fsdp', 'vit_embed': 'fsdp'}
-_TP = {name: 'tensor' for name in (
-    'heads', 'vit_heads', 'mlp', 'vit_mlp', 'vocab', 'act_heads', 'act_mlp', 'act_vocab')}
-RULE_SETS: dict[str, dict[str, Any]] = {
-    'fsdp': {**_BATCH, **_FSDP},
-    'tp': {**_BATCH, **_TP},
-    'fsdp_tp': {**_BATCH, **_FSDP, **_TP},
-}
-
-
-def get_rules(rules: str | Rules) -> dict[str, Any]:
-  """A rule set by name ('fsdp', 'tp', 'fsdp_tp') or a validated custom mapping."""
-  if isinstance(rules, str):
-    if rules not in RULE_SETS:
-      raise ValueError(f'unknown sharding rules {rules!r}; expected one of {sorted(RULE_SETS)}')
-    return dict(RULE_SETS[rules])
-  unknown = set(rules) - LOGICAL_NAMES
-  if unknown:
-    raise ValueError(f'rules name unknown logical axes {sorted(unknown)}; known: {sorted(LOGICAL_NAMES)}')
-  for name, axes in rules.items():
-    bad = [a for a in _as_tuple(axes) if a not in MESH_AXES]
-    if bad:
-      raise ValueError(f'rule {name!r} -> {axes!r} names unknown mesh axes {bad}; mesh axes are {MESH_AXES}')
-  return dict(rules)
 
 
 def default_rules(mesh_shape: Mapping[str, int]) -> str:
@@ -116,12 +29,6 @@ def default_rules(mesh_shape: Mapping[str, int]) -> str:
   if mesh_shape.get('tensor', 1) > 1:
     return 'fsdp_tp' if mesh_shape.get('fsdp', 1) > 1 else 'tp'
   return 'fsdp'
-
-
-def _as_tuple(axes) -> tuple[str, ...]:
-  if axes is None:
-    return ()
-  return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 # ---------------------------------------------------------------------------------------------- mesh
@@ -196,33 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------- specs
 
-def spec_for(names: Sequence[str | None], shape: Sequence[int], sizes: Mapping[str, int],
-             rules: Rules) -> PartitionSpec:
-  """PartitionSpec for one array. A mesh axis is used once (first dimension wins); a dimension that
-  does not divide evenly drops trailing mesh axes of its rule until it does, down to replicated."""
-  if len(names) != len(shape):
-    raise ValueError(f'logical axes {tuple(names)} do not match an array of rank {len(shape)} {tuple(shape)}')
-  used: set[str] = set()
-  out = []
-  for name, size in zip(names, shape):
-    if name is not None and name not in LOGICAL_NAMES:
-      raise ValueError(f'unknown logical axis {name!r}; known: {sorted(LOGICAL_NAMES)}')
-    axes = [a for a in _as_tuple(rules.get(name)) if a not in used and sizes.get(a, 1) > 1]
-    while axes and size % math.prod(sizes[a] for a in axes):
-      axes.pop()
-    used.update(axes)
-    out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-  return PartitionSpec(*out)
-
-
 def shard_shape(shape: Sequence[int], spec: PartitionSpec, sizes: Mapping[str, int]) -> tuple[int, ...]:
   """The per-device block of an array of `shape` under `spec`, from mesh sizes alone."""
-  return tuple(d // math.prod(sizes[a] for a in _as_tuple(axes)) for d, axes in zip(shape, spec))
-
-
-def logical_sharding(mesh: Mesh, rules: Rules, names: Sequence[str | None],
-                     shape: Sequence[int]) -> NamedSharding:
-  return NamedSharding(mesh, spec_for(names, shape, dict(mesh.shape), rules))
+  return tuple(d // math.prod(sizes[a] for a in as_tuple(axes)) for d, axes in zip(shape, spec))
 
 
 def _dict_keys(path) -> Path:
@@ -235,13 +118,7 @@ def _param_path(path) -> Path:
 
 
 def _names(path, leaf) -> tuple[str, ...]:
-  key = _param_path(path)
-  if key not in PARAM_AXES:
-    raise KeyError(f'no logical axes for parameter {"/".join(key)}; add it to sharding.PARAM_AXES')
-  if len(PARAM_AXES[key]) != np.ndim(leaf):
-    raise ValueError(f'parameter {"/".join(key)} has shape {np.shape(leaf)} but logical axes '
-                     f'{PARAM_AXES[key]}')
-  return PARAM_AXES[key]
+  return param_layout.leaf_axes(_param_path(path), np.shape(leaf))
 
 
 def logical_axes(params: Any) -> dict[Path, tuple[str, ...]]:
@@ -258,7 +135,7 @@ def param_specs(params: Any, sizes: Mapping[str, int], rules: str | Rules) -> An
 
 
 def param_shardings(mesh: Mesh, params: Any, rules: str | Rules) -> Any:
-  """NamedShardings for a params tree (arrays or ShapeDtypeStructs); every leaf must be in PARAM_AXES."""
+  """NamedShardings for a params tree (arrays or ShapeDtypeStructs) of any form (`param_layout`)."""
   rules = get_rules(rules)
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: logical_sharding(mesh, rules, _names(path, leaf), np.shape(leaf)), params)
@@ -275,9 +152,11 @@ def state_specs(state: Any, sizes: Mapping[str, int], rules: str | Rules) -> Any
   def one(path, leaf):
     keys = _dict_keys(path)
     for i in range(len(keys)):
-      names = PARAM_AXES.get(keys[i:])
-      if names is not None and len(names) == np.ndim(leaf):
-        return spec_for(names, np.shape(leaf), sizes, rules)
+      try:
+        names = param_layout.leaf_axes(keys[i:], np.shape(leaf))
+      except (KeyError, ValueError):
+        continue
+      return spec_for(names, np.shape(leaf), sizes, rules)
     return PartitionSpec()
   return jax.tree_util.tree_map_with_path(one, state)
 
@@ -301,7 +180,6 @@ def abstract_params(model, mesh: Mesh, rules: str | Rules) -> Any:
   This is the restore target for Orbax (`StandardCheckpointer().restore(path, target)`): each process then
   reads only the slices of its own devices.
   """
-  from qwenvl_jax.model import param_shapes  # the model imports this module for `constrain`
   shapes = param_shapes(model)
   return with_shardings(shapes, param_shardings(mesh, shapes, rules))
 
@@ -311,7 +189,6 @@ def shard_init(model, mesh: Mesh, rules: str | Rules, rng: jax.Array) -> Any:
 
   With JAX's partitionable threefry (the default) the values equal a single-device init with the same rng.
   """
-  from qwenvl_jax.model import init_params
   shardings = jax.tree.map(lambda x: x.sharding, abstract_params(model, mesh, rules))
   return jax.jit(functools.partial(init_params, model), out_shardings=shardings)(rng)
 
@@ -346,38 +223,7 @@ def shard_batch(mesh: Mesh, rules: str | Rules, batch: Any) -> Any:
   return put(batch, jax.tree.map(lambda x: batch_sharding(mesh, rules, np.shape(x)), batch))
 
 
-# ----------------------------------------------------------------------- activation constraints
-
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar('sharding', default=None)
-
-
-@contextlib.contextmanager
-def use_rules(mesh: Mesh, rules: str | Rules) -> Iterator[None]:
-  """Turns on `constrain` for functions traced inside the block.
-
-  jit's trace cache does not see this context: a function traced outside it (or for another mesh) is
-  reused as traced. `sharded_jit` gives each (mesh, rules) its own jit, hence its own cache.
-  """
-  token = _ACTIVE.set((mesh, get_rules(rules)))
-  try:
-    yield
-  finally:
-    _ACTIVE.reset(token)
-
-
-def rules_active() -> bool:
-  """Whether functions traced now are traced inside `use_rules`."""
-  return _ACTIVE.get() is not None
-
-
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint by logical names when `use_rules` is active, else x unchanged."""
-  active = _ACTIVE.get()
-  if active is None:
-    return x
-  mesh, rules = active
-  return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, rules, names, x.shape))
-
+# ---------------------------------------------------------------------------------------- jit
 
 def sharded_jit(fn, mesh: Mesh, rules: str | Rules, **jit_kwargs):
   """`jax.jit(fn, **jit_kwargs)` (in_shardings, out_shardings, donate_argnums...) whose trace runs under

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.layers import Einsum, LayerNorm, attend, resize_table, scanned
+from qwenvl_jax.layers import with_axes as _axes
 from qwenvl_jax.resampler import Resampler
-from qwenvl_jax.sharding import constrain
+from qwenvl_jax.logical import constrain
 
 Array = jax.Array
 
@@ -30,14 +31,18 @@ class VisionBlock(nn.Module):
     k = w // h
     x = constrain(x, ('batch', 'length', 'act_embed'))
     y = LayerNorm(self.eps, name='ln_1', **kw)(x)
-    qkv = Einsum((w, 3, h, k), (3, h, k), name='in_proj', **kw)('bpw,wchk->bpchk', y)
+    qkv = Einsum((w, 3, h, k), (3, h, k), kernel_axes=('vit_embed', 'qkv', 'vit_heads', 'head_dim'),
+                 bias_axes=('qkv', 'vit_heads', 'head_dim'), name='in_proj', **kw)('bpw,wchk->bpchk', y)
     q, key, v = (qkv[:, :, i] for i in range(3))
     y = attend(q, key, v, None, self.dtype)
-    x = x + Einsum((h, k, w), (w,), name='out_proj', **kw)('bphk,hkw->bpw', y)
+    x = x + Einsum((h, k, w), (w,), kernel_axes=('vit_heads', 'head_dim', 'vit_embed'), bias_axes=('vit_embed',),
+                   name='out_proj', **kw)('bphk,hkw->bpw', y)
     y = LayerNorm(self.eps, name='ln_2', **kw)(x)
-    y = Einsum((w, self.mlp_width), (self.mlp_width,), name='c_fc', **kw)('bpw,wf->bpf', y)
+    y = Einsum((w, self.mlp_width), (self.mlp_width,), kernel_axes=('vit_embed', 'vit_mlp'),
+               bias_axes=('vit_mlp',), name='c_fc', **kw)('bpw,wf->bpf', y)
     y = nn.gelu(y, approximate=False)  # the original's nn.GELU is the exact erf form.
-    x = x + Einsum((self.mlp_width, w), (w,), name='c_proj', **kw)('bpf,fw->bpw', y)
+    x = x + Einsum((self.mlp_width, w), (w,), kernel_axes=('vit_mlp', 'vit_embed'), bias_axes=('vit_embed',),
+                   name='c_proj', **kw)('bpf,fw->bpw', y)
     return x, None
 
 
@@ -56,10 +61,11 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'images must be square multiples of the {p}px patch, got {height}x{width}')
 
     patches = pixel_values.reshape(n, gh, p, gw, p, 3)
-    x = Einsum((p, p, 3, v.width), name='conv1', **kw)('nipjqc,pqcw->nijw', patches)
+    x = Einsum((p, p, 3, v.width), kernel_axes=('patch', 'patch', 'channel', 'vit_embed'), name='conv1',
+               **kw)('nipjqc,pqcw->nijw', patches)
     x = x.reshape(n, gh * gw, v.width)  # [n, patches, width]
-    table = self.param('positional_embedding', nn.initializers.normal(v.width ** -0.5),
-                       (v.pos_table_rows, v.width), kw['param_dtype'])
+    table = self.param('positional_embedding', _axes(nn.initializers.normal(v.width ** -0.5), 'position',
+                                                     'vit_embed'), (v.pos_table_rows, v.width), kw['param_dtype'])
     x = x + resize_table(table, gh).astype(x.dtype)[None]
     x = LayerNorm(v.layer_norm_eps, name='ln_pre', **kw)(x)
 
@@ -68,6 +74,6 @@ class VisionTransformer(nn.Module):
 
     x = Resampler(v.n_queries, v.output_dim, v.resampler_heads, v.layer_norm_eps, name='attn_pool', **kw)(x)
     x = LayerNorm(v.layer_norm_eps, name='ln_post', **kw)(x)
-    proj = self.param('proj', nn.initializers.normal(v.output_dim ** -0.5), (v.output_dim, v.output_dim),
-                      kw['param_dtype'])
+    proj = self.param('proj', _axes(nn.initializers.normal(v.output_dim ** -0.5), 'embed', 'embed'),
+                      (v.output_dim, v.output_dim), kw['param_dtype'])
     return jnp.einsum('nqd,de->nqe', x, proj.astype(x.dtype))

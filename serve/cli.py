@@ -86,7 +86,7 @@ def build(args: argparse.Namespace, limits: Limits):
   if not args.no_compile_cache:
     jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(args.compile_cache).expanduser()))
   from qwenvl_jax import GenerationConfig, QwenVL, QwenVLTokenizer, load_pretrained
-  from qwenvl_jax.generate import decode_params
+  from qwenvl_jax.decode import decode_params
   from qwenvl_jax.tokenizer import check_tokenizer
   from serve.app import Service, create_app
   from serve.engine import InterimEngine

@@ -22,7 +22,7 @@ import numpy as np
 from qwenvl_jax import GenerationConfig, ImageLoader, QwenVL, QwenVLTokenizer, make_context, preprocess_images
 from qwenvl_jax.budget import GenerationLimitError
 from qwenvl_jax.chat_format import DEFAULT_SYSTEM
-from qwenvl_jax.generate import check_request
+from qwenvl_jax.batching import check_request
 from serve.errors import bad_request
 from serve.limits import Limits
 from serve.protocol import Message

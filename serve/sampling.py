@@ -9,7 +9,7 @@ import random
 from typing import Any
 
 from qwenvl_jax import GenerationConfig, QwenVLTokenizer
-from qwenvl_jax.chat import chat_config
+from qwenvl_jax.chat_session import chat_config
 from qwenvl_jax.generation_config import SettingError
 from serve.errors import bad_request
 

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from qwenvl_jax import sharding as sh
 from qwenvl_jax.checkpoint import read_released
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.generate import generate
+from qwenvl_jax.decode import generate
 from qwenvl_jax.model import QwenVL, lm_loss
 from qwenvl_jax.params import params_from_hf
 

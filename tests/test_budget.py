@@ -1,19 +1,18 @@
 """Requests checked before any work: prompt plus max_new_tokens against the model window, and the
 memory estimate against what is free, for generate, generate_stream, chat and chat_stream."""
-import importlib
 
 import numpy as np
 import pytest
 
 import qwenvl_jax as q
 from qwenvl_jax import budget
-from qwenvl_jax.chat import chat, chat_stream
-from qwenvl_jax.generate import GenerationConfig, generate, generate_stream
+from qwenvl_jax.chat_session import chat, chat_stream
+from qwenvl_jax.decode import GenerationConfig, generate, generate_stream
 from qwenvl_jax.images import ImageLoader
 from qwenvl_jax.tokenizer import QwenVLTokenizer
 from test_chat import N_QUERIES, random_params, tiny_chat_config
 
-gen = importlib.import_module('qwenvl_jax.generate')
+from qwenvl_jax import decode as gen
 
 
 @pytest.fixture(scope='module')

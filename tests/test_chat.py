@@ -1,5 +1,4 @@
 """chat / chat_stream on a tiny random model with the real 152k vocabulary and tokenizer."""
-import importlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,14 +6,15 @@ import pytest
 from PIL import Image
 
 import qwenvl_jax as q
-from qwenvl_jax.chat import DEFAULT_SYSTEM, chat, chat_config, chat_stream, latest_image
+from qwenvl_jax.chat_session import DEFAULT_SYSTEM, chat, chat_config, chat_stream, latest_image
 from qwenvl_jax.chat_format import decode_response, make_context, partial_response
-from qwenvl_jax.generate import GenerationConfig, generate
+from qwenvl_jax.decode import GenerationConfig, generate
 from qwenvl_jax.images import ImageLoader
-from qwenvl_jax.params import leaf_shapes, set_path
+from qwenvl_jax.param_layout import leaf_shapes
+from qwenvl_jax.params import set_path
 from qwenvl_jax.tokenizer import QwenVLTokenizer
 
-chat_lib = importlib.import_module('qwenvl_jax.chat')  # the package's `chat` is the function
+from qwenvl_jax import chat_session as chat_lib
 N_QUERIES = 16
 SAMPLED = GenerationConfig(max_new_tokens=8)  # the released sampling settings (top_p 0.5)
 GREEDY = GenerationConfig(max_new_tokens=8, do_sample=False)

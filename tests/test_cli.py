@@ -14,9 +14,9 @@ from safetensors.numpy import save_file
 
 import train
 from qwenvl_jax import cli
-from qwenvl_jax.chat import chat
+from qwenvl_jax.chat_session import chat
 from qwenvl_jax.checkpoint import load_pretrained
-from qwenvl_jax.generate import GenerationConfig
+from qwenvl_jax.decode import GenerationConfig
 from qwenvl_jax.images import ImageLoader
 from qwenvl_jax.params import params_to_hf
 from qwenvl_jax.tokenizer import QwenVLTokenizer
@@ -111,7 +111,7 @@ def test_image_paths_are_relative_to_the_image_root(ckpt, vocab_file, images, ca
   (images / 'sub').mkdir()
   (images / 'sub' / 'inner.jpg').write_bytes((images / 'pic.jpg').read_bytes())
   queries = []
-  monkeypatch.setattr(sys.modules['qwenvl_jax.chat'], 'chat_stream',
+  monkeypatch.setattr(sys.modules['qwenvl_jax.chat_session'], 'chat_stream',
                       lambda model, params, tok, query, *a, **k: queries.append(query) or iter(['ok']))
   assert cli.main(_args(ckpt, vocab_file, '--image-root', 'sub', '--image', 'inner.jpg', 'hi')) == 0
   assert cli.main(_args(ckpt, vocab_file, '--image', 'sub/inner.jpg', 'hi')) == 0
@@ -169,7 +169,7 @@ def test_prompt_longer_than_the_window(ckpt, vocab_file, images, capsys):
 def test_answer_with_broken_utf8_printed_once(ckpt, vocab_file, images, capsys, monkeypatch):
   """A stray byte mid-answer and an unfinished character at its end: printed once, as the final text."""
   tokens = [9707, 222, 1879, 160, 116, 255, 1879, 160, 116]  # Hello \x80 world 中 world \xe4\xb8
-  monkeypatch.setattr(sys.modules['qwenvl_jax.chat'], 'generate_stream',
+  monkeypatch.setattr(sys.modules['qwenvl_jax.chat_session'], 'generate_stream',
                       lambda *a, **k: iter(np.array([t]) for t in tokens))
   assert cli.main(_args(ckpt, vocab_file, 'hi')) == 0
   assert capsys.readouterr().out == 'Hello\ufffd world中 world\ufffd\n'
@@ -177,7 +177,7 @@ def test_answer_with_broken_utf8_printed_once(ckpt, vocab_file, images, capsys, 
 
 def test_boxes_drawn_when_the_answer_holds_a_special_token(ckpt, vocab_file, images, capsys, monkeypatch):
   answer = '<ref>poster</ref><box>(100,100),(900,500)</box><|extra_3|>'
-  monkeypatch.setattr(sys.modules['qwenvl_jax.chat'], 'chat_stream', lambda *a, **k: iter([answer]))
+  monkeypatch.setattr(sys.modules['qwenvl_jax.chat_session'], 'chat_stream', lambda *a, **k: iter([answer]))
   assert cli.main(_args(ckpt, vocab_file, '--image', 'pic.jpg', '--save-dir', 'out', 'Where?')) == 0
   assert '1 box(es) drawn on pic.jpg' in capsys.readouterr().out
   assert (images / 'out' / 'turn1_pic_boxes.png').is_file()
@@ -185,7 +185,7 @@ def test_boxes_drawn_when_the_answer_holds_a_special_token(ckpt, vocab_file, ima
 
 def test_boxes_saved_on_latest_image(ckpt, vocab_file, images, capsys, monkeypatch):
   answer = '<ref>poster</ref><box>(100,100),(900,500)</box>'
-  monkeypatch.setattr(sys.modules['qwenvl_jax.chat'], 'chat_stream', lambda *a, **k: iter([answer[:10], answer]))
+  monkeypatch.setattr(sys.modules['qwenvl_jax.chat_session'], 'chat_stream', lambda *a, **k: iter([answer[:10], answer]))
   assert cli.main(_args(ckpt, vocab_file, '--image', 'pic.jpg', '--save-dir', 'out', 'Where?')) == 0
   saved = images / 'out' / 'turn1_pic_boxes.png'
   assert f'1 box(es) drawn on pic.jpg: {saved.relative_to(images)}' in capsys.readouterr().out

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from convert import cli, core, hf, orbax_io, source
+from convert import cli, core, direct_io, hf, orbax_io, source
 from qwenvl_jax import load_pretrained, orbax_leaves
 from qwenvl_jax.checkpoint import MARKER, PARAMS_DIR, IncompleteCheckpointError, read_released
 from qwenvl_jax.config import QwenVLConfig
@@ -478,7 +478,7 @@ def test_pieces_are_chunk_aligned_and_exact(monkeypatch):
   monkeypatch.setattr(orbax_io, 'CHUNK_BYTES', 12 * 10 * 4)
   leaf = orbax_io.StreamedLeaf(('k',), (2, 10, 40), f32, stacked=True, chunk_axis=1)
   assert leaf.chunk_shape == (1, 10, 10)
-  pool = orbax_io.BufferPool(cap=1 << 20)
+  pool = direct_io.BufferPool(cap=1 << 20)
   pieces = list(orbax_io.leaf_pieces(leaf, 1, source.ArrayRows(hf_value), (1, 0)))
   assert [(p.chunk, p.shape) for p in pieces] == [((1, 0, i), (10, 10)) for i in range(4)]
   blocks = []
@@ -523,7 +523,7 @@ def test_direct_io_with_and_without_o_direct(tmp_path, monkeypatch, direct):
   data = np.random.default_rng(2).standard_normal((300, 7)).astype(np.float32)
   file = tmp_path / 'shard'
   file.write_bytes(b'x' * 1001 + data.tobytes())
-  pool = orbax_io.BufferPool(cap=1 << 20)
+  pool = direct_io.BufferPool(cap=1 << 20)
   rows = source.FileRows(file, 1001, (300, 7), np.dtype(np.float32))
   with rows.read(250, 300, pool) as block:
     np.testing.assert_array_equal(block, data[250:])
@@ -534,13 +534,13 @@ def test_direct_io_with_and_without_o_direct(tmp_path, monkeypatch, direct):
       pass
   buf = pool.get(5000)
   buf[:] = np.arange(buf.size) % 251
-  orbax_io.write_file(str(tmp_path / 'out'), buf, 5000)
+  direct_io.write_file(str(tmp_path / 'out'), buf, 5000)
   assert (tmp_path / 'out').read_bytes() == buf[:5000].tobytes()
 
 
 def test_buffer_pool_reuses_aligns_and_caps():
-  align = orbax_io.ALIGN
-  pool = orbax_io.BufferPool(cap=4 * align)
+  align = direct_io.ALIGN
+  pool = direct_io.BufferPool(cap=4 * align)
   a = pool.get(100)
   assert a.dtype == np.uint8 and a.nbytes == align and a.ctypes.data % align == 0
   pool.put(a)
@@ -551,7 +551,7 @@ def test_buffer_pool_reuses_aligns_and_caps():
   pool.put(c)  # over the cap: dropped
   assert pool.get(3 * align) is b
   assert pool.get(3 * align) is not c
-  pool = orbax_io.BufferPool(cap=1 << 26)
+  pool = direct_io.BufferPool(cap=1 << 26)
   rows = pool.get((16 << 20) + 100)
   pool.put(rows)
   assert pool.get((16 << 20) + 3 * align) is rows  # rows at another offset: the same size class

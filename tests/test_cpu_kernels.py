@@ -1,5 +1,4 @@
 """The CPU decode-attention kernel: parity with XLA's attention, its use in generation, and its build."""
-import importlib
 import pathlib
 
 import chex
@@ -12,7 +11,8 @@ import qwenvl_jax as q
 from qwenvl_jax import cpu_kernels
 from qwenvl_jax.layers import attend
 
-gen = importlib.import_module('qwenvl_jax.generate')
+from qwenvl_jax import batching, sampling
+from qwenvl_jax import decode as gen
 
 
 @pytest.fixture(scope='module')
@@ -88,15 +88,15 @@ def test_decode_step_copies_no_cache(kernel, golden_dir, n_rows):
   model, params = q.load_pretrained(golden_dir / 'checkpoint')
   args, kwargs = _advance_args(model, gen.decode_params(params), [np.arange(5, 12)] * n_rows)
   compiled = gen._advance_jit.lower(*args, **kwargs).compile().as_text()
-  cache_shape = ','.join(map(str, args[1].caches[0].k.shape))
+  cache_shape = ','.join(map(str, args[1].cache[0].k.shape))
   assert cpu_kernels.ATTEND_TARGET in compiled
   assert not [line for line in compiled.splitlines() if f'[{cache_shape}]' in line and ' copy(' in line]
 
 
 def _advance_args(model, params, rows):
-  batch = gen._make_batch(rows, None, model.config, 0, gen.Buckets())
+  batch = batching.make_batch(rows, None, model.config, 0, gen.Buckets())
   config = gen.GenerationConfig(do_sample=False)
-  sampler, key, min_new = gen._Sampler.of(config), jax.random.key(0), jnp.int32(0)
+  sampler, key, min_new = sampling.Sampler.of(config), jax.random.key(0), jnp.int32(0)
   features = jnp.zeros((1, model.config.vision.n_queries, model.config.text.hidden_size))
   state, _ = gen._prefill_jit(params, batch.ids, batch.mask, features, min_new, key, config=model.config,
                               sampler=sampler, slots=batch.ids.shape[1] + 16)

@@ -1,5 +1,4 @@
 """Generation: golden parity, left-padded batches, compile counts, sampling, stop ids, streaming."""
-import importlib
 
 import chex
 import jax
@@ -9,9 +8,10 @@ import pytest
 
 import qwenvl_jax as q
 
-# The package exports the function `generate`, which shadows the module of that name as an attribute.
-gen = importlib.import_module('qwenvl_jax.generate')
-from qwenvl_jax.generate import Buckets, GenerationConfig, generate, generate_stream, warp_logits
+from qwenvl_jax import param_layout
+from qwenvl_jax.decode import Buckets, GenerationConfig, generate, generate_stream
+from qwenvl_jax.decoder import ntk_alpha_of
+from qwenvl_jax.sampling import Sampler, argmax_last, select, warp_logits
 
 GREEDY = dict(do_sample=False)
 
@@ -165,8 +165,8 @@ def test_warpers_match_hugging_face(temperature, top_k, top_p, scale):
 
 def test_sample_frequencies_follow_temperature():
   logits = jnp.log(jnp.array([[0.6, 0.3, 0.1]]))
-  sampler = gen._Sampler(True, 2.0, 0, 1.0, (), 0)
-  draws = jax.vmap(lambda s: gen._select(logits, s, 0, jax.random.key(0), sampler))(jnp.arange(4000))
+  sampler = Sampler(True, 2.0, 0, 1.0, (), 0)
+  draws = jax.vmap(lambda s: select(logits, s, 0, jax.random.key(0), sampler))(jnp.arange(4000))
   freq = np.bincount(np.asarray(draws)[:, 0], minlength=3) / 4000
   expected = np.sqrt([0.6, 0.3, 0.1]) / np.sqrt([0.6, 0.3, 0.1]).sum()  # p ** (1 / T), renormalised
   np.testing.assert_allclose(freq, expected, atol=0.03)
@@ -218,43 +218,81 @@ def test_images_given_as_paths(tiny, poster, golden, golden_dir):
                                 generate(model, params, prompt, poster, **kw))
 
 
-def test_decode_params_layout(tiny, text_prompt):
+@pytest.mark.parametrize('scan_layers,weight_major', [(False, True), (False, False)])
+def test_param_forms_round_trip_and_generate_alike(tiny, text_prompt, scan_layers, weight_major):
+  """Every form converts back bit for bit, and generation reads any form to the same tokens."""
   model, params = tiny
-  split = gen.decode_params(params)
-  assert gen.decode_params(split) is split and len(split.layers) == model.config.text.num_layers
-  stacked, layer = params['decoder']['layers'], split.layers[1]
-  attn = stacked['attn']
-  np.testing.assert_array_equal(layer['attn']['c_attn']['kernel'],
-                                np.transpose(attn['c_attn']['kernel'][1], (1, 2, 3, 0)))  # [3, h, k, d]
-  np.testing.assert_array_equal(layer['attn']['c_attn']['bias'], attn['c_attn']['bias'][1])
-  np.testing.assert_array_equal(layer['attn']['c_proj']['kernel'],
-                                np.transpose(attn['c_proj']['kernel'][1], (2, 0, 1)))  # [d, h, k]
-  mlp = {k: v['kernel'][1] for k, v in stacked['mlp'].items()}
-  np.testing.assert_array_equal(layer['mlp']['w12']['kernel'], np.stack([mlp['w1'].T, mlp['w2'].T]))
-  np.testing.assert_array_equal(layer['mlp']['c_proj']['kernel'], mlp['c_proj'].T)
-  np.testing.assert_array_equal(split.rest['lm_head']['kernel'], params['lm_head']['kernel'].T)
+  other = param_layout.convert(params, scan_layers=scan_layers, weight_major=weight_major)
+  assert param_layout.form(other) == (scan_layers, weight_major)
+  layer = other['decoder']['layers' if scan_layers else 'layers_1']
+  kernel = layer['attn']['c_attn']['kernel_t' if weight_major else 'kernel']
+  stacked = params['decoder']['layers']['attn']['c_attn']['kernel']
+  want = stacked if scan_layers else stacked[1]
+  np.testing.assert_array_equal(kernel, np.moveaxis(want, -4, -1) if weight_major else want)
+  chex.assert_trees_all_equal(param_layout.convert(other, scan_layers=True, weight_major=False), params)
   kw = dict(max_new_tokens=5, **GREEDY)
-  np.testing.assert_array_equal(generate(model, split, [text_prompt], **kw),
+  np.testing.assert_array_equal(generate(model, other, [text_prompt], **kw),
                                 generate(model, params, [text_prompt], **kw))
   copy = jax.tree.map(lambda x: x, params)
-  consumed = gen.decode_params(copy, consume=True)
-  assert 'layers' not in copy['decoder'] and 'lm_head' not in copy and 'ln_f' in consumed.rest['decoder']
-  chex.assert_trees_all_equal(consumed, split)
+  consumed = param_layout.convert(copy, scan_layers=scan_layers, weight_major=weight_major, consume=True)
+  assert not jax.tree.leaves(copy)
+  chex.assert_trees_all_equal(consumed, other)
+
+
+@pytest.mark.parametrize('scan_layers,slots_last', [(True, False), (False, True)])
+def test_cached_decoding_equals_full_forward(tiny, long_row, scan_layers, slots_last):
+  """The model's cached forward (prefill, then single-token steps at one slot per row: rows at
+  different lengths) gives the full forward's logits at every position."""
+  model, params = tiny
+  config = model.config.replace(scan_layers=scan_layers, weight_major=slots_last)
+  decoding = q.QwenVL(config)
+  p = param_layout.convert(params, scan_layers=scan_layers, weight_major=slots_last)
+  b, n, slots = 2, 40, 48
+  ids = np.stack([long_row[:n], long_row[20:20 + n]]).astype(np.int32)
+  full = decoding.apply({'params': p}, ids)  # 40 tokens > seq_length 32: NTK and logn are active
+  text = config.text
+  if scan_layers:
+    cache = q.KVCache.zeros(text, b, slots, jnp.float32, layers=text.num_layers)
+  else:
+    cache = tuple(q.KVCache.zeros(text, b, slots, jnp.float32, slots_last=slots_last)
+                  for _ in range(text.num_layers))
+  lengths = np.array([30, 25])  # row 1 runs 5 tokens behind row 0
+  mask = np.ones((b, slots), bool)
+  prefix = np.stack([ids[0, :30], np.concatenate([ids[1, :25], np.zeros(5, np.int32)])])
+  alpha = ntk_alpha_of(jnp.ones((b, n), bool), text)  # the full forward's: dynamic NTK of 40 tokens
+  step = jax.jit(lambda p, x, c, i: decoding.apply({'params': p}, x, attention_mask=mask, alpha=alpha,
+                                                   cache=c, cache_index=i))
+  out = step(p, prefix, cache, jnp.zeros((b,), jnp.int32))
+  for r in range(b):
+    chex.assert_trees_all_close(out['logits'][r, :lengths[r]], full[r, :lengths[r]], atol=1e-4, rtol=0)
+  cache = out['cache']
+  for i in range(5):
+    at = jnp.asarray(lengths + i, jnp.int32)
+    out = step(p, ids[np.arange(b), lengths + i][:, None], cache, at)
+    cache = out['cache']
+    for r in range(b):
+      chex.assert_trees_all_close(out['logits'][r, 0], full[r, lengths[r] + i], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize('batch', [1, 3])  # without the kernel a batch of 1 is stored without its b axis
-def test_slots_last_cache_reads_what_was_written(tiny, batch):
+def test_cache_layouts_hold_the_same(tiny, batch):
+  """Both layouts, one write index or one per row, attend alike over what was written."""
   text = tiny[0].config.text
-  shape = (batch, 5, text.num_heads, text.head_dim)
-  slots_first = q.KVCache(jnp.zeros((batch, 12) + shape[2:]), jnp.zeros((batch, 12) + shape[2:]))
-  slots_last = gen.SlotsLastCache.empty(text, batch, 12, jnp.float32)
-  keys, values = np.random.default_rng(0).normal(size=(2,) + shape).astype(np.float32)
-  for cache in (slots_first, slots_last):
-    cache = cache.write(jnp.asarray(keys), jnp.asarray(values), jnp.int32(4))
-    k, v = cache.read()
-    np.testing.assert_array_equal(k[:, 4:9], keys)
-    np.testing.assert_array_equal(v[:, 4:9], values)
-    assert not np.asarray(k[:, :4]).any() and not np.asarray(v[:, 9:]).any()
+  rng = np.random.default_rng(0)
+  keys, values, query = rng.normal(size=(3, batch, 5, text.num_heads, text.head_dim)).astype(np.float32)
+  index = jnp.asarray([4, 1, 6][:batch], jnp.int32)
+  valid = jnp.ones((batch, 12), bool)
+  for at in (jnp.int32(4), index):
+    got = []
+    for slots_last in (False, True):
+      cache = q.KVCache.zeros(text, batch, 12, jnp.float32, slots_last=slots_last)
+      cache = cache.write(jnp.asarray(keys), jnp.asarray(values), at)
+      got.append(cache.attend(jnp.asarray(query[:, :1]), valid[:, None], jnp.float32))
+    chex.assert_trees_all_close(got[0], got[1], atol=1e-5, rtol=1e-5)
+  first = q.KVCache.zeros(text, batch, 12, jnp.float32).write(jnp.asarray(keys), jnp.asarray(values), index)
+  for r in range(batch):
+    np.testing.assert_array_equal(first.k[r, int(index[r]):int(index[r]) + 5], keys[r])
+    assert not np.asarray(first.k[r, :int(index[r])]).any()
 
 
 @pytest.mark.parametrize('eqn, x_shape, w_shape', [
@@ -281,6 +319,6 @@ def test_argmax_last_equals_argmax():
   x[3] = -np.inf
   x[4, 999] = np.inf
   x[5] = np.round(x[5])  # many ties
-  got = jax.jit(gen.argmax_last)(x)
+  got = jax.jit(argmax_last)(x)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(got, np.argmax(x, axis=-1))

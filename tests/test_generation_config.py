@@ -1,6 +1,5 @@
 """GenerationConfig: every setting refused by name when it cannot work, generation_config.json errors
 naming the file and key, and no setting producing an id past the tokenizer's vocabulary."""
-import importlib
 import json
 
 import jax
@@ -9,10 +8,9 @@ import numpy as np
 import pytest
 
 import qwenvl_jax as q
-from qwenvl_jax.generate import GenerationConfig, SettingError, generate, generate_stream
+from qwenvl_jax.decode import GenerationConfig, SettingError, generate, generate_stream
 from qwenvl_jax.jsonfile import ConfigFileError
 
-gen = importlib.import_module('qwenvl_jax.generate')
 
 
 @pytest.mark.parametrize('name, value', [
@@ -33,7 +31,7 @@ def test_settings_normalised_and_temperature_zero_is_greedy():
   g = GenerationConfig(temperature=0, top_k=np.int64(3), stop_ids=[5, np.int32(6)], vocab_limit=100)
   assert (g.temperature, g.top_k, g.stop_ids) == (0.0, 3, (5, 6))
   assert type(g.top_k) is int and g.greedy and not GenerationConfig().greedy
-  assert not gen._Sampler.of(g).do_sample
+  assert not sampling.Sampler.of(g).do_sample
   with pytest.raises(SettingError, match=r'stop_ids \[100\] can never be generated'):
     g.replace(stop_ids=(5, 100))
 
@@ -90,10 +88,10 @@ def test_sampler_never_picks_an_id_past_vocab_limit(settings):
   logits[2, 10:20] = np.nan
   logits[3, :600] = -1e30
   if settings['temperature'] == float('inf'):
-    sampler = gen._Sampler(True, float('inf'), 0, 0.5, (), 0, vocab_limit=600)
+    sampler = sampling.Sampler(True, float('inf'), 0, 0.5, (), 0, vocab_limit=600)
   else:
-    sampler = gen._Sampler.of(GenerationConfig(vocab_limit=600, stop_ids=(), **settings))
-  draws = jax.jit(jax.vmap(lambda s: gen._select(jnp.asarray(logits), s, 0, jax.random.key(1), sampler)))(
+    sampler = sampling.Sampler.of(GenerationConfig(vocab_limit=600, stop_ids=(), **settings))
+  draws = jax.jit(jax.vmap(lambda s: sampling.select(jnp.asarray(logits), s, 0, jax.random.key(1), sampler)))(
       jnp.arange(64))
   assert np.asarray(draws).max() < 600
 

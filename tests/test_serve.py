@@ -21,9 +21,9 @@ uvicorn = pytest.importorskip('uvicorn')
 
 from processes import free_port  # noqa: E402
 from qwenvl_jax import GenerationConfig, ImageLoader, QwenVL  # noqa: E402
-from qwenvl_jax.chat import chat  # noqa: E402
+from qwenvl_jax import chat  # noqa: E402
 from qwenvl_jax.chat_format import DEFAULT_SYSTEM, make_context  # noqa: E402
-from qwenvl_jax.generate import decode_params  # noqa: E402
+from qwenvl_jax.decode import decode_params  # noqa: E402
 from qwenvl_jax.tokenizer import QwenVLTokenizer  # noqa: E402
 from serve.app import Service, create_app  # noqa: E402
 from serve.engine import InterimEngine  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from qwenvl_jax import QwenVL, QwenVLConfig, qwen_vl_7b
-from qwenvl_jax import sharding as sh
+from qwenvl_jax import param_layout, sharding as sh
 from qwenvl_jax.model import param_shapes
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -41,7 +41,7 @@ def leaf_paths(tree):
 
 def test_table_covers_every_leaf_exactly(released, tiny_config):
   for params in (released, abstract(tiny_config)):
-    assert leaf_paths(params) == set(sh.PARAM_AXES)
+    assert leaf_paths(params) == set(param_layout.axes_table())
     axes = sh.logical_axes(params)  # also checks every rank
     qkv = axes[('decoder', 'layers', 'attn', 'c_attn', 'kernel')]
     assert qkv == ('layers', 'embed', 'qkv', 'heads', 'head_dim')

@@ -267,7 +267,7 @@ def test_generated_image_spans_decode_leniently(tok):
 
 
 def test_latest_image_reads_answers_holding_special_tokens():
-  from qwenvl_jax.chat import latest_image
+  from qwenvl_jax.chat_session import latest_image
   text = '<ref>cat</ref><|extra_3|><box>(1,2),(3,4)</box><|im_end|> <img>a.png</img>'
   assert latest_image(text, []) == 'a.png'
   assert latest_image('none here <|extra_0|>', [('<img>b.png</img>where?', 'x')]) == 'b.png'

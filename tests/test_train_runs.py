@@ -219,7 +219,7 @@ def test_export_is_a_chat_checkpoint(saved, tmp_path):
   """What `make demo` leaves in demo_out/chat loads as a model, a tokenizer and a generation config."""
   root, config, out = saved
   import qwenvl_jax as qv
-  from qwenvl_jax.generate import GenerationConfig
+  from qwenvl_jax.decode import GenerationConfig
   from train.demo import export_chat
   from train.trainer import base_model_config, model_and_weights
   cfg = TrainConfig.from_json(config, [f'init_from={out}'])

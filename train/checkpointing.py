@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from train.run_dir import TrainError
+from train.errors import TrainError
 from train.step import TrainState
 
 

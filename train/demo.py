@@ -59,9 +59,9 @@ def demo_vocab() -> pathlib.Path:
 def ask_all(model, params, tokenizer, root: pathlib.Path, questions: list[tuple[str, str]],
             batch: int, max_new_tokens: int) -> list[str]:
   """Greedy answers to single-turn chat questions (image path, question text), in batches."""
-  from qwenvl_jax.chat import DEFAULT_SYSTEM, chat_config
+  from qwenvl_jax.chat_session import DEFAULT_SYSTEM, chat_config
   from qwenvl_jax.chat_format import decode_response, make_context
-  from qwenvl_jax.generate import GenerationConfig, decode_params, generate
+  from qwenvl_jax.decode import GenerationConfig, decode_params, generate
   from qwenvl_jax.preprocess import preprocess_images
   g = chat_config(tokenizer, GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens))
   params = decode_params(params)  # once, not at every batch
@@ -89,7 +89,7 @@ def _boxes(answer: str) -> list[dict]:
 # The demo's questions as the chat model was trained on them (ChatML, as `make_context` builds it), in the
 # refcoco task's slots: image, then the referring question.
 def chat_grounding_prompt() -> str:
-  from qwenvl_jax.chat import DEFAULT_SYSTEM
+  from qwenvl_jax.chat_session import DEFAULT_SYSTEM
   return (f'<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n'
           'Picture 1: <img>{}</img>\n{}<|im_end|>\n<|im_start|>assistant\n')
 
@@ -103,7 +103,7 @@ def evaluate(model, params, tokenizer, root: pathlib.Path, scenes, out_dir: path
   import qwenvl_eval
   import qwenvl_eval.metrics.grounding
   from PIL import Image
-  from qwenvl_jax.generate import decode_params
+  from qwenvl_jax.decode import decode_params
   from qwenvl_jax.grounding import draw_boxes
   from train.world import letter_answer, letter_question, where_question
   params = decode_params(params)  # once, for both kinds of question

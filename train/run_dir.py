@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from qwenvl_jax import jsonfile
 from qwenvl_jax.config import QwenVLConfig
 from train.config import STRUCTURAL_KEYS, TrainConfig
+from train.errors import TrainError  # noqa: F401 (re-exported)
 
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.jsonl'
@@ -27,10 +28,6 @@ VOCAB_FILE = 'qwen.tiktoken'
 # Model config keys that do not change a parameter's shape: the image size resizes the ViT's position
 # table at run time, and the precision flags are the run's numerics.
 _FREE_MODEL_KEYS = {'visual.image_size', 'bf16', 'fp16', 'fp32'}
-
-
-class TrainError(RuntimeError):
-  """A run that cannot start or go on, for a reason the user can fix; the message says how."""
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

@@ -13,7 +13,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from qwenvl_jax.chat_format import DEFAULT_SYSTEM, decode_response, make_context, partial_response
-from qwenvl_jax.generate import GenerationConfig, check_request, generate, generate_stream, load_images
+from qwenvl_jax.batching import check_request, load_images
+from qwenvl_jax.decode import GenerationConfig, generate, generate_stream
 from qwenvl_jax.grounding import list_items
 from qwenvl_jax.images import ImageLoader, ImageSource
 from qwenvl_jax.model import QwenVL
