@@ -13,7 +13,8 @@ import random
 import sys
 from typing import Sequence, TextIO
 
-DEFAULT_COMPILE_CACHE = pathlib.Path('~/.cache/qwenvl_jax/jax')
+from qwenvl_jax import runtime_options
+
 INTERACTIVE_HELP = 'Type a message; :clear forgets the conversation, :exit (or Ctrl-D) quits.'
 # GenerationConfig field -> the flag that sets it, for naming the flag in errors.
 _FLAGS = {'max_new_tokens': '--max-new-tokens', 'temperature': '--temperature', 'top_p': '--top-p',
@@ -45,11 +46,7 @@ def _add_chat_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--top-p', type=float, help='in (0, 1]; 1 turns it off (default: generation_config.json)')
   p.add_argument('--top-k', type=int, help='>= 0; 0 turns it off (default: generation_config.json)')
   p.add_argument('--seed', type=int, help='sampling seed (default: random)')
-  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
-                 help='parameter and compute dtype')
-  p.add_argument('--compile-cache', default=str(DEFAULT_COMPILE_CACHE),
-                 help='JAX persistent compilation cache directory')
-  p.add_argument('--no-compile-cache', action='store_true', help='do not use the compilation cache')
+  runtime_options.add_arguments(p)
 
 
 def _parser(with_plan: bool) -> argparse.ArgumentParser:
@@ -149,8 +146,8 @@ class _Session:
     root = pathlib.Path('.' if args.image_root is None else args.image_root).resolve()
     if not root.is_dir():
       raise UsageError(f'--image-root {args.image_root}: not a directory')
-    if not args.compile_cache and not args.no_compile_cache:
-      raise UsageError('--compile-cache is empty; pass a directory or --no-compile-cache')
+    if runtime_options.check(args):
+      raise UsageError(runtime_options.check(args))
     self.loader = ImageLoader(allowed_root=root, allow_urls=args.allow_urls)
     self.images = _image_refs(args.image, root)
     for ref in self.images:  # a corrupt file fails now, naming it
@@ -165,12 +162,7 @@ class _Session:
     self._load(args)
 
   def _load(self, args: argparse.Namespace) -> None:
-    if args.dtype != 'float32':
-      from qwenvl_jax import xla_flags
-      xla_flags.use_for_low_precision_cpu()  # before jax starts its backend
-    import jax
-    if not args.no_compile_cache:
-      jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(args.compile_cache).expanduser()))
+    runtime_options.apply(args)
     from qwenvl_jax.checkpoint import load_pretrained
     from qwenvl_jax.decode import decode_params
     from qwenvl_jax.model import QwenVL

@@ -12,7 +12,7 @@ import pathlib
 import sys
 from typing import Sequence
 
-from qwenvl_jax.cli import DEFAULT_COMPILE_CACHE
+from qwenvl_jax import runtime_options
 from serve.limits import Limits
 
 API_KEY_ENV = 'QWENVL_JAX_API_KEY'
@@ -38,10 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--max-images', type=int, default=d.max_images, help='images per request')
   p.add_argument('--url-timeout', type=float, default=d.url_timeout, help='seconds per image download')
   p.add_argument('--vocab', help='qwen.tiktoken (default: the one in --ckpt)')
-  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  p.add_argument('--compile-cache', default=str(DEFAULT_COMPILE_CACHE),
-                 help='JAX persistent compilation cache directory (restarts skip compiling)')
-  p.add_argument('--no-compile-cache', action='store_true', help='do not use the compilation cache')
+  runtime_options.add_arguments(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ValueError(f'--max-batch and --max-queue must be >= 1, got {args.max_batch}, {args.max_queue}')
     if args.image_root is not None and not pathlib.Path(args.image_root).is_dir():
       raise ValueError(f'--image-root {args.image_root}: not a directory')
+    if runtime_options.check(args):
+      raise ValueError(runtime_options.check(args))
   except ValueError as e:
     p.error(str(e))
   try:
@@ -79,12 +78,7 @@ def build(args: argparse.Namespace, limits: Limits):
   ckpt = pathlib.Path(args.ckpt)
   if not ckpt.is_dir():
     raise FileNotFoundError(f'checkpoint directory not found: {ckpt}')
-  if args.dtype != 'float32':
-    from qwenvl_jax import xla_flags
-    xla_flags.use_for_low_precision_cpu()  # before jax starts its backend
-  import jax
-  if not args.no_compile_cache:
-    jax.config.update('jax_compilation_cache_dir', str(pathlib.Path(args.compile_cache).expanduser()))
+  runtime_options.apply(args)
   from qwenvl_jax import GenerationConfig, QwenVL, QwenVLTokenizer, load_pretrained
   from qwenvl_jax.decode import decode_params
   from qwenvl_jax.tokenizer import check_tokenizer

@@ -20,10 +20,23 @@ def run_workers(commands: list[list[str]], env: dict, log_dir: pathlib.Path, tim
   return [output for output, _ in run_measured(commands, env, log_dir, timeout)]
 
 
+def _high_water(pid: int) -> int:
+  """Peak resident bytes of a running process so far; 0 once it has exited."""
+  try:
+    for line in pathlib.Path(f'/proc/{pid}/status').read_text().splitlines():
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) * 1024  # kB
+  except OSError:
+    pass
+  return 0
+
+
 def run_measured(commands: list[list[str]], env: dict, log_dir: pathlib.Path, timeout: float = 400
                  ) -> list[tuple[str, int]]:
   """As `run_workers`, returning each command's (output, peak resident bytes): the kernel's high-water
-  mark of that process alone (ru_maxrss from wait4, not the sum or maximum over every child)."""
+  mark of that process's own memory (VmHWM in /proc/PID/status, polled while it runs). Not wait4's
+  ru_maxrss: Linux carries the parent's high-water mark across fork and exec into it, so a child of a
+  big pytest worker would report at least the worker's size."""
   paths = [log_dir / f'worker{i}.log' for i in range(len(commands))]
   logs = [open(path, 'w') for path in paths]
   procs = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT) for cmd, log in zip(commands, logs)]
@@ -35,10 +48,10 @@ def run_measured(commands: list[list[str]], env: dict, log_dir: pathlib.Path, ti
     while len(codes) < len(procs) and not any(codes.values()) and time.monotonic() < deadline:
       for p in procs:
         if p.pid not in codes:
-          pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+          peaks[p.pid] = max(peaks.get(p.pid, 0), _high_water(p.pid))
+          pid, status = os.waitpid(p.pid, os.WNOHANG)
           if pid:
             codes[pid] = p.returncode = os.waitstatus_to_exitcode(status)
-            peaks[pid] = usage.ru_maxrss * 1024  # kilobytes on Linux
       time.sleep(0.05)
   finally:
     for p in procs:
