@@ -45,6 +45,16 @@ def vocab_file(shared_dir) -> pathlib.Path:
   return _require(shared_dir / "qwen.tiktoken")
 
 
+SHORT_SPAN = 16  # image span of the data tests' tokenizer (and their tiny models' n_queries)
+
+
+@pytest.fixture(scope="session")
+def tok(vocab_file):
+  """The real vocabulary with short image spans, for data tests."""
+  from qwenvl_jax.tokenizer import QwenVLTokenizer
+  return QwenVLTokenizer(vocab_file, image_span_length=SHORT_SPAN)
+
+
 @pytest.fixture
 def compiles():
   """Names of the functions XLA compiles while the test runs, starting from empty caches (the persistent

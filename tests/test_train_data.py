@@ -7,18 +7,12 @@ import pytest
 
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.model import check_image_spans
-from qwenvl_jax.tokenizer import QwenVLTokenizer
 from train import world
 from train.data import Encoder, format_box, truncate
 from train.loader import LoaderConfig
 from train.validate import make_loader, read_records
 
-SPAN = 16
-
-
-@pytest.fixture(scope='module')
-def tok(vocab_file):
-  return QwenVLTokenizer(vocab_file, image_span_length=SPAN)
+from conftest import SHORT_SPAN as SPAN
 
 
 def _parts(tok, ex):

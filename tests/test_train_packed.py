@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from qwenvl_jax.preprocess import normalize_on_device, preprocess_images
-from qwenvl_jax.tokenizer import QwenVLTokenizer
 from train import world
 from train.config import TrainConfig
 from train.data import Encoder
@@ -22,12 +21,7 @@ from train.packed import PackedSource, is_packed
 from train.packing import SKIPPED, PackError, pack
 from train.validate import make_loader
 
-SPAN = 16
-
-
-@pytest.fixture(scope='module')
-def tok(vocab_file):
-  return QwenVLTokenizer(vocab_file, image_span_length=SPAN)
+from conftest import SHORT_SPAN as SPAN
 
 
 @pytest.fixture(scope='module')

@@ -4,17 +4,11 @@ import random
 
 import pytest
 
-from qwenvl_jax.tokenizer import QwenVLTokenizer
 from train import world
 from train.loader import LoaderConfig
 from train.validate import MAX_LISTED, DataError, make_loader, read_records, tag_problems
 
-SPAN = 16
-
-
-@pytest.fixture(scope='module')
-def tok(vocab_file):
-  return QwenVLTokenizer(vocab_file, image_span_length=SPAN)
+from conftest import SHORT_SPAN as SPAN
 
 
 @pytest.fixture(scope='module')
