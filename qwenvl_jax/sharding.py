@@ -104,7 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------- specs
 
 def shard_shape(shape: Sequence[int], spec: PartitionSpec, sizes: Mapping[str, int]) -> tuple[int, ...]:
-  """The per-device block of an array of `shape` under `spec`, from mesh sizes alone."""
+  """The per-device block of an array of `shape` under `spec`, from mesh sizes alone; dimensions past the
+  end of a shorter spec (e.g. `PartitionSpec()` of a replicated leaf) stay whole."""
+  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
   return tuple(d // math.prod(sizes[a] for a in as_tuple(axes)) for d, axes in zip(shape, spec))
 
 

@@ -197,3 +197,10 @@ def test_meshes_match_one_device(golden_dir, tmp_path):
   assert report['1x8']['batch_spec'] == "P('fsdp', None)"
   assert report['2x2x2']['max_diff']['init'] == 0.0
   assert report['restore']['max_diff']['restored'] == 0.0
+
+
+def test_shard_shape_of_a_short_spec_keeps_the_rest_whole():
+  sizes = {'data': 1, 'fsdp': 2, 'tensor': 1}
+  assert sh.shard_shape((4, 6), P(), sizes) == (4, 6)  # replicated: not ()
+  assert sh.shard_shape((4, 6), P('fsdp'), sizes) == (2, 6)
+  assert sh.shard_shape((4, 6), P(None, 'fsdp'), sizes) == (4, 3)

@@ -142,8 +142,7 @@ def _abstract_state(cfg: TrainConfig, model_config: QwenVLConfig) -> tuple[Any, 
 
 
 def _local(leaf, spec, sizes) -> int:
-  """Elements of one leaf on one device; a spec shorter than the leaf's rank leaves the rest whole."""
-  spec = PartitionSpec(*spec, *(None,) * (len(leaf.shape) - len(spec)))
+  """Elements of one leaf on one device."""
   return math.prod(sh.shard_shape(leaf.shape, spec, sizes))
 
 
