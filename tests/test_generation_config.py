@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import qwenvl_jax as q
+from qwenvl_jax import sampling
 from qwenvl_jax.decode import GenerationConfig, SettingError, generate, generate_stream
 from qwenvl_jax.jsonfile import ConfigFileError
 
