@@ -171,7 +171,7 @@ def test_abstract_params_carry_shardings(released):
 
 @pytest.mark.slow
 def test_meshes_match_one_device(golden_dir, tmp_path):
-  """1x8 and 2x4 (data x fsdp, 'fsdp' rules) and 2x2x2 (data x fsdp x tensor, 'fsdp_tp') on 8 simulated
+  """1x8 (fsdp, 'fsdp' rules) and 2x2x2 (data x fsdp x tensor, 'fsdp_tp') on 8 simulated
   CPU devices: init, forward logits, greedy tokens, one train step and an Orbax restore onto another mesh
   match one device; params and Adam moments really are split."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
@@ -186,7 +186,7 @@ def test_meshes_match_one_device(golden_dir, tmp_path):
   assert report['devices'] == 8
   failures = {k: v['failures'] for k, v in report.items() if isinstance(v, dict) and v.get('failures')}
   assert not failures, json.dumps(failures, indent=1)[:8000]
-  for spec, shape in {'1x8': (1, 8, 1), '2x4': (2, 4, 1), '2x2x2': (2, 2, 2)}.items():
+  for spec, shape in {'1x8': (1, 8, 1), '2x2x2': (2, 2, 2)}.items():
     r = report[spec]
     assert tuple(r['mesh'][a] for a in sh.MESH_AXES) == shape
     assert {'logits', 'loss', 'params', 'opt_state'} <= set(r['max_diff'])
