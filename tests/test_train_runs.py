@@ -39,6 +39,14 @@ def world_data(tmp_path_factory, vocab_file):
   return root, config, cfg
 
 
+def _model_and_weights(cfg, model_config, params=None):
+  """The run's model config and its starting weights on one device, as the trainer makes them."""
+  from qwenvl_jax.model import QwenVL, param_shapes
+  from train.trainer import initial_weights, on_one_device, run_model_config
+  model_config = run_model_config(cfg, model_config)
+  return model_config, initial_weights(cfg, params, on_one_device(param_shapes(QwenVL(model_config))))
+
+
 @pytest.fixture(scope='module')
 def saved(world_data):
   """An out_dir as a run leaves it at step 3, without the cost of training: (root, config file, out_dir)."""
@@ -48,13 +56,13 @@ def saved(world_data):
   from train.optim import make_optimizer
   from train.run_dir import write_configs
   from train.state import from_params
-  from train.trainer import base_model_config, model_and_weights
+  from train.trainer import base_model_config
   root, config, cfg = world_data
   out = root / 'saved'
   rng = np.random.default_rng(0)  # random values at the params' shapes: a real init costs a minute here
   shapes = param_shapes(QwenVL(base_model_config(cfg).replace(param_dtype='float32')))
   params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), shapes)
-  model_config, params = model_and_weights(cfg, base_model_config(cfg), params)
+  model_config, params = _model_and_weights(cfg, base_model_config(cfg), params)
   state = from_params(cfg, make_optimizer(cfg, params))(params)._replace(step=jnp.asarray(3, jnp.int32))
   checkpointer = Checkpointer(out / CHECKPOINT_DIR, 1, 3)
   records = len(json.loads(pathlib.Path(cfg.data).read_text()))
@@ -201,9 +209,9 @@ def test_next_stage_starts_from_an_out_dir(saved, capsys, tmp_path):
   """The README's chaining example: init_from=<the out_dir of the previous stage>, nothing else; the
   vocabulary and the model come from that out_dir."""
   root, config, out = saved
-  from train.trainer import base_model_config, model_and_weights
+  from train.trainer import base_model_config
   cfg = TrainConfig.from_json(config, [f'init_from={out}', 'model_config=', 'vocab='])
-  model_config, params = model_and_weights(cfg, base_model_config(cfg))
+  model_config, params = _model_and_weights(cfg, base_model_config(cfg))
   saved = ocp.CheckpointManager(out / CHECKPOINT_DIR).restore(3, args=ocp.args.Composite(
       state=ocp.args.StandardRestore())).state['params']
   for a, b in zip(*(map(np.asarray, jax.tree.leaves(t)) for t in (params, saved))):
@@ -221,9 +229,9 @@ def test_export_is_a_chat_checkpoint(saved, tmp_path):
   import qwenvl_jax as qv
   from qwenvl_jax.decode import GenerationConfig
   from train.demo import export_chat
-  from train.trainer import base_model_config, model_and_weights
+  from train.trainer import base_model_config
   cfg = TrainConfig.from_json(config, [f'init_from={out}'])
-  model_config, params = model_and_weights(cfg, base_model_config(cfg))
+  model_config, params = _model_and_weights(cfg, base_model_config(cfg))
   tok = qv.QwenVLTokenizer.from_pretrained(out)
   chat = export_chat(params, model_config, tok, tmp_path / 'chat', {'max_new_tokens': 8})
   model, loaded = qv.load_pretrained(chat)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from qwenvl_jax.checkpoint import load_pretrained
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax import sharding
-from qwenvl_jax.model import QwenVL, param_shapes
+from qwenvl_jax.model import QwenVL
 from qwenvl_jax.params import params_to_hf
 from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, find_vocab
 from train.checkpointing import Checkpointer
@@ -79,13 +79,6 @@ def initial_weights(cfg: TrainConfig, params: Any, shardings: Any) -> Any:
   if is_run_dir(cfg.init_from):
     return run_weights(cfg.init_from, shardings, say)
   return load_pretrained(cfg.init_from, dtype=MASTER_DTYPE, shardings=shardings)[1]
-
-
-def model_and_weights(cfg: TrainConfig, model_config: QwenVLConfig, params: Any = None
-                      ) -> tuple[QwenVLConfig, Any]:
-  """(run_model_config, initial_weights) on one device."""
-  model_config = run_model_config(cfg, model_config)
-  return model_config, initial_weights(cfg, params, on_one_device(param_shapes(QwenVL(model_config))))
 
 
 def vocab_path(cfg: TrainConfig) -> pathlib.Path:
