@@ -2,9 +2,9 @@
 
 The Int4 names follow from the float ones: each quantized `transformer.h.N.P.weight` is replaced by
 `P.qweight`, `P.qzeros`, `P.scales`, `P.g_idx` and `P.bias` (c_attn's bias is the float model's own). A
-quantized layer is unpacked once all its parts have been read; the parts stay memory-mapped until then
-(`ReleasedCheckpoint.tensors` lets their pages go), so the host holds about one layer at a time, whatever
-the shard that holds each part.
+quantized layer is unpacked once all its parts have been read, each copied out of its memory-mapped shard
+as it comes (`ReleasedCheckpoint.tensors` lets the pages go), so the host holds the packed parts of the
+layers not yet complete: one layer where, as in the release, a layer's parts are stored together.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def _layers(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLCon
       continue
     layer, part = split
     parts = pending.setdefault(layer, {})
-    parts[part] = array
+    # A copy: the memory-mapped pages go as the next tensor is read; touched again at unpack they would stay.
+    parts[part] = np.array(array)
     if part == 'bias' and layer + '.bias' in float_names:  # c_attn's bias is also the float model's
       yield entry, array
     if len(parts) == len(PARTS):
