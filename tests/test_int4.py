@@ -149,6 +149,16 @@ def test_export_is_byte_identical(packed, stored, int4_dir, tmp_path):
   chex.assert_trees_all_equal(again, params)
 
 
+def test_export_refuses_a_tree_the_layout_cannot_hold(packed, tmp_path):
+  """lm_head is float in the Int4 layout: a tree with it quantized is refused by name, nothing written."""
+  model, params = packed
+  head = params['lm_head']['kernel']
+  tree = {**params, 'lm_head': {'q': np.zeros(head.shape, np.int8), 'scale': np.ones((2, head.shape[1]))}}
+  with pytest.raises(CheckpointMismatchError, match='missing: lm_head/kernel'):
+    export_int4(tree, model.config, tmp_path / 'out')
+  assert list(tmp_path.iterdir()) == []  # nor a temporary directory
+
+
 def test_cli_rewrites_int4(int4_dir, stored, tmp_path, capsys):
   assert cli.main([str(int4_dir), str(tmp_path / 'out'), '--to-int4', '--quiet']) == 0
   assert_same_int4(tmp_path / 'out', int4_dir, stored)
