@@ -114,26 +114,26 @@ def part_shapes(in_features: int, out_features: int, gcfg: GptqConfig) -> dict[s
           'scales': (g, out_features), 'g_idx': (in_features,), 'bias': (out_features,)}
 
 
-def _shifts(ndim: int, axis: int) -> np.ndarray:
-  shape = [1] * (ndim + 1)
-  shape[axis + 1] = PER_INT32
-  return (np.arange(PER_INT32, dtype=np.uint32) * BITS).reshape(shape)
-
-
 def unpack_nibbles(packed: np.ndarray, axis: int) -> np.ndarray:
-  """int32 -> uint8 4-bit values, eight per int32 (lowest bits first) along `axis`, which grows 8x."""
-  words = np.expand_dims(np.asarray(packed).view(np.uint32), axis + 1)
-  nibbles = (words >> _shifts(packed.ndim, axis)) & 0xF
-  shape = list(packed.shape)
-  shape[axis] *= PER_INT32
-  return nibbles.astype(np.uint8).reshape(shape)
+  """int32 -> uint8 4-bit values, eight per int32 (lowest bits first) along `axis`, which grows 8x.
+
+  Byte by byte (little-endian: value 2j is byte j's low half): no int32 temporaries, 2 bytes per value.
+  """
+  shape = tuple(packed.shape)
+  octets = np.ascontiguousarray(packed, '<i4').view(np.uint8).reshape(shape + (4,))
+  nibbles = np.empty(shape + (4, 2), np.uint8)
+  np.bitwise_and(octets, 15, out=nibbles[..., 0])
+  np.right_shift(octets, 4, out=nibbles[..., 1])
+  grown = shape[:axis] + (shape[axis] * PER_INT32,) + shape[axis + 1:]
+  return np.moveaxis(nibbles.reshape(shape + (PER_INT32,)), -1, axis + 1).reshape(grown)
 
 
 def pack_nibbles(values: np.ndarray, axis: int) -> np.ndarray:
   """The inverse of unpack_nibbles: 4-bit values (0..15) -> int32, eight per int32 along `axis`."""
   shape = list(values.shape)
   shape[axis:axis + 1] = [shape[axis] // PER_INT32, PER_INT32]
-  words = values.astype(np.uint32).reshape(shape) << _shifts(values.ndim, axis)
+  shifts = np.arange(PER_INT32, dtype=np.uint32) * BITS
+  words = values.astype(np.uint32).reshape(shape) << shifts.reshape((-1,) + (1,) * (len(shape) - axis - 2))
   return np.bitwise_or.reduce(words, axis=axis + 1).view(np.int32)
 
 
@@ -158,7 +158,8 @@ def unpack(name: str, parts: Mapping[str, np.ndarray], gcfg: GptqConfig) -> dict
                                        f'symmetric {ZERO}, stored as {ZERO - 1}, is supported)')
   if not any(name.endswith(b) for b in WITH_BIAS) and np.any(parts['bias'] != 0):
     raise UnsupportedQuantizationError(f'{name}.bias: non-zero, but the original layer has no bias')
-  q = (unpack_nibbles(parts['qweight'], 0).astype(np.int16) - ZERO).astype(np.int8)
+  q = unpack_nibbles(parts['qweight'], 0).view(np.int8)  # a fresh array: shifted in place
+  q -= ZERO
   return {Q: q, SCALE: np.asarray(parts['scales'])}
 
 
@@ -186,6 +187,8 @@ def dequantize(q, scale, dtype=jnp.float32):
   out_shape = tuple(scale.shape[1:])
   n_in = math.prod(q.shape[:q.ndim - len(out_shape)])
   groups = scale.shape[0]
-  w = (q.reshape((groups, n_in // groups) + out_shape).astype(xp.float32)
-       * scale.astype(xp.float32)[:, None])
-  return w.reshape(q.shape).astype(dtype)
+  w = q.reshape((groups, n_in // groups) + out_shape).astype(xp.float32)
+  s = scale.astype(xp.float32)[:, None]
+  w = np.multiply(w, s, out=w) if xp is np else w * s  # numpy: one float32 temporary
+  w = w.reshape(q.shape)
+  return w if w.dtype == np.dtype(dtype) else w.astype(dtype)

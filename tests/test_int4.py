@@ -39,15 +39,19 @@ def golden_int4(golden_dir):
   return load_file(str(golden_dir / 'int4' / 'golden_int4.safetensors'))
 
 
-@pytest.fixture(scope='module')
-def stored(int4_dir):
+def read_int4(root):
   """Every stored tensor by name, and each shard's safetensors metadata."""
   tensors, metadata = {}, {}
-  for file in sorted(int4_dir.glob('*.safetensors')):
+  for file in sorted(root.glob('*.safetensors')):
     tensors.update(load_file(str(file)))
     with safe_open(str(file), 'np') as f:
       metadata[file.name] = f.metadata()
   return tensors, metadata
+
+
+@pytest.fixture(scope='module')
+def stored(int4_dir):
+  return read_int4(int4_dir)
 
 
 @pytest.fixture(scope='module')
@@ -122,16 +126,12 @@ def test_packed_form_dequantizes_to_the_same_params(packed, dequantized):
 def assert_same_int4(out, int4_dir, stored):
   """Every tensor of `out` byte-identical to the golden's, the same shard metadata and Int4 configs."""
   tensors, metadata = stored
-  written, written_metadata = {}, set()
-  for file in sorted(out.glob('*.safetensors')):
-    written.update(load_file(str(file)))
-    with safe_open(str(file), 'np') as f:
-      written_metadata.add(json.dumps(f.metadata(), sort_keys=True))
+  written, written_metadata = read_int4(out)
   assert sorted(written) == sorted(tensors)
   for name, a in tensors.items():
     assert (written[name].dtype, written[name].shape) == (a.dtype, a.shape), name
     assert written[name].tobytes() == a.tobytes(), name
-  assert written_metadata == {json.dumps(m, sort_keys=True) for m in metadata.values()}
+  assert {json.dumps(m) for m in written_metadata.values()} == {json.dumps(m) for m in metadata.values()}
   config, original = (json.loads((d / 'config.json').read_text()) for d in (out, int4_dir))
   assert config['quantization_config'] == original['quantization_config']
   assert config['torch_dtype'] == 'float16'
@@ -157,6 +157,26 @@ def test_export_refuses_a_tree_the_layout_cannot_hold(packed, tmp_path):
   with pytest.raises(CheckpointMismatchError, match='missing: lm_head/kernel'):
     export_int4(tree, model.config, tmp_path / 'out')
   assert list(tmp_path.iterdir()) == []  # nor a temporary directory
+
+
+def test_desc_act_in_order_and_one_group(int4_dir, packed, tmp_path):
+  """desc_act with the groups in order is the plain layout; group_size -1 (one group per layer) loads and
+  exports back byte for byte."""
+  src = edited_copy(int4_dir, tmp_path / 'a', config=lambda c: c['quantization_config'].update(desc_act=True))
+  chex.assert_trees_all_equal(load_pretrained(src, keep_packed=True)[1], packed[1])
+
+  def one_group(t):
+    for layer in quantized_rules(packed[0].config):
+      t[f'{layer}.scales'], t[f'{layer}.qzeros'] = t[f'{layer}.scales'][:1], t[f'{layer}.qzeros'][:1]
+      t[f'{layer}.g_idx'] = np.zeros_like(t[f'{layer}.g_idx'])
+  src = edited_copy(int4_dir, tmp_path / 'b', one_group,
+                    lambda c: c['quantization_config'].update(group_size=-1))
+  model, params = load_pretrained(src, keep_packed=True)
+  assert params['decoder']['layers']['mlp']['w1']['scale'].shape == (2, 1, 256)  # [layers, groups, out]
+  out = export_int4(params, model.config, tmp_path / 'out', GptqConfig(group_size=-1), src=src)
+  (tensors, _), (written, _) = read_int4(src), read_int4(out)
+  assert sorted(written) == sorted(tensors)
+  assert all(written[n].dtype == a.dtype and written[n].tobytes() == a.tobytes() for n, a in tensors.items())
 
 
 def test_cli_rewrites_int4(int4_dir, stored, tmp_path, capsys):
@@ -348,4 +368,4 @@ def test_released_widths_load_layer_by_layer(tmp_path, form):
   grown = m['after'] - m['before']
   print(f'{form}: stored {stored / 1e9:.2f} GB, params {m["params"] / 1e9:.2f} GB, peak growth '
         f'{grown / 1e9:.2f} GB ({grown / m["params"]:.2f}x the params)')
-  assert grown < 1.25 * m['params'], (grown / m['params'], m)
+  assert grown < 1.2 * m['params'], (grown / m['params'], m)
