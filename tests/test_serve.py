@@ -1,6 +1,7 @@
 """The OpenAI-compatible server against the real `openai` client: one live server on 127.0.0.1 for the
 module, over the tiny real-vocabulary model of test_chat."""
 import base64
+import dataclasses
 import io
 import os
 import pathlib
@@ -495,6 +496,13 @@ def test_serve_command_errors(tmp_path, capsys):
   assert 'checkpoint directory not found' in capsys.readouterr().err
 
 
+def small_vocab_config():
+  """test_chat's tiny model with a 512-token vocabulary: the engine-only tests compile in seconds."""
+  cfg = tiny_chat_config()
+  return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=512),
+                             vision=dataclasses.replace(cfg.vision, image_start_id=500))
+
+
 def test_engine_compiles_once_per_bucket(compiles):
   """The engine alone: prompts of other lengths in the same bucket, other token budgets and a row taken
   again after another request left it compile nothing new; greedy rows equal `generate` alone."""
@@ -502,13 +510,13 @@ def test_engine_compiles_once_per_bucket(compiles):
   import numpy as np
   from qwenvl_jax.decode import generate
   from serve.engine import EngineRequest
-  cfg = tiny_chat_config()
+  cfg = small_vocab_config()
   model, params = QwenVL(cfg), decode_params(random_params(cfg, seed=1))
   engine = BatchEngine(model, params, max_batch=2, max_queue=8, max_len=128)
   rng = np.random.default_rng(0)
 
   async def run(lengths, budgets):
-    prompts = [tuple(int(t) for t in rng.integers(0, 150000, n)) for n in lengths]
+    prompts = [tuple(int(t) for t in rng.integers(0, 500, n)) for n in lengths]
     handles = [engine.submit(EngineRequest(p, None, BASE.replace(max_new_tokens=b, stop_ids=()), 0))
                for p, b in zip(prompts, budgets)]
     return prompts, [[t async for t in h] for h in handles]
@@ -532,11 +540,12 @@ from qwenvl_jax import GenerationConfig, QwenVL, sharding
 from qwenvl_jax.decode import decode_params, generate
 from serve.batch_engine import BatchEngine
 from serve.engine import EngineRequest
-from test_chat import random_params, tiny_chat_config
-cfg = tiny_chat_config()
+from test_chat import random_params
+from test_serve import small_vocab_config
+cfg = small_vocab_config()
 model, params = QwenVL(cfg), decode_params(random_params(cfg))
 g = GenerationConfig(max_new_tokens=6, do_sample=False, stop_ids=())
-prompts = [tuple(range(1000 + n, 1000 + 2 * n)) for n in (20, 33, 41)]
+prompts = [tuple(range(100 + n, 100 + 2 * n)) for n in (20, 33, 41)]
 alone = [generate(model, params, [p], generation_config=g)[0, len(p):].tolist() for p in prompts]
 mesh = sharding.make_mesh('data=2')
 rules = sharding.default_rules(dict(mesh.shape))
