@@ -161,7 +161,7 @@ class BatchEngine:
     for r, row in busy:
       tokens[r], index[r] = row.last, row.index
     try:
-      logits = self.slots.step(tokens, index)
+      logits = self.slots.step(tokens, index, busy[-1][0] + 1)
       groups: dict[Sampler, list[tuple[int, _Row]]] = {}
       for r, row in busy:
         groups.setdefault(row.sampler, []).append((r, row))

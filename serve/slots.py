@@ -8,8 +8,11 @@ follow from the mask. Stale keys of an earlier request in the row are never seen
 to its own, and those past the prompt were written by this request's own steps. So a row's tokens are
 the ones `generate` gives the same request alone.
 
-Compiles: the prefill once per prompt-length bucket and image-count bucket, the step once, and the token
-choice (`sampling.select`) once per distinct sampler and shape.
+A step runs over the first rows only, up to the last busy one rounded up to a power of two (new requests
+take the lowest free row), so a server of many rows serving few requests pays for few.
+
+Compiles: the prefill once per prompt-length bucket and image-count bucket, the step once per power of
+two of rows, and the token choice (`sampling.select`) once per distinct sampler and shape.
 """
 from __future__ import annotations
 
@@ -33,13 +36,24 @@ Array = jax.Array
 
 def _prefill_row(params, cache, row, ids, mask, features, *, config: QwenVLConfig):
   one, logits, _, alpha = prompt_forward(params, ids, mask, features, config=config, slots=ids.shape[1])
-  return tuple(c.put_row(r, row) for c, r in zip(cache, one)), logits, alpha[0]
+  return tuple(c.put_rows(r, row) for c, r in zip(cache, one)), logits, alpha[0]
 
 
 def _step(params, cache, tokens, key_mask, alpha, index, *, config: QwenVLConfig):
+  """One token for each of the first n = len(tokens) rows (the busy ones all lie there): a step over n
+  rows costs a batch of n, not of every row, at the price of copying those rows of the cache."""
+  n, whole = tokens.shape[0], _rows(cache) == tokens.shape[0]
+  part = cache if whole else tuple(c.first_rows(n) for c in cache)
   out = decoding_model(config).apply({'params': params}, tokens[:, None], attention_mask=key_mask, alpha=alpha,
-                                     cache=cache, cache_index=index)
-  return out['cache'], out['logits'][:, 0]
+                                     cache=part, cache_index=index)
+  if whole:
+    return out['cache'], out['logits'][:, 0]
+  return tuple(c.put_rows(p, 0) for c, p in zip(cache, out['cache'])), out['logits'][:, 0]
+
+
+def _rows(cache: tuple[KVCache, ...]) -> int:
+  """Rows of a batch's cache (one row may be stored without its b axis)."""
+  return cache[0].k.shape[0] if cache[0].k.ndim == 4 else 1
 
 
 _JIT = dict(static_argnames='config', donate_argnums=1)  # the cache is updated in place
@@ -118,10 +132,12 @@ class Slots:
     self.key_mask[row, 0] = True
     self.alpha[row] = 1.0
 
-  def step(self, tokens: np.ndarray, index: np.ndarray) -> Array:
-    """Feeds tokens [rows] (written at slots index [rows]) to every row; returns logits [rows, v]."""
-    self.cache, logits = self._step(self.params, self.cache, tokens, self.key_mask, self.alpha, index,
-                               config=self.config)
+  def step(self, tokens: np.ndarray, index: np.ndarray, busy: int) -> Array:
+    """Feeds tokens [rows] (written at slots index [rows]) to the first rows up to the last busy one
+    (row busy - 1), rounded up to a power of two (one program each); returns their logits [n, v]."""
+    n = min(Buckets.count(busy), self.rows)
+    self.cache, logits = self._step(self.params, self.cache, tokens[:n], self.key_mask[:n], self.alpha[:n],
+                                    index[:n], config=self.config)
     return logits
 
 
