@@ -503,6 +503,7 @@ def small_vocab_config():
                              vision=dataclasses.replace(cfg.vision, image_start_id=500))
 
 
+@pytest.mark.slow
 def test_engine_compiles_once_per_bucket(compiles):
   """The engine alone: the prefill compiles once per length bucket, the step once per power of two of
   busy rows; prompts of other lengths in the bucket, other token budgets and rows taken again after others
