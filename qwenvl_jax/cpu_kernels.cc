@@ -166,7 +166,30 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       if (n > 1) {
         for (int64_t j = 0; j < in; ++j) w[j] = static_cast<float>(qr[j]);
       }
-      for (int64_t b = 0; b < n; ++b) {
+      int64_t b = 0;
+      for (; n > 1 && b + 4 <= n; b += 4) {  // four rows of x per pass: each weight loaded once for four
+        const float *x0 = xp + b * in, *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
+        float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+        for (int64_t k = 0; k < g; ++k) {
+          float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+          for (int64_t j = k * gs; j < (k + 1) * gs; ++j) {
+            a0 += w[j] * x0[j];
+            a1 += w[j] * x1[j];
+            a2 += w[j] * x2[j];
+            a3 += w[j] * x3[j];
+          }
+          const float sk = sp[k * o + r];
+          t0 += a0 * sk;
+          t1 += a1 * sk;
+          t2 += a2 * sk;
+          t3 += a3 * sk;
+        }
+        op[b * o + r] = t0;
+        op[(b + 1) * o + r] = t1;
+        op[(b + 2) * o + r] = t2;
+        op[(b + 3) * o + r] = t3;
+      }
+      for (; b < n; ++b) {
         const float* xb = xp + b * in;
         float total = 0.f;
         for (int64_t k = 0; k < g; ++k) {

@@ -31,7 +31,7 @@ def main(golden_dir: pathlib.Path, tmp: pathlib.Path) -> None:
   host = quantize(host, model.config, 'int4')
   model = QwenVL(quantized_config(model.config, 'int4'))
   batch = golden_batch(load_file(str(golden_dir / 'golden.safetensors')), rows=2)
-  want = model.apply({'params': host}, batch['input_ids'], batch['pixel_values'])
+  want = jax.jit(model.apply)({'params': host}, batch['input_ids'], batch['pixel_values'])
 
   mesh, rules = sh.make_mesh('data=1,fsdp=2,tensor=2'), 'fsdp_tp'
   params = sh.shard_params(mesh, host, rules)
