@@ -59,15 +59,20 @@ def quant_groups(contracted: int, weights: str, group_size: int) -> int:
 def dequantize(q: Array, scale: Array, q_dims: str, kept: str, dtype: Dtype) -> Array:
   """w = scale * q for a quantized kernel q (dims named by q_dims) and scale [groups, *kept] (kept: the
   dims q keeps in the output, in q_dims' order; the groups split q's other dims, flattened, evenly).
-  The product runs in float32, then is cast to `dtype`."""
-  inputs = ''.join(c for c in q_dims if c not in kept)
-  src = inputs + kept
-  qc = jnp.einsum(f'{q_dims}->{src}', q)
-  lead = qc.shape[:len(inputs)]
-  n_in = int(np.prod(lead))
-  qc = qc.reshape((scale.shape[0], n_in // scale.shape[0]) + qc.shape[len(inputs):])
-  w = (qc.astype(jnp.float32) * scale[:, None].astype(jnp.float32)).astype(dtype)
-  return jnp.einsum(f'{src}->{q_dims}', w.reshape(lead + w.shape[2:]))
+  The product runs in float32, then is cast to `dtype`. q's input dims lie next to each other in both of
+  Einsum's layouts, so q is only reshaped (a transpose of q would be one more copy of the kernel in XLA);
+  the small scale is moved instead."""
+  first = min(q_dims.index(c) for c in q_dims if c not in kept)
+  n_inputs = len(q_dims) - len(kept)
+  before, after = q_dims[:first], q_dims[first + n_inputs:]
+  if before + after != kept:
+    raise ValueError(f'dequantize wants the input dims of {q_dims} next to each other (kept {kept})')
+  groups = scale.shape[0]
+  lead, tail = q.shape[:first], q.shape[first + n_inputs:]
+  n_in = int(np.prod(q.shape[first:first + n_inputs]))
+  qg = q.reshape(lead + (groups, n_in // groups) + tail)
+  s = jnp.expand_dims(jnp.einsum(f'G{kept}->{before}G{after}', scale.astype(jnp.float32)), first + 1)
+  return (qg.astype(jnp.float32) * s).astype(dtype).reshape(q.shape)
 
 
 class Einsum(nn.Module):

@@ -132,6 +132,7 @@ def test_quantized_tree_converts_between_forms_bit_exactly(tiny):
   assert all(np.array_equal(back[p], original[p]) and back[p].dtype == original[p].dtype for p in back)
 
 
+@pytest.mark.slow
 def test_quantized_params_shard_and_restore_on_a_mesh(golden_dir, tmp_path):
   """Quantized params placed on 4 simulated devices by their logical axes give one device's logits, and
   an Orbax checkpoint of them restores onto the mesh bit-identical."""
@@ -143,6 +144,7 @@ def test_quantized_params_shard_and_restore_on_a_mesh(golden_dir, tmp_path):
   assert 'ok' in proc.stdout
 
 
+@pytest.mark.slow
 def test_qlora_step_lowers_the_loss_and_keeps_the_quantized_base(tiny, golden, golden_dir):
   """Stage-3 LoRA over an int4 base: the step trains LoRA alone, the int8-stored base stays bit-identical,
   and the merge exports float kernels that compute what the LoRA forward computes."""
