@@ -4,7 +4,10 @@ Prefill and decode tokens/s at each batch size, for both, plus the memory-bandwi
 the same run: a batch-1 decode step must read every weight once (the embedding table only one row), so
 roofline tok/s = bandwidth / bytes of weights. Random weights; nothing is downloaded.
 
-  python -m bench.generate [--layers 24 --hidden 1024 --batches 1 8 --new 64 --repeats 5]
+  python -m bench.generate [--layers 24 --hidden 1024 --batches 1 8 --new 64 --repeats 5] [--weights int8]
+
+--weights int8|int4 adds the same model weight-only quantized (`qwenvl_jax.quant`), timed alternately with
+the float32 one, and the bytes each reads per decode step.
 
 Needs the `bench` extra (transformers, torch) for the comparison; --no-hf runs qwenvl_jax alone.
 """
@@ -26,6 +29,7 @@ import qwenvl_jax as q
 from qwenvl_jax.decode import decode_params, generate
 from qwenvl_jax.param_layout import leaf_shapes
 from qwenvl_jax.params import set_path
+from qwenvl_jax.quant import quantize, quantized_config
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -93,26 +97,38 @@ def prefill_and_decode(run: Callable[[int], Callable[[], object]], new: int,
   Medians over `repeats` pairs: on a shared machine a minimum of each could pair a slow short run with a
   fast long one and report an impossible decode speed.
   """
-  short, long = run(1), run(new + 1)
-  short(), long()  # compile
-  prefill, decode = [], []
+  return alternating([run], new, repeats)[0]
+
+
+def alternating(runs: list[Callable[[int], Callable[[], object]]], new: int,
+                repeats: int) -> list[tuple[float, float]]:
+  """`prefill_and_decode` of several runs, their pairs taken in turn, so that a change in the machine's
+  load during the measurement falls on each alike."""
+  pairs = [(run(1), run(new + 1)) for run in runs]
+  for short, long in pairs:  # compile
+    short(), long()
+  prefill, decode = [[] for _ in runs], [[] for _ in runs]
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    short()
-    t1 = time.perf_counter()
-    long()
-    t2 = time.perf_counter()
-    prefill.append(t1 - t0)
-    decode.append((t2 - t1) - (t1 - t0))
-  return float(np.median(prefill)), float(np.median(decode))
+    for i, (short, long) in enumerate(pairs):
+      t0 = time.perf_counter()
+      short()
+      t1 = time.perf_counter()
+      long()
+      t2 = time.perf_counter()
+      prefill[i].append(t1 - t0)
+      decode[i].append((t2 - t1) - (t1 - t0))
+  return [(float(np.median(p)), float(np.median(d))) for p, d in zip(prefill, decode)]
+
+
+def jax_run(cfg, params, prompts: np.ndarray) -> Callable[[int], Callable[[], object]]:
+  """qwenvl_jax.generate of n tokens, greedy, no early stop."""
+  model = q.QwenVL(cfg)
+  return lambda n: lambda: generate(
+      model, params, prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, stop_ids=())
 
 
 def time_jax(cfg, params, prompts: np.ndarray, new: int, repeats: int) -> tuple[float, float]:
-  """qwenvl_jax.generate, greedy, no early stop."""
-  model = q.QwenVL(cfg)
-  return prefill_and_decode(lambda n: lambda: generate(
-      model, params, prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, stop_ids=()),
-      new, repeats)
+  return prefill_and_decode(jax_run(cfg, params, prompts), new, repeats)
 
 
 def hf_model(cfg: q.QwenVLConfig):
@@ -160,6 +176,8 @@ def main(argv=None) -> None:
   ap.add_argument('--threads', type=int, default=os.cpu_count(),
                   help="torch's threads; XLA's CPU client uses every core, so keep it at the core count")
   ap.add_argument('--no-hf', action='store_true', help='skip the transformers comparison')
+  ap.add_argument('--weights', choices=['int8', 'int4'],
+                  help='also time the model weight-only quantized so, alternately with float32')
   args = ap.parse_args(argv)
 
   torch = None
@@ -170,6 +188,11 @@ def main(argv=None) -> None:
   cfg = lm_config(args)
   params = random_params(cfg)
   n_bytes = weight_bytes(params)
+  q_cfg = q_params = None
+  if args.weights:
+    q_cfg, q_params = quantized_config(cfg, args.weights), quantize(params, cfg, args.weights)
+    q_bytes = weight_bytes(q_params)
+    q_params = decode_params(q_params, consume=True)
   params = decode_params(params, consume=True)  # the layout generation reads fastest
   hf = None if args.no_hf else hf_model(cfg)
   bw = bandwidth(args.bandwidth_gib, args.repeats, torch)
@@ -177,9 +200,12 @@ def main(argv=None) -> None:
   rows, rng = [], np.random.default_rng(1)
   for b in args.batches:
     prompts = rng.integers(0, min(args.vocab, 150000), (b, args.prompt))
-    jp, jd = time_jax(cfg, params, prompts, args.new, args.repeats)
+    runs = [jax_run(cfg, params, prompts)] + ([jax_run(q_cfg, q_params, prompts)] if q_cfg else [])
+    (jp, jd), *quantized = alternating(runs, args.new, args.repeats)
+    qd = quantized[0][1] if quantized else float('nan')
     hp, hd = (float('nan'),) * 2 if hf is None else time_hf(hf, prompts, args.new, args.repeats)
-    rows.append((b, b * args.prompt / jp, b * args.prompt / hp, b * args.new / jd, b * args.new / hd))
+    rows.append((b, b * args.prompt / jp, b * args.prompt / hp, b * args.new / jd, b * args.new / hd,
+                 b * args.new / qd))
   for name, value in bandwidth(args.bandwidth_gib, args.repeats, torch).items():  # the load may have changed
     bw[name] = max(bw[name], value)
   peak = max(bw.values())
@@ -196,11 +222,17 @@ def main(argv=None) -> None:
   for name, value in bw.items():
     print(f'bandwidth {name:28s} {value / 1e9:6.1f} GB/s')
   print(f'roofline batch-1 decode: {peak / 1e9:.1f} GB/s / {n_bytes / 1e9:.2f} GB = {roofline:.1f} tok/s\n')
+  if q_cfg is not None:
+    print(f'{args.weights}: {q_bytes / 1e9:.2f} GB of weights read per decode step '
+          f'({n_bytes / q_bytes:.2f}x fewer); roofline {peak / q_bytes:.1f} tok/s')
+  w = f' | decode tok/s jax {args.weights} | {args.weights}/fp32 | {args.weights} steps/s / its roofline' \
+      if q_cfg else ''
   print('| batch | prefill tok/s jax | prefill tok/s HF | decode tok/s jax | decode tok/s HF | '
-        'decode jax/HF | decode steps/s jax / roofline |')
-  print('| --- | --- | --- | --- | --- | --- | --- |')
-  for b, jp, hp, jd, hd in rows:
-    print(f'| {b} | {jp:.0f} | {hp:.0f} | {jd:.1f} | {hd:.1f} | {jd / hd:.2f}x | {jd / b / roofline:.0%} |')
+        f'decode jax/HF | decode steps/s jax / roofline{w} |')
+  print('| --- ' * (7 + 3 * bool(q_cfg)) + '|')
+  for b, jp, hp, jd, hd, qd in rows:
+    extra = f' | {qd:.1f} | {qd / jd:.2f}x | {qd / b / (peak / q_bytes):.0%}' if q_cfg else ''
+    print(f'| {b} | {jp:.0f} | {hp:.0f} | {jd:.1f} | {hd:.1f} | {jd / hd:.2f}x | {jd / b / roofline:.0%}{extra} |')
 
 
 if __name__ == '__main__':

@@ -12,7 +12,7 @@ from qwenvl_eval.tasks import TASKS
 
 
 def _parser() -> argparse.ArgumentParser:
-  from qwenvl_jax import distributed
+  from qwenvl_jax import distributed, runtime_options
   parser = argparse.ArgumentParser(prog='qwenvl-eval', description=__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
   run = sub.add_parser('run', help='predict and score a benchmark with a checkpoint')
@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                    '"fsdp=8" (default: one device, the parameters whole)')
   run.add_argument('--rules', default=None, help='parameter sharding rules with --mesh (default: by mesh)')
   run.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  runtime_options.add_weights_argument(run)
   run.add_argument('--no-progress', action='store_true', help='no progress bar')
   distributed.add_arguments(run)
   score = sub.add_parser('score', help='score a predictions file (the original\'s merged layout)')
@@ -92,8 +93,10 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
   annotations = scoring.read_reference(args.annotations)
   questions = scoring.read_reference(args.questions)
   # Each process predicts its own records on its own first device (load_pretrained's default).
+  from qwenvl_jax.quant import at_load
   model, params = load_pretrained(args.ckpt, dtype=args.dtype)
-  model = QwenVL(model.config.replace(dtype=args.dtype))
+  params, config = at_load(params, model.config.replace(dtype=args.dtype), args.weights)
+  model = QwenVL(config)
   tokenizer = QwenVLTokenizer.from_pretrained(args.vocab or args.ckpt,
                                               image_span_length=model.config.vision.n_queries)
   kw = dict(image_root=args.image_root, out_dir=args.out, batch_size=args.batch, limit=args.limit,

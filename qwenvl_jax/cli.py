@@ -167,9 +167,11 @@ class _Session:
     from qwenvl_jax.decode import decode_params
     from qwenvl_jax.model import QwenVL
     from qwenvl_jax.tokenizer import check_tokenizer
+    from qwenvl_jax.quant import at_load
     model, params = load_pretrained(args.ckpt, dtype=args.dtype, split_layers=True)
+    params, config = at_load(params, model.config.replace(dtype=args.dtype), args.weights)
     self.params = decode_params(params, consume=True)  # the fast layout, without keeping two copies
-    self.model = QwenVL(model.config.replace(dtype=args.dtype))
+    self.model = QwenVL(config)
     check_tokenizer(self.tokenizer, self.model.config)
 
   def first_query(self, prompt: str) -> str:

@@ -151,7 +151,8 @@ class QwenVLConfig:
   The parameter tree's form: `scan_layers` stacks the decoder's layers under one scanned module (what
   checkpoints store), else one module per layer (what decoding reads); `weight_major` stores the decoder's
   and lm_head's kernels output dims first (the CPU decode layout, see `layers.Einsum`).
-  `param_layout.convert` moves a tree between the forms.
+  `param_layout.convert` moves a tree between the forms. `weights` 'int8' / 'int4': the decoder's and
+  lm_head's kernels are weight-only quantized (`quant.quantize`; int4 in groups of `group_size` inputs).
   """
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()
@@ -160,6 +161,15 @@ class QwenVLConfig:
   remat: str = 'none'
   scan_layers: bool = True
   weight_major: bool = False
+  weights: str = 'float'
+  group_size: int = 128
+
+  def __post_init__(self):
+    from qwenvl_jax.layers import WEIGHTS
+    if self.weights not in WEIGHTS:
+      raise ValueError(f'unknown weights {self.weights!r}; expected one of {", ".join(WEIGHTS)}')
+    if self.group_size < 1:
+      raise ValueError(f'group_size must be positive, got {self.group_size}')
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], file: str | os.PathLike = DICT_SOURCE,

@@ -137,6 +137,77 @@ ffi::Error AttendOne(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// Weight-only quantized product for decode steps: out = x @ w.T, w = scale * q, read as int8:
+//   x [n, i] float32, q [o, i] int8 (one output channel per row: the weight-major layout),
+//   scale [g, o] float32 (g groups of i / g inputs; g = 1 is per channel) -> out [n, o].
+// XLA's CPU backend converts a whole int8 weight to float before its dot (four times the bytes of q read
+// and written again); this loop reads each row of q once per call, converting it in registers (one row)
+// or into a thread-local buffer the n rows of x then share.
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                   ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2 || od.size() != 2 || xd[1] != qd[1] ||
+      sd[1] != qd[0] || sd[0] < 1 || qd[1] % sd[0] != 0 || od[0] != xd[0] || od[1] != qd[0]) {
+    return ffi::Error::InvalidArgument(
+        "qwenvl_qmatmul wants x [n, i], q [o, i], scale [g, o] with g dividing i, out [n, o]");
+  }
+  const int64_t n = xd[0], in = xd[1], o = qd[0], g = sd[0], gs = in / g;
+  const float* xp = x.typed_data();
+  const int8_t* qp = q.typed_data();
+  const float* sp = scale.typed_data();
+  float* op = out->typed_data();
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 15) / in);  // ~32 KiB of q per task
+  ParallelFor(pool, (o + block - 1) / block, [&](int64_t task) {
+    thread_local std::vector<float> buffer;
+    buffer.resize(in);
+    float* w = buffer.data();
+    for (int64_t r = task * block, end = std::min(o, r + block); r < end; ++r) {
+      const int8_t* qr = qp + r * in;
+      if (n > 1) {
+        for (int64_t j = 0; j < in; ++j) w[j] = static_cast<float>(qr[j]);
+      }
+      int64_t b = 0;
+      for (; n > 1 && b + 4 <= n; b += 4) {  // four rows of x per pass: each weight loaded once for four
+        const float *x0 = xp + b * in, *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
+        float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+        for (int64_t k = 0; k < g; ++k) {
+          float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+          for (int64_t j = k * gs; j < (k + 1) * gs; ++j) {
+            a0 += w[j] * x0[j];
+            a1 += w[j] * x1[j];
+            a2 += w[j] * x2[j];
+            a3 += w[j] * x3[j];
+          }
+          const float sk = sp[k * o + r];
+          t0 += a0 * sk;
+          t1 += a1 * sk;
+          t2 += a2 * sk;
+          t3 += a3 * sk;
+        }
+        op[b * o + r] = t0;
+        op[(b + 1) * o + r] = t1;
+        op[(b + 2) * o + r] = t2;
+        op[(b + 3) * o + r] = t3;
+      }
+      for (; b < n; ++b) {
+        const float* xb = xp + b * in;
+        float total = 0.f;
+        for (int64_t k = 0; k < g; ++k) {
+          float acc = 0.f;
+          if (n > 1) {
+            for (int64_t j = k * gs; j < (k + 1) * gs; ++j) acc += w[j] * xb[j];
+          } else {
+            for (int64_t j = k * gs; j < (k + 1) * gs; ++j) acc += static_cast<float>(qr[j]) * xb[j];
+          }
+          total += acc * sp[k * o + r];
+        }
+        op[b * o + r] = total;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenvlAttendOne, AttendOne,
@@ -148,3 +219,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenvlAttendOne, AttendOne,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenvlQMatmul, QMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

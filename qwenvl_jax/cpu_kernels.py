@@ -1,9 +1,12 @@
-"""Decode attention as an XLA FFI kernel on the CPU backend (`cpu_kernels.cc`), built on first use.
+"""Decode attention and int8-weight products as XLA FFI kernels on the CPU backend (`cpu_kernels.cc`), built
+on first use.
 
 At a decode step XLA's CPU backend computes each (row, head)'s one-query attention as a separate small
 dot, a fifth of a batch-8 step on the bench dims; the kernel streams the cache once per (row, head) on
 XLA's intra-op threads and reads only the slots a row may attend to. Other backends, and the CPU when the
-kernel is off or cannot be built, use the same math in XLA (`layers.attend`).
+kernel is off or cannot be built, use the same math in XLA (`layers.attend`). `qmatmul_einsum` multiplies
+a few rows by a weight-only quantized kernel reading its int8 values (XLA's CPU dot would first convert
+the whole kernel to float).
 
 The library is compiled with the system C++ compiler (`$CXX`, else c++, g++ or clang++) against the
 installed jaxlib's FFI headers, into a cache directory (`$QWENVL_JAX_KERNEL_CACHE`, default
@@ -29,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenvl_jax.layers import attend
+from qwenvl_jax.layers import attend, dequantize
+from qwenvl_jax.logical import rules_active
 
 Array = jax.Array
 
 SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
 ATTEND_TARGET = 'qwenvl_attend_one'
+QMATMUL_TARGET = 'qwenvl_qmatmul'
 # -ffast-math lets the compiler vectorise the float reductions; the code never relies on inf or NaN.
 FLAGS = ('-std=c++17', '-O3', '-march=native', '-ffast-math', '-fPIC', '-shared', '-w')
 
@@ -101,6 +106,7 @@ def _registered() -> bool:
   try:
     library = ctypes.CDLL(str(build(compiler, cache_dir())))
     jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(library.QwenvlAttendOne), platform='cpu')
+    jax.ffi.register_ffi_target(QMATMUL_TARGET, jax.ffi.pycapsule(library.QwenvlQMatmul), platform='cpu')
   except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
     warnings.warn(f'qwenvl_jax: CPU decode kernel unavailable ({e}); running on XLA alone',
                   RuntimeWarning, stacklevel=3)
@@ -130,3 +136,36 @@ def attend_one(q: Array, k: Array, v: Array, valid: Array) -> Array:
     return jax.ffi.ffi_call(ATTEND_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q, k, v, valid.astype(bool), scale=scale)
   return jax.lax.platform_dependent(q, k, v, valid, cpu=kernel, default=_xla_attend_one)
+
+
+# Rows of x up to which `qmatmul_einsum` takes the kernel: decode steps. Past it (prefill) the product is
+# compute-bound and XLA's dot over the dequantized kernel is the faster.
+QMATMUL_MAX_ROWS = 16
+
+
+def qmatmul_einsum(eqn: str, x: Array, q: Array, scale: Array) -> Array | None:
+  """jnp.einsum(eqn, x, w) in float32 for w = `layers.dequantize`(q, scale) with q weight-major (the dims
+  kept in the output first, the contracted ones last), through the kernel; None where the kernel does not
+  apply (another backend's process, the kernel off, sharding rules active, more than QMATMUL_MAX_ROWS rows
+  of x) and the caller's XLA path runs instead."""
+  x_dims, rest = eqn.split(',')
+  q_dims, out = rest.split('->')
+  contracted = ''.join(c for c in q_dims if c not in out)
+  kept = q_dims[:len(q_dims) - len(contracted)]
+  batch = ''.join(c for c in x_dims if c not in contracted)
+  rows = int(np.prod([x.shape[x_dims.index(c)] for c in batch]))
+  if kept + contracted != q_dims or rows > QMATMUL_MAX_ROWS or rules_active() or not available():
+    return None
+  n_in = int(np.prod(q.shape[len(kept):]))
+  n_out = int(np.prod(q.shape[:len(kept)]))
+  xs = jnp.einsum(f'{x_dims}->{batch}{contracted}', x).astype(jnp.float32).reshape(rows, n_in)
+  q2, s2 = q.reshape(n_out, n_in), scale.astype(jnp.float32).reshape(scale.shape[0], n_out)
+
+  def kernel(xs, q2, s2):
+    return jax.ffi.ffi_call(QMATMUL_TARGET, jax.ShapeDtypeStruct((rows, n_out), jnp.float32))(xs, q2, s2)
+
+  def xla(xs, q2, s2):
+    return jnp.einsum('ni,oi->no', xs, dequantize(q2, s2, 'oi', 'o', jnp.float32))
+  y = jax.lax.platform_dependent(xs, q2, s2, cpu=kernel, default=xla)
+  y = y.reshape(tuple(x.shape[x_dims.index(c)] for c in batch) + q.shape[:len(kept)])
+  return jnp.einsum(f'{batch}{kept}->{out}', y)

@@ -165,10 +165,13 @@ class Attention(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   weight_major: bool = False  # see Einsum
+  weights: str = 'float'
+  group_size: int = 128
 
   @nn.compact
   def __call__(self, x, cache, rope, q_scale, mask, cache_index):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, weight_major=self.weight_major)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, weight_major=self.weight_major,
+              weights=self.weights, group_size=self.group_size)
     d, h, k = self.text.hidden_size, self.text.num_heads, self.text.head_dim
     qkv = Einsum((d, 3, h, k), (3, h, k), kernel_axes=('embed', 'qkv', 'heads', 'head_dim'),
                  bias_axes=('qkv', 'heads', 'head_dim'), name='c_attn', **kw)('btd,dchk->btchk', x)
@@ -191,10 +194,13 @@ class MLP(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   weight_major: bool = False  # see Einsum
+  weights: str = 'float'
+  group_size: int = 128
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, weight_major=self.weight_major)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, weight_major=self.weight_major,
+              weights=self.weights, group_size=self.group_size)
     d, f = self.text.hidden_size, self.text.mlp_width
     up = Einsum((d, f), kernel_axes=('embed', 'mlp'), name='w1', **kw)('btd,df->btf', x)
     gate = Einsum((d, f), kernel_axes=('embed', 'mlp'), name='w2', **kw)('btd,df->btf', x)
@@ -208,17 +214,20 @@ class DecoderBlock(nn.Module):
   param_dtype: jnp.dtype
   collect_hidden: bool = False
   weight_major: bool = False
+  weights: str = 'float'
+  group_size: int = 128
 
   @nn.compact
   def __call__(self, x: Array, cache: KVCache | None, rope: tuple[Array, Array], q_scale: Array,
                mask: Array, cache_index: Array):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    qw = dict(weight_major=self.weight_major, weights=self.weights, group_size=self.group_size)
     eps = self.text.layer_norm_eps
     x = x_in = constrain(x, ('batch', 'length', 'act_embed'))
-    y, cache = Attention(self.text, weight_major=self.weight_major, name='attn', **kw)(
+    y, cache = Attention(self.text, name='attn', **qw, **kw)(
         RMSNorm(eps, name='ln_1', **kw)(x), cache, rope, q_scale, mask, cache_index)
     x = x + y
-    mlp = MLP(self.text, weight_major=self.weight_major, name='mlp', **kw)
+    mlp = MLP(self.text, name='mlp', **qw, **kw)
     x = x + mlp(RMSNorm(eps, name='ln_2', **kw)(x))
     return x, (cache, x_in if self.collect_hidden else None)
 
@@ -239,7 +248,7 @@ class Decoder(nn.Module):
                cache=None, cache_index: Array | int = 0, collect_hidden: bool = False):
     c, t = self.config, self.config.text
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weights_dtype, weight_major=c.weight_major,
-              collect_hidden=collect_hidden)
+              weights=c.weights, group_size=c.group_size, collect_hidden=collect_hidden)
     rope = rotary_tables(positions, alpha, t)
     q_scale = logn_scale(positions, t.seq_length) if use_logn else jnp.ones(positions.shape, jnp.float32)
     cache_index = jnp.asarray(cache_index, jnp.int32)

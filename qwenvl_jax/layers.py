@@ -40,6 +40,41 @@ def weight_major_einsum(eqn: str, x: Array, w: Array) -> Array:
   return jnp.einsum(f'{first}->{out}', y)
 
 
+WEIGHTS = ('float', 'int8', 'int4')  # an Einsum's kernel: as it is, or weight-only quantized (`quant`)
+GROUPS_AXIS = 'quant_groups'  # a quantized kernel's scale: its groups along the contracted dims
+
+
+def quant_groups(contracted: int, weights: str, group_size: int) -> int:
+  """Scale groups along a kernel's `contracted` inputs: int8 one (per output channel), int4 one per
+  `group_size` inputs (GPTQ's layout)."""
+  if weights not in WEIGHTS:
+    raise ValueError(f'unknown weights {weights!r}; expected one of {WEIGHTS}')
+  if weights != 'int4':
+    return 1
+  if group_size < 1 or contracted % group_size:
+    raise ValueError(f'int4 group size {group_size} does not divide a kernel\'s {contracted} inputs')
+  return contracted // group_size
+
+
+def dequantize(q: Array, scale: Array, q_dims: str, kept: str, dtype: Dtype) -> Array:
+  """w = scale * q for a quantized kernel q (dims named by q_dims) and scale [groups, *kept] (kept: the
+  dims q keeps in the output, in q_dims' order; the groups split q's other dims, flattened, evenly).
+  The product runs in float32, then is cast to `dtype`. q's input dims lie next to each other in both of
+  Einsum's layouts, so q is only reshaped (a transpose of q would be one more copy of the kernel in XLA);
+  the small scale is moved instead."""
+  first = min(q_dims.index(c) for c in q_dims if c not in kept)
+  n_inputs = len(q_dims) - len(kept)
+  before, after = q_dims[:first], q_dims[first + n_inputs:]
+  if before + after != kept:
+    raise ValueError(f'dequantize wants the input dims of {q_dims} next to each other (kept {kept})')
+  groups = scale.shape[0]
+  lead, tail = q.shape[:first], q.shape[first + n_inputs:]
+  n_in = int(np.prod(q.shape[first:first + n_inputs]))
+  qg = q.reshape(lead + (groups, n_in // groups) + tail)
+  s = jnp.expand_dims(jnp.einsum(f'G{kept}->{before}G{after}', scale.astype(jnp.float32)), first + 1)
+  return (qg.astype(jnp.float32) * s).astype(dtype).reshape(q.shape)
+
+
 class Einsum(nn.Module):
   """A weight of a given shape applied with an einsum equation, optionally plus a bias.
 
@@ -53,6 +88,11 @@ class Einsum(nn.Module):
   only) computes the product over that many slices of the kernel's first stored dim, each converted to
   `dtype` on its own: XLA's CPU backend has no bfloat16 dot and would otherwise convert a whole 152k-row
   lm_head to float32 at once (2.5 GB for the released model).
+
+  weights 'int8' / 'int4' (weight-only quantization, see `quant`): the kernel is `q` (`q_t` weight-major),
+  int8 values shaped as the kernel, and `scale` [groups, *kept dims] (`quant_groups`); w = scale * q.
+  Decode steps on the CPU multiply by q directly (`cpu_kernels.qmatmul`: a quarter of fp32's bytes read);
+  elsewhere the kernel is dequantized where it is used.
   """
   shape: Sequence[int]
   bias_shape: Sequence[int] | None = None
@@ -63,6 +103,8 @@ class Einsum(nn.Module):
   bias_axes: Sequence[str] | None = None
   weight_major: bool = False
   out_chunks: int = 1
+  weights: str = 'float'
+  group_size: int = 128
 
   @nn.compact
   def __call__(self, eqn: str, x: Array) -> Array:
@@ -71,29 +113,53 @@ class Einsum(nn.Module):
     order = weight_major_order(w_dims, out) if self.weight_major else w_dims
     perm = [w_dims.index(c) for c in order]
     shape = tuple(self.shape[i] for i in perm)
-    init = self.kernel_init
-    if self.kernel_axes is not None:
-      init = with_axes(init, *(self.kernel_axes[i] for i in perm))
-    w = self.param('kernel_t' if self.weight_major else 'kernel', init, shape, self.param_dtype)
+    axes = None if self.kernel_axes is None else tuple(self.kernel_axes[i] for i in perm)
     x = x.astype(self.dtype)
+
+    def add_bias(y: Array) -> Array:
+      if self.bias_shape is None:
+        return y
+      init = nn.initializers.zeros if self.bias_axes is None else with_axes(nn.initializers.zeros,
+                                                                             *self.bias_axes)
+      return y + self.param('bias', init, tuple(self.bias_shape), self.param_dtype).astype(self.dtype)
+
+    if self.weights == 'float':
+      init = self.kernel_init if axes is None else with_axes(self.kernel_init, *axes)
+      parts = (self.param('kernel_t' if self.weight_major else 'kernel', init, shape, self.param_dtype),)
+      load = lambda w: w.astype(self.dtype)
+    else:
+      kept = ''.join(c for c in order if c in out)
+      n_in = int(np.prod([n for c, n in zip(order, shape) if c not in out]))
+      groups = quant_groups(n_in, self.weights, self.group_size)
+      q_init, s_init = nn.initializers.zeros, nn.initializers.ones
+      if axes is not None:
+        q_init = with_axes(q_init, *axes)
+        s_init = with_axes(s_init, GROUPS_AXIS, *(a for c, a in zip(order, axes) if c in out))
+      q = self.param('q_t' if self.weight_major else 'q', q_init, shape, jnp.int8)
+      scale = self.param('scale', s_init, (groups,) + tuple(n for c, n in zip(order, shape) if c in out),
+                         self.param_dtype)
+      parts = (q, scale)
+      load = lambda q, s: dequantize(q, s, order, kept, self.dtype)
+      if self.weight_major:
+        from qwenvl_jax import cpu_kernels  # imports this module
+        y = cpu_kernels.qmatmul_einsum(f'{x_dims},{order}->{out}', x, q, scale)
+        if y is not None:
+          return add_bias(y.astype(self.dtype))
     if not self.weight_major:
-      y = jnp.einsum(eqn, x, w.astype(self.dtype))
+      y = jnp.einsum(eqn, x, load(*parts))
     elif self.out_chunks == 1:
-      y = weight_major_einsum(f'{x_dims},{order}->{out}', x, w.astype(self.dtype))
+      y = weight_major_einsum(f'{x_dims},{order}->{out}', x, load(*parts))
     else:
       n = self.out_chunks
-      parts = jax.lax.map(lambda k: weight_major_einsum(f'{x_dims},{order}->{out}', x, k.astype(self.dtype)),
-                          w.reshape((n, shape[0] // n) + shape[1:]))
+      # each part's first kept dim is the one chunked: a kernel's first stored dim, a scale's second
+      chunked = tuple(p.reshape(p.shape[:i] + (n, p.shape[i] // n) + p.shape[i + 1:])
+                      for p, i in zip(parts, (0, 1)))
+      chunked = tuple(jnp.moveaxis(p, i, 0) for p, i in zip(chunked, (0, 1)))
+      parts = jax.lax.map(lambda ps: weight_major_einsum(f'{x_dims},{order}->{out}', x, load(*ps)), chunked)
       at = out.index(order[0])  # the chunked dim's place in the output
       y = jnp.moveaxis(parts, 0, at)
       y = y.reshape(y.shape[:at] + (-1,) + y.shape[at + 2:])
-    if self.bias_shape is not None:
-      init = nn.initializers.zeros
-      if self.bias_axes is not None:
-        init = with_axes(init, *self.bias_axes)
-      b = self.param('bias', init, tuple(self.bias_shape), self.param_dtype)
-      y = y + b.astype(self.dtype)
-    return y
+    return add_bias(y)
 
 
 class LayerNorm(nn.Module):

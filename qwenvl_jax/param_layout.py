@@ -2,7 +2,8 @@
 
 A tree has one of four forms (`QwenVLConfig.scan_layers`, `QwenVLConfig.weight_major`): the decoder's
 layers stacked under 'layers' (checkpoints) or one subtree per layer 'layers_0'..; kernels as the equations
-write them ('kernel') or weight-major ('kernel_t', output dims first). Logical names are read from the
+write them ('kernel') or weight-major ('kernel_t', output dims first). A quantized tree (`quant`) holds
+'q' / 'q_t' (oriented as the kernels) and 'scale' (the same in both orientations) in their place. Logical names are read from the
 boxed abstract init of a tiny model of each form: they depend on the module code, not on the sizes.
 """
 from __future__ import annotations
@@ -36,10 +37,15 @@ def flatten(tree) -> dict[Path, Any]:
           for path, leaf in leaves}
 
 
+KERNEL_T = ('kernel_t', 'q_t')  # leaf names of weight-major kernels
+QUANTIZED = ('q', 'q_t')
+
+
 @functools.lru_cache(maxsize=None)
-def axes_table(weight_major: bool = False) -> dict[Path, tuple[str, ...]]:
+def axes_table(weight_major: bool = False, quantized: bool = False) -> dict[Path, tuple[str, ...]]:
   """Path (decoder layers stacked, 'layers' first in their names) -> logical names of every leaf."""
-  boxed = param_shapes(QwenVL(_TINY.replace(weight_major=weight_major)), boxed=True)
+  tiny = _TINY.replace(weight_major=weight_major, weights='int8' if quantized else 'float')
+  boxed = param_shapes(QwenVL(tiny), boxed=True)
   return {path: tuple(box.names) for path, box in flatten(boxed).items()}
 
 
@@ -57,16 +63,29 @@ def _canonical(path: Path) -> tuple[Path, int | None]:
   return path, None
 
 
-def leaf_axes(path: Path, shape: tuple[int, ...]) -> tuple[str, ...]:
-  """Logical names of one leaf of a tree of any form (per-layer leaves without 'layers')."""
+def axes_of(path: Path) -> tuple[str, ...]:
+  """Logical names of the leaf at `path` in a tree of any form (per-layer leaves without 'layers')."""
   stacked, layer = _canonical(path)
-  table = axes_table(stacked[-1] == 'kernel_t')
+  table = _table_of(stacked)
   if stacked not in table:
     raise KeyError(f'no logical axes for parameter {"/".join(path)}: not a leaf of QwenVL')
-  names = table[stacked][1:] if layer is not None else table[stacked]
+  return table[stacked][1:] if layer is not None else table[stacked]
+
+
+def leaf_axes(path: Path, shape: tuple[int, ...]) -> tuple[str, ...]:
+  """Logical names of one leaf of a tree of any form, checked against its shape."""
+  names = axes_of(path)
   if len(names) != len(shape):
     raise ValueError(f'parameter {"/".join(path)} has shape {tuple(shape)} but logical axes {names}')
   return names
+
+
+def _table_of(stacked: Path) -> dict[Path, tuple[str, ...]]:
+  """The axes table holding a leaf (stacked path): weight-major or not by its name, quantized for q and for
+  a scale no float table has (the norms' scales are in both)."""
+  weight_major = stacked[-1] in KERNEL_T
+  quantized = stacked[-1] in QUANTIZED or (stacked[-1] == 'scale' and stacked not in axes_table(weight_major))
+  return axes_table(weight_major, quantized)
 
 
 def _set(tree: dict, path: Path, value) -> None:
@@ -77,7 +96,7 @@ def _set(tree: dict, path: Path, value) -> None:
 
 def form(params: dict) -> tuple[bool, bool]:
   """(scan_layers, weight_major) of a params tree."""
-  weight_major = any(p[-1] == 'kernel_t' for p in flatten(params.get('lm_head', {})))
+  weight_major = any(p[-1] in KERNEL_T for p in flatten(params.get('lm_head', {})))
   return 'layers' in params.get('decoder', {}), weight_major
 
 
@@ -101,12 +120,14 @@ def convert(params: dict, *, scan_layers: bool, weight_major: bool, consume: boo
     name = stacked[-1]
     if name in ('kernel', 'kernel_t') and stacked[0] in ('decoder', 'lm_head'):
       name = 'kernel_t' if weight_major else 'kernel'
+    if name in QUANTIZED:
+      name = 'q_t' if weight_major else 'q'
     target = stacked[:-1] + (name,)
     pieces = []  # per layer (or the one leaf), in the target orientation
     for layer, path in sorted(sources.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
-      leaf = _pop(params, path) if consume else _get(params, path)
+      leaf = pop_leaf(params, path) if consume else get_leaf(params, path)
       src = leaf_axes(path, jnp.shape(leaf))
-      dst = axes_table(name == 'kernel_t')[target]
+      dst = _table_of(target)[target]
       dst = dst[1:] if in_layers else dst
       if in_layers and layer is None:  # a stacked leaf: its layers one by one
         pieces.extend(_orient(piece, src[1:], dst) for piece in jnp.unstack(jnp.asarray(leaf)))
@@ -129,13 +150,13 @@ def _orient(leaf, src: tuple[str, ...], dst: tuple[str, ...]):
   return jnp.transpose(leaf, [src.index(n) for n in dst])
 
 
-def _get(tree, path: Path):
+def get_leaf(tree, path: Path):
   for key in path:
     tree = tree[key]
   return tree
 
 
-def _pop(tree, path: Path):
+def pop_leaf(tree, path: Path):
   """Removes the leaf at path, and the dicts it leaves empty."""
   parents = [tree]
   for key in path[:-1]:

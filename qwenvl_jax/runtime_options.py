@@ -1,5 +1,5 @@
 """Command-line options that set up JAX before it starts: the weights' dtype (with the low-precision CPU
-options it needs) and the persistent compilation cache. Shared by `qwenvl-jax chat` and `qwenvl-jax serve`.
+options it needs), their quantization at load (`quant.at_load`) and the persistent compilation cache. Shared by `qwenvl-jax chat` and `qwenvl-jax serve`.
 """
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ DEFAULT_COMPILE_CACHE = pathlib.Path('~/.cache/qwenvl_jax/jax')
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                       help='parameter and compute dtype')
+  add_weights_argument(parser)
   parser.add_argument('--compile-cache', default=str(DEFAULT_COMPILE_CACHE),
                       help='JAX persistent compilation cache directory (restarts skip compiling)')
   parser.add_argument('--no-compile-cache', action='store_true', help='do not use the compilation cache')
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--weights', default='float', choices=['float', 'int8', 'int4'],
+                      help='weight-only quantization of the decoder and lm_head at load: int8 per output '
+                           'channel, int4 in groups of 128 inputs (default: float, as --dtype)')
 
 
 def check(args: argparse.Namespace) -> str | None:

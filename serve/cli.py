@@ -96,9 +96,11 @@ def build(args: argparse.Namespace, limits: Limits):
   from serve.batch_engine import BatchEngine
   from serve.prompt import Preparer
   generation_config = GenerationConfig.from_pretrained(ckpt)
+  from qwenvl_jax.quant import at_load
   model, params = load_pretrained(ckpt, dtype=args.dtype, split_layers=True)
+  params, config = at_load(params, model.config.replace(dtype=args.dtype), args.weights)
   params = decode_params(params, consume=True)
-  model = QwenVL(model.config.replace(dtype=args.dtype))
+  model = QwenVL(config)
   tokenizer = QwenVLTokenizer.from_pretrained(ckpt if args.vocab is None else args.vocab,
                                               image_span_length=model.config.vision.n_queries)
   check_tokenizer(tokenizer, model.config)

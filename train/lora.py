@@ -6,6 +6,11 @@ and the effective kernel `base + (alpha / r) * A @ B` is formed inside the loss.
 cannot act on each token's LoRA input as in PEFT (`B(A(dropout(x)))`): here one dropout mask over the
 input features of A is drawn per step and layer and shared by all tokens of the batch, which is what a
 merged weight can express. Exact PEFT dropout needs a hook in the model's Einsum.
+
+Q-LoRA: over a weight-only quantized base (`qwenvl_jax.quant`: 'q' and 'scale' in place of 'kernel'),
+the base stays int8/int4 in the state, frozen; each step dequantizes it in the loss (w = scale * q), adds
+the LoRA updates to the targets and runs the float model, so the model is applied with weights='float'.
+The merge exports float kernels.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenvl_jax.params import get_path, set_path
+from qwenvl_jax.quant import dequantize_kernel, dequantize_params, is_quantized
 
 Path = tuple[str, ...]
 # target name -> (kernel path, number of input axes after the stacked layer axis)
@@ -33,6 +39,19 @@ def _target(name: str) -> tuple[Path, int]:
   return TARGETS[name]
 
 
+def _base(params: Mapping, path: Path) -> jax.Array:
+  """The float32 kernel at `path`: the leaf itself, or w = scale * q of a quantized base."""
+  parent = get_path(params, path[:-1])
+  if 'q' in parent:
+    return dequantize_kernel(parent['q'], parent['scale'], path[:-1] + ('q',), jnp.float32)
+  return get_path(params, path)
+
+
+def _shape(params: Mapping, path: Path) -> tuple[int, ...]:
+  parent = get_path(params, path[:-1])
+  return tuple(parent['q' if 'q' in parent else path[-1]].shape)
+
+
 def _fan(shape: tuple[int, ...], n_in: int) -> tuple[int, int]:
   return math.prod(shape[1:1 + n_in]), math.prod(shape[1 + n_in:])
 
@@ -43,7 +62,7 @@ def init_lora(params: Mapping, targets: tuple[str, ...], rank: int, rng: jax.Arr
   lora = {}
   for name, key in zip(targets, jax.random.split(rng, len(targets))):
     path, n_in = _target(name)
-    shape = get_path(params, path).shape
+    shape = _shape(params, path)
     fan_in, fan_out = _fan(shape, n_in)
     bound = 1.0 / math.sqrt(fan_in)
     lora[name] = {'a': jax.random.uniform(key, (shape[0], fan_in, rank), jnp.float32, -bound, bound),
@@ -54,18 +73,21 @@ def init_lora(params: Mapping, targets: tuple[str, ...], rank: int, rng: jax.Arr
 def apply_lora(params: Mapping, lora: Mapping, alpha: float, dropout: float = 0.0,
                rng: jax.Array | None = None) -> dict:
   """params with every LoRA target replaced by base + (alpha / r) * A @ B (dropout on A's input rows when
-  rng is given). The base tree is not modified."""
+  rng is given). The base tree is not modified. A quantized base comes back float32 throughout."""
   out = jax.tree.map(lambda x: x, dict(params))
   for i, (name, ab) in enumerate(sorted(lora.items())):
     path, n_in = _target(name)
-    base = get_path(params, path)
+    base = _base(params, path)
+    parent = get_path(out, path[:-1])  # out's own dicts: the base tree keeps its leaves
+    if 'q' in parent:
+      del parent['q'], parent['scale']
     a, b = ab['a'], ab['b']  # [L, in, r], [L, r, out]
     if rng is not None and dropout > 0:
       keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - dropout, a.shape[:2])
       a = a * (keep[..., None] / (1.0 - dropout)).astype(a.dtype)
     delta = jnp.einsum('lir,lro->lio', a, b) * (alpha / a.shape[-1])
     set_path(out, path, (base.astype(jnp.float32) + delta.reshape(base.shape)).astype(base.dtype))
-  return out
+  return dequantize_params(out) if is_quantized(out) else out
 
 
 def merge_lora(params: Mapping, lora: Mapping, alpha: float) -> dict:

@@ -47,6 +47,7 @@ class Setup:
   sizes: Mapping[str, int]
   rules: str
   seq: int
+  weights: str = 'float'  # int8 / int4: Q-LoRA's frozen base, weight-only quantized (qwenvl_jax.quant)
 
   @property
   def devices(self) -> int:
@@ -71,7 +72,7 @@ class Plan:
     s = self.setup
     return {'mesh': dict(s.sizes), 'rules': s.rules, 'stage': s.cfg.stage, 'batch': s.cfg.batch_size,
             'seq': s.seq, 'grad_accum': s.cfg.grad_accum, 'dtype': s.cfg.dtype, 'remat': s.cfg.remat,
-            'lora': s.cfg.lora, 'images': s.cfg.max_images, 'image_size': s.cfg.image_size,
+            'lora': s.cfg.lora, 'weights': s.weights, 'images': s.cfg.max_images, 'image_size': s.cfg.image_size,
             'total_params': self.total_params, 'trainable_params': self.trainable_params,
             'peak_phase': self.phase, 'plan': {**self.state, **self.transient},
             'plan_bytes_per_device': self.total}
@@ -85,7 +86,7 @@ def _check_count(name: str, value: Any, least: int) -> None:
 def make_setup(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: int = 2,
                batch: int | None = None, seq: int | None = None, grad_accum: int = 1, dtype: str = 'bfloat16',
                remat: str = 'none', lora: bool = False, rules: str | None = None, images: int | None = None,
-               image_size: int | None = None, devices: int | None = None) -> Setup:
+               image_size: int | None = None, devices: int | None = None, weights: str = 'float') -> Setup:
   """The run to plan. The stage's packaged config (train/configs) gives the defaults the trainer uses (image
   size: 224 in stage 1, else 448; images per row); `batch` (None) is one row per batch shard and micro-batch,
   `seq` the model's seq_length. Given values must be positive: a 0 is refused, never taken for a default."""
@@ -97,6 +98,12 @@ def make_setup(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: in
     raise ValueError(f'unknown stage {stage}; stages are {sorted(STAGES)}')
   if remat not in REMATS:
     raise ValueError(f'unknown remat {remat!r}; expected one of {list(REMATS)}')
+  if weights != 'float':
+    from qwenvl_jax.quant import check_mode
+    check_mode(weights)
+    if not lora:
+      raise ValueError(f'--weights {weights} is a frozen quantized base, which trains LoRA alone (Q-LoRA): '
+                       'add --lora')
   parsed = sh.parse_mesh(mesh)
   if devices is None:
     if -1 in parsed.values():
@@ -120,24 +127,27 @@ def make_setup(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: in
   cfg = stage_config(stage, **overrides)
   from train.trainer import run_model_config  # the trainer's numerics, remat and image size
   model_config = run_model_config(cfg, config)
-  return Setup(cfg, model_config, sizes, rules, seq)
+  return Setup(cfg, model_config, sizes, rules, seq, weights)
 
 
 def abstract_state(setup: Setup) -> tuple[Any, Any]:
   """(TrainState of ShapeDtypeStructs, trainable mask of the optimiser's tree) as the trainer builds them."""
   # Batch, sequence and remat shape the step, not the state: plans that differ only there share one.
   return _abstract_state(setup.cfg.replace(batch_size=1, grad_accum=1, seq_buckets=(2,), remat='none'),
-                         setup.model_config.replace(remat='none'))
+                         setup.model_config.replace(remat='none'), setup.weights)
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_state(cfg: TrainConfig, model_config: QwenVLConfig) -> tuple[Any, Any]:
+def _abstract_state(cfg: TrainConfig, model_config: QwenVLConfig, weights: str = 'float') -> tuple[Any, Any]:
   from qwenvl_jax.model import QwenVL
+  from qwenvl_jax.quant import quantize
   from train.optim import trainable_mask, trainables
   from train.state import from_random, run_optimizer
   model = QwenVL(model_config)
   optimizer = run_optimizer(cfg, model)
   state = jax.eval_shape(from_random(cfg, model, optimizer))
+  if weights != 'float':  # the base as Q-LoRA holds it: int8 values and their scales
+    state = state._replace(params=jax.eval_shape(lambda p: quantize(p, model_config, weights), state.params))
   return state, trainable_mask(cfg, trainables(state.params, state.lora))
 
 
@@ -163,6 +173,7 @@ def state_bytes(setup: Setup, state: Any, mask: Any) -> tuple[dict[str, int], di
   tree_specs = trainables(specs.params, specs.lora)
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   lora_paths = {TARGETS[name][0] for name in setup.cfg.lora_targets}
+  lora_paths |= {p[:-1] + ('q',) for p in lora_paths}  # a quantized base's (elements: the kernel's)
   counts = dict(total_params=0, trainable_params=0, trainable_local=0, decoder_local=0, vit_local=0,
                 lora_targets_local=0)
   for (path, x), spec, train in zip(flat, _specs(tree_specs), jax.tree.leaves(mask), strict=True):
@@ -199,7 +210,8 @@ def format_plan(plan: Plan, xla: Mapping[str, Any] | None = None) -> str:
       f'mesh data={s.sizes["data"]} fsdp={s.sizes["fsdp"]} tensor={s.sizes["tensor"]} ({s.devices} devices), '
       f'rules {s.rules}',
       f'stage {cfg.stage}: {STAGES[cfg.stage]}' + (' (LoRA: only the LoRA leaves train)' if cfg.lora else ''),
-      f'params {plan.total_params:,} ({plan.trainable_params:,} trainable); float32 master weights, '
+      f'params {plan.total_params:,} ({plan.trainable_params:,} trainable); '
+      + ('' if s.weights == 'float' else f'{s.weights} frozen base (decoder and lm_head), ') + 'float32 master weights, '
       f'gradients and AdamW moments, {cfg.dtype} compute, remat {cfg.remat}',
       f'global batch {cfg.batch_size} x {s.seq} tokens in {cfg.grad_accum} micro-batch(es), '
       f'{cfg.max_images} image(s) of {cfg.image_size}px per sample',
@@ -242,6 +254,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--dtype', default='bfloat16', help='compute dtype (the trainer\'s dtype)')
   parser.add_argument('--remat', default='none', choices=REMATS, help='the trainer\'s remat policy')
   parser.add_argument('--lora', action='store_true', help='train LoRA leaves only (the trainer\'s lora=true)')
+  parser.add_argument('--weights', default='float', choices=['float', 'int8', 'int4'],
+                      help='with --lora: the frozen base weight-only quantized (Q-LoRA); its bytes in the plan')
   parser.add_argument('--images', type=int, default=None,
                       help="image slots per sample (default: the stage's max_images)")
   parser.add_argument('--image-size', type=int, default=None,
@@ -272,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(config, args.mesh, stage=args.stage, batch=args.batch, seq=args.seq,
                      grad_accum=args.grad_accum, dtype=args.dtype, remat=args.remat, lora=args.lora,
                      rules=args.rules, images=args.images, image_size=args.image_size,
-                     devices=_devices(args))
+                     devices=_devices(args), weights=args.weights)
     xla = None
     if args.compile:
       from train.plan_xla import compile_step

@@ -39,7 +39,9 @@ def run_optimizer(cfg: TrainConfig, model: QwenVL) -> optax.GradientTransformati
 def from_params(cfg: TrainConfig, optimizer: optax.GradientTransformation) -> Callable[[Any], TrainState]:
   """params (any float dtype) -> the initial TrainState: float32 master weights, LoRA, optimizer state."""
   def build(params):
-    params = jax.tree.map(lambda x: jnp.asarray(x, MASTER_DTYPE), params)
+    # a quantized base's int8 values stay as they are (Q-LoRA: frozen, dequantized in the loss)
+    params = jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jnp.integer) else jnp.asarray(x, MASTER_DTYPE),
+                          params)
     lora = _lora(cfg, params)
     return init_state(params, optimizer, lora)
   return build

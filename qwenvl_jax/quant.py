@@ -1,0 +1,131 @@
+"""Weight-only quantization of a params tree: int8 per output channel, int4 in groups along the inputs.
+
+The decoder's and lm_head's kernels become `q` (`q_t` weight-major: int8 values shaped as the kernel,
+int4 ones in [-8, 7] one per int8) and `scale` [groups, *output dims] (stacked layers first), with
+w = scale * q: the layout GPTQ's Int4 checkpoints import into (`layers.Einsum`). The vision tower and the
+embedding table stay float. Post-training, any checkpoint:
+
+  params = quantize(params, config, 'int8'); model = QwenVL(config.replace(weights='int8'))
+
+Our quantizer is symmetric round-to-nearest on each group's largest magnitude (absmax), deterministic;
+scales are float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenvl_jax import param_layout
+from qwenvl_jax.config import QwenVLConfig
+from qwenvl_jax.layers import GROUPS_AXIS, quant_groups
+from qwenvl_jax.params import set_path
+
+Path = tuple[str, ...]
+MODES = ('int8', 'int4')
+Q_MAX = {'int8': 127, 'int4': 7}  # symmetric: int4 leaves -8 unused, as absmax rounding never reaches it
+ROOTS = ('decoder', 'lm_head')  # what is quantized
+KERNELS = {'kernel': 'q', 'kernel_t': 'q_t'}
+
+
+def quantized_config(config: QwenVLConfig, mode: str) -> QwenVLConfig:
+  """The config a tree quantized to `mode` is applied with ('float': as it is)."""
+  if mode != 'float':
+    check_mode(mode)
+  return config.replace(weights=mode)
+
+
+def check_mode(mode: str) -> None:
+  if mode not in MODES:
+    raise ValueError(f'unknown quantization {mode!r}; expected one of {", ".join(MODES)}')
+
+
+def _layout(path: Path, names: tuple[str, ...]):
+  """(the kernel's dims in the scale's order with the groups in place of the inputs, where the groups
+  go, how many input dims) for a kernel leaf with logical `names`."""
+  scale_names = param_layout.axes_of(path[:-1] + ('scale',))
+  at = scale_names.index(GROUPS_AXIS)
+  kept = [names.index(n) for n in scale_names if n != GROUPS_AXIS]
+  inputs = [i for i, n in enumerate(names) if n not in scale_names]
+  return kept[:at] + inputs + kept[at:], at, len(inputs)
+
+
+def quantize_kernel(w, path: Path, mode: str, group_size: int) -> tuple[jax.Array, jax.Array]:
+  """(q int8 shaped as w, scale float32 [.., groups, *output dims]) of one kernel leaf at `path`."""
+  check_mode(mode)
+  order, at, n_inputs = _layout(path, param_layout.leaf_axes(path, np.shape(w)))
+  wt = jnp.transpose(jnp.asarray(w, jnp.float32), order)
+  in_shape = wt.shape[at:at + n_inputs]
+  n_in = int(np.prod(in_shape))
+  groups = quant_groups(n_in, mode, group_size)
+  wt = wt.reshape(wt.shape[:at] + (groups, n_in // groups) + wt.shape[at + n_inputs:])
+  absmax = jnp.max(jnp.abs(wt), axis=at + 1, keepdims=True)
+  scale = jnp.where(absmax > 0, absmax / Q_MAX[mode], 1.0)  # an all-zero group: q = 0 whatever the scale
+  q = jnp.clip(jnp.round(wt / scale), -Q_MAX[mode], Q_MAX[mode]).astype(jnp.int8)
+  q = jnp.transpose(q.reshape(wt.shape[:at] + in_shape + wt.shape[at + 2:]), np.argsort(order))
+  return q, jnp.squeeze(scale, at + 1)
+
+
+def dequantize_kernel(q, scale, path: Path, dtype=jnp.float32) -> jax.Array:
+  """The float kernel w = scale * q of a quantized leaf at `path` (`q` or `q_t`), in `dtype`: what
+  `layers.dequantize` computes inside the model, here for a leaf of any form (stacked layers too)."""
+  order, at, n_inputs = _layout(path, param_layout.leaf_axes(path, np.shape(q)))
+  qt = jnp.transpose(q, order)
+  in_shape = qt.shape[at:at + n_inputs]
+  groups = scale.shape[at]
+  qt = qt.reshape(qt.shape[:at] + (groups, int(np.prod(in_shape)) // groups) + qt.shape[at + n_inputs:])
+  w = qt.astype(jnp.float32) * jnp.expand_dims(jnp.asarray(scale, jnp.float32), at + 1)
+  w = w.reshape(qt.shape[:at] + in_shape + qt.shape[at + 2:]).astype(dtype)
+  return jnp.transpose(w, np.argsort(order))
+
+
+def quantize(params: dict, config: QwenVLConfig, mode: str, *, consume: bool = False) -> dict:
+  """A float params tree (any form) with the decoder's and lm_head's kernels quantized to `mode`, for
+  `QwenVL(quantized_config(config, mode))`. Other leaves are the same arrays. consume=True empties
+  `params` leaf by leaf, so that (with no other reference to them) each float kernel is freed once
+  quantized: the peak stays near the quantized tree plus one float kernel."""
+  check_mode(mode)
+  if config.weights != 'float':
+    raise ValueError(f'the params are {config.weights} already; quantize a float tree')
+  out: dict = {}
+  paths = list(param_layout.flatten(params))
+  for path in paths:
+    leaf = param_layout.pop_leaf(params, path) if consume else param_layout.get_leaf(params, path)
+    if path[0] in ROOTS and path[-1] in KERNELS:
+      q, scale = quantize_kernel(leaf, path, mode, config.group_size)
+      set_path(out, path[:-1] + (KERNELS[path[-1]],), q)
+      set_path(out, path[:-1] + ('scale',), scale)
+    elif path[0] in ROOTS and path[-1] in KERNELS.values():
+      raise ValueError(f'{"/".join(path)} is quantized already; quantize a float tree')
+    else:
+      set_path(out, path, leaf)
+  return out
+
+
+def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
+  """A quantized tree back to float kernels w = scale * q in `dtype` (what a merged export writes); other
+  leaves as they are."""
+  flat = param_layout.flatten(params)
+  out: dict = {}
+  for path, leaf in flat.items():
+    if path[-1] in KERNELS.values():
+      scale_path = path[:-1] + ('scale',)
+      kernel = {v: k for k, v in KERNELS.items()}[path[-1]]
+      set_path(out, path[:-1] + (kernel,), dequantize_kernel(leaf, flat[scale_path], path, dtype))
+    elif path[-1] == 'scale' and (path[:-1] + ('q',) in flat or path[:-1] + ('q_t',) in flat):
+      continue
+    else:
+      set_path(out, path, leaf)
+  return out
+
+
+def at_load(params: dict, config: QwenVLConfig, mode: str) -> tuple[dict, QwenVLConfig]:
+  """(params, config) of a loaded float checkpoint for `--weights mode`: as they are for 'float', else
+  quantized (consuming `params`)."""
+  if mode == 'float':
+    return params, config
+  return quantize(params, config, mode, consume=True), quantized_config(config, mode)
+
+
+def is_quantized(params: dict) -> bool:
+  return any(p[-1] in KERNELS.values() for p in param_layout.flatten(params))
