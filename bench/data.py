@@ -11,10 +11,19 @@ Loader rates exclude the start (worker processes import JAX: seconds), reported 
 first batches.
 
   python -m bench.data [--images 512] [--batches 24] [--sizes 224 448] [--workers 0 1 2] [--no-step]
+
+--packing instead measures sequence packing (samples_per_row, train/rows.py): mean real tokens per row and
+the fraction of padding, without and with packing, on the demo world's stage-1 captions and stage-2
+multitask records (the demo's model, buckets and batches; packed rows have room for `--per-row` samples of
+the mean length and 10%), with the demo train step's samples/s both ways; then the loader alone at stage
+1's real shape (256 image tokens; buckets 256/512 unpacked, 7 samples to rows of 2048 packed).
+
+  python -m bench.data --packing [--per-row 4] [--images 512] [--batches 24] [--no-step]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import random
 import tempfile
@@ -46,6 +55,61 @@ def _serial_rate(loader, batches: int) -> float:
   return batches * loader.cfg.batch_size / (time.perf_counter() - start)
 
 
+def _fill(loader, batches: int) -> tuple[float, str]:
+  """(mean real tokens per row, the fraction of the batches' token slots that are padding and the samples
+  left out: those that found no room in the packed rows)."""
+  real = slots = rows = left = 0
+  for k in range(batches):
+    mask = loader.batch(k)['attention_mask']
+    real, slots, rows = real + int((mask != 0).sum()), slots + mask.size, rows + mask.shape[0]
+    left += loader.last_skipped
+  return real / rows, f'padding {1 - real / slots:.1%}, {left} sample(s) without room'
+
+
+def packing(args, demo, model_config, tok, root, world) -> None:
+  import random
+  from qwenvl_jax.tokenizer import QwenVLTokenizer
+  from train.config import stage_config
+  from train.demo import demo_vocab
+  from train.inputs import open_data
+  from train.trainer import run
+  scenes, _ = world.make_world(root / 'w', args.images, 0, demo['seed'],
+                               world.WorldConfig(**demo['world']['scene']))
+  data = {1: world.write_json(world.caption_records(scenes), root / 'w' / 'stage1.json'),
+          2: world.write_json(world.multitask_records(scenes, random.Random(0),
+                                                      demo['world']['stage2_other_tasks']),
+                              root / 'w' / 'stage2.json')}
+  for stage in (1, 2):
+    d = demo['stages'][str(stage)]
+    base = stage_config(stage, **d, data=str(data[stage]), seed=demo['seed'])
+    mean = None
+    for per_row in (1, args.per_row):
+      # Packed rows: room for per_row samples of the mean length unpacked, and 10% (the first-fit's slack).
+      buckets = base.seq_buckets if per_row == 1 else (8 * math.ceil(1.1 * per_row * mean / 8),)
+      cfg = base.replace(samples_per_row=per_row, seq_buckets=buckets, on_bad_record='skip',
+                         max_bad_fraction=0.5, out_dir=str(root / f'run{stage}-{per_row}'))
+      loader, _ = open_data(cfg, tok, None, 0, 1)
+      tokens, padding = _fill(loader, min(args.batches, loader.batches_per_epoch))
+      mean = mean or tokens
+      row = (f'demo stage {stage}, samples_per_row {per_row}: {cfg.batch_size // per_row} rows of '
+             f'{cfg.seq_buckets}, real tokens per row {tokens:.1f}, {padding}')
+      if not args.no_step:
+        steps = 2 * cfg.log_every
+        _, _, logged = run(cfg.replace(steps=steps, warmup_steps=1, peak_tflops=1.0),
+                           model_config=model_config, tokenizer=tok, progress=False)
+        row += f', train step {cfg.batch_size / logged[-1]["step_time_s"]:.3g} samples/s'
+      print(row, flush=True)
+  real = QwenVLTokenizer(demo_vocab(), image_span_length=256)  # stage 1's shape: 256 image tokens, 224 px
+  base = stage_config(1, data=str(data[1]), batch_size=56, grad_accum=1, image_size=28, seed=demo['seed'])
+  for per_row, buckets in ((1, base.seq_buckets), (7, (2048,))):
+    cfg = base.replace(samples_per_row=per_row, seq_buckets=buckets, on_bad_record='skip',
+                       max_bad_fraction=0.5)
+    loader, _ = open_data(cfg, real, None, 0, 1)
+    tokens, padding = _fill(loader, min(args.batches, loader.batches_per_epoch))
+    print(f'stage-1 shape, samples_per_row {per_row}: {cfg.batch_size // per_row} rows of {cfg.seq_buckets}, '
+          f'real tokens per row {tokens:.1f}, {padding}', flush=True)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--images', type=int, default=512)
@@ -53,6 +117,8 @@ def main(argv=None):
   ap.add_argument('--sizes', type=int, nargs='+', default=[224, 448])
   ap.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2])
   ap.add_argument('--no-step', action='store_true', help='skip the train step')
+  ap.add_argument('--packing', action='store_true', help='measure sequence packing instead (see above)')
+  ap.add_argument('--per-row', type=int, default=4, help='samples_per_row of the demo stages with --packing')
   args = ap.parse_args(argv)
 
   from qwenvl_jax.config import QwenVLConfig
@@ -69,6 +135,8 @@ def main(argv=None):
   tok = QwenVLTokenizer(demo_vocab(), image_span_length=model_config.vision.n_queries)
   with tempfile.TemporaryDirectory() as tmp:
     root = pathlib.Path(tmp)
+    if args.packing:
+      return packing(args, demo, model_config, tok, root, world)
     scenes, _ = world.make_world(root / 'w', args.images, 0, demo['seed'],
                                  world.WorldConfig(**demo['world']['scene']))
     records = world.multitask_records(scenes, random.Random(0), demo['world']['stage2_other_tasks'])

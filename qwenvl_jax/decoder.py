@@ -111,19 +111,33 @@ def ntk_alpha_of(attention_mask: Array, text: TextConfig, train: bool = False) -
   return ntk_alpha(attention_mask.sum(axis=1), text.seq_length)
 
 
-def positions_of(attention_mask: Array, cache_index: Array | int, t: int) -> Array:
-  """Rotary positions [b, t] of the queries at slots cache_index.. : 0.. over each row's valid slots."""
-  before = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+def positions_of(segments: Array, cache_index: Array | int, t: int) -> Array:
+  """Rotary positions [b, t] of the queries at slots cache_index.. : 0.. over each row's valid slots.
+
+  segments [b, s]: 0 for an empty slot, else the id of the sample the slot belongs to; a plain 0/1 mask is
+  one sample per row. A packed row (several samples, train/rows.py) holds increasing ids, and positions
+  restart at 0 where a sample begins: at a valid slot whose id exceeds every id before it (an id equal to
+  an earlier one continues that sample across empty slots, as left padding and cache holes need)."""
+  valid = segments != 0
+  count = jnp.cumsum(valid, axis=1)
+  earlier = jnp.pad(jax.lax.cummax(segments, axis=1)[:, :-1], ((0, 0), (1, 0)))
+  start = jax.lax.cummax(jnp.where(valid & (segments > earlier), count - 1, 0), axis=1)
+  before = jnp.maximum(count - 1 - start, 0)
   slots = jnp.asarray(cache_index, jnp.int32).reshape(-1, 1) + jnp.arange(t)
-  return jnp.take_along_axis(before, jnp.broadcast_to(slots, (attention_mask.shape[0], t)), axis=1)
+  return jnp.take_along_axis(before, jnp.broadcast_to(slots, (segments.shape[0], t)), axis=1)
 
 
-def causal_mask(key_valid: Array, t: int, cache_index: Array | int = 0) -> Array:
-  """[b, t, s] mask: query i (at slot cache_index + i; one index or one per row) sees valid key slots up
-  to its own."""
-  slots = jnp.arange(key_valid.shape[1])
+def causal_mask(segments: Array, t: int, cache_index: Array | int = 0) -> Array:
+  """[b, t, s] mask: query i (at slot cache_index + i; one index or one per row) sees the valid key slots
+  (segments [b, s] nonzero, see `positions_of`) up to its own, of its own sample: block-diagonal causal in
+  a packed row. A query at an empty slot keeps seeing every valid key before it, as without samples."""
+  b, s = segments.shape
+  slots = jnp.arange(s)
   query_slots = jnp.asarray(cache_index, jnp.int32).reshape(-1, 1) + jnp.arange(t)  # [1 or b, t]
-  return key_valid[:, None, :].astype(bool) & (slots[None, None, :] <= query_slots[:, :, None])
+  q_seg = jnp.take_along_axis(segments, jnp.clip(jnp.broadcast_to(query_slots, (b, t)), 0, s - 1), axis=1)
+  k_seg = segments[:, None, :]
+  same = (k_seg == q_seg[:, :, None]) | (q_seg[:, :, None] == 0)
+  return (k_seg != 0) & (slots[None, None, :] <= query_slots[:, :, None]) & same
 
 
 def ntk_alpha(length: Array | int, seq_length: int) -> Array:

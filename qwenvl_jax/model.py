@@ -62,6 +62,8 @@ class QwenVL(nn.Module):
 
   Keyword arguments cover batched and cached use:
     attention_mask [b, s]: which key slots hold real tokens (left padding); s = t, or the cache's slots.
+      Sequence packing (training): sample ids 1, 2, .. instead of ones, 0 for padding; each sample then
+      has its own positions from 0 and sees only itself (`positions_of`, `causal_mask`).
     positions [b, t]: rotary positions; by default 0.. over each row's real tokens (`positions_of`).
     alpha [b]: dynamic-NTK factor; by default chosen from each row's real length up to this call's last
       token, as the original does at prefill (1 in training, where the original also uses 1 and no logn
@@ -113,14 +115,14 @@ class QwenVL(nn.Module):
 
     if attention_mask is None:
       attention_mask = jnp.ones((b, t if cache is None else _slots(cache)), bool)
-    attention_mask = attention_mask.astype(bool)
+    segments = attention_mask.astype(jnp.int32)
     if positions is None:
-      positions = positions_of(attention_mask, cache_index, t)
+      positions = positions_of(segments, cache_index, t)
     if alpha is None:  # the real length so far: valid slots before this call's last query + 1
       end = jnp.asarray(cache_index, jnp.int32).reshape(-1, 1) + t
-      so_far = attention_mask & (jnp.arange(attention_mask.shape[1]) < end)
+      so_far = (segments != 0) & (jnp.arange(segments.shape[1]) < end)
       alpha = ntk_alpha_of(so_far, t_cfg, train)
-    mask = causal_mask(attention_mask, t, cache_index)
+    mask = causal_mask(segments, t, cache_index)
 
     x, hidden, cache = self.decoder(
         x, positions=positions, alpha=alpha, use_logn=t_cfg.use_logn_attn and not train, mask=mask,

@@ -49,6 +49,11 @@ class TrainConfig:
   target_step: int = 256  # logits are computed at a multiple of this many positions per row
   max_images: int = 1  # image slots per row; a sample with more images is refused
   bucket_window: int = 8  # batches whose samples are sorted by length together
+  # Sequence packing: a batch's samples travel in batch_size / samples_per_row rows of up to the longest
+  # bucket, each sample with its own positions and attention (train/rows.py); 1: one sample per row.
+  # Rows then hold max_images x samples_per_row image slots. A sample that finds no room in its window's
+  # rows is a bad record (on_bad_record): choose it below longest bucket / mean sample length.
+  samples_per_row: int = 1
   worker_count: int = 0  # grain processes decoding and tokenizing ahead of the step; 0: a thread
   # A record that fails when its batch is made (an image that does not decode, a packed record that cannot
   # be encoded): 'error' stops the run (with a checkpoint), naming the record; 'skip' blanks its row (no
@@ -109,13 +114,14 @@ class TrainConfig:
     if list(self.seq_buckets) != sorted(set(self.seq_buckets)):
       problems.append(f'seq_buckets must be strictly increasing, got {self.seq_buckets}')
     for name in ('batch_size', 'grad_accum', 'steps', 'target_step', 'bucket_window', 'save_every',
-                 'keep', 'log_every', 'lora_rank', 'image_size'):
+                 'keep', 'log_every', 'lora_rank', 'image_size', 'samples_per_row'):
       if getattr(self, name) < 1:
         problems.append(f'{name} must be positive, got {getattr(self, name)}')
     if self.max_images < 0:
       problems.append(f'max_images must be >= 0, got {self.max_images}')
-    if self.batch_size % self.grad_accum:
-      problems.append(f'batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}')
+    if self.samples_per_row >= 1 and self.batch_size % (self.grad_accum * self.samples_per_row):
+      problems.append(f'batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum} x '
+                      f'samples_per_row {self.samples_per_row} (rows of each micro-batch)')
     if not 0 <= self.warmup_steps <= self.steps:
       problems.append(f'warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}')
     if not 0 <= self.min_lr <= self.peak_lr:

@@ -17,7 +17,7 @@ from train.validate import make_loader, read_records
 def loader_config(cfg: TrainConfig) -> LoaderConfig:
   return LoaderConfig(cfg.batch_size, cfg.seq_buckets, cfg.target_step, cfg.max_images, cfg.image_size,
                       cfg.seed, cfg.bucket_window, cfg.worker_count, cfg.on_bad_record, cfg.max_bad_fraction,
-                      cfg.on_overlong)
+                      cfg.on_overlong, cfg.samples_per_row)
 
 
 class PackedReport:

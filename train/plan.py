@@ -213,7 +213,9 @@ def format_plan(plan: Plan, xla: Mapping[str, Any] | None = None) -> str:
       f'params {plan.total_params:,} ({plan.trainable_params:,} trainable); '
       + ('' if s.weights == 'float' else f'{s.weights} frozen base (decoder and lm_head), ') + 'float32 master weights, '
       f'gradients and AdamW moments, {cfg.dtype} compute, remat {cfg.remat}',
-      f'global batch {cfg.batch_size} x {s.seq} tokens in {cfg.grad_accum} micro-batch(es), '
+      'global batch ' + (f'{cfg.batch_size} x {s.seq} tokens' if cfg.samples_per_row == 1 else
+                         f'{cfg.batch_size} samples packed into {cfg.batch_size // cfg.samples_per_row} rows '
+                         f'of {s.seq} tokens') + f' in {cfg.grad_accum} micro-batch(es), '
       f'{cfg.max_images} image(s) of {cfg.image_size}px per sample',
       f'transients at the peak of the step: the {plan.phase} phase (train/plan_model.py)',
       '',

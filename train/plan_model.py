@@ -73,9 +73,9 @@ def transient_bytes(setup, counts: Mapping[str, int]) -> tuple[str, dict[str, in
   cfg, config = setup.cfg, setup.model_config
   t, v = config.text, config.vision
   c = as_dtype(cfg.dtype).itemsize
-  batch_split = _split(setup, 'batch', cfg.batch_size // cfg.grad_accum)
-  rows = math.ceil(cfg.batch_size / cfg.grad_accum / batch_split)  # one micro-batch, one device
-  tokens, patches = rows * setup.seq, rows * cfg.max_images * v.grid ** 2
+  micro_rows = cfg.batch_size // cfg.samples_per_row // cfg.grad_accum  # packed rows: several samples each
+  rows = math.ceil(micro_rows / _split(setup, 'batch', micro_rows))  # one micro-batch, one device
+  tokens, patches = rows * setup.seq, rows * cfg.max_images * cfg.samples_per_row * v.grid ** 2
   vit_trains = not cfg.lora and cfg.stage in (1, 2)
   remat = cfg.remat == 'full'
   table = t.vocab_size * t.hidden_size / _split(setup, 'act_vocab', t.vocab_size)  # gathered over fsdp

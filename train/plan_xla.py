@@ -34,11 +34,11 @@ def prepare_cpu(devices: int) -> None:
 
 def abstract_batch(setup, layout) -> dict[str, jax.ShapeDtypeStruct]:
   """The batch of train/step.py as ShapeDtypeStructs on the batch sharding; every position a target."""
-  cfg, b, t = setup.cfg, setup.cfg.batch_size, setup.seq
+  cfg, b, t = setup.cfg, setup.cfg.batch_size // setup.cfg.samples_per_row, setup.seq  # rows
   s = cfg.image_size
   shapes = {'input_ids': ((b, t), jnp.int32), 'attention_mask': ((b, t), jnp.int32),
             'targets': ((b, t), jnp.int32), 'target_mask': ((b, t), jnp.float32),
-            'pixel_values': ((b, cfg.max_images, s, s, 3), jnp.float32)}
+            'pixel_values': ((b, cfg.max_images * cfg.samples_per_row, s, s, 3), jnp.float32)}
   place = lambda shape: sharding.batch_sharding(layout.mesh, layout.rules, shape)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=place(shape))
           for k, (shape, dtype) in shapes.items()}

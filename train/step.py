@@ -1,11 +1,12 @@
 """The train step: a pure function `step(state, batch) -> (state, metrics)`, ready for jit with shardings.
 
 A batch (global rows, split into `grad_accum` micro-batches by a scan inside the step):
-  input_ids [B, T] int32, attention_mask [B, T] (real tokens; right padding),
+  input_ids [B, T] int32, attention_mask [B, T] int32: the sample of each token, 1 (or 1, 2, .. in a row of
+    several samples, sequence packing: each has its own positions and attention); 0 for right padding,
   targets [B, N] int32: positions p whose next token p+1 is a training target (padding: 0),
   target_mask [B, N] float32: 1 for real targets, 0 for padding,
   pixel_values [B, M, S, S, 3] float32, or uint8 bytes normalised here: M image slots per row, filled in
-  order, zeros when unused.
+  order of the row's `<img>` tokens (across its samples), zeros when unused.
 The loss is the mean cross entropy over all real targets of the global batch. Logits are computed only at
 the target positions (the model's `logits_at`): the 152k-vocabulary head dominates otherwise.
 """
@@ -123,7 +124,7 @@ def make_train_step(model: QwenVL, optimizer: optax.GradientTransformation,
     new_state = TrainState(state.step + 1, new_tree['params'], opt_state,
                            new_tree['lora'] if state.lora is not None else None)
     metrics = {'loss': total_loss / denom, 'grad_norm': grad_norm, 'lr': schedule(state.step),
-               'targets': count, 'tokens': batch['attention_mask'].astype(jnp.float32).sum()}
+               'targets': count, 'tokens': (batch['attention_mask'] != 0).astype(jnp.float32).sum()}
     return new_state, metrics
 
   return step
