@@ -17,26 +17,18 @@ from typing import Iterable, Iterator
 import numpy as np
 import tqdm
 
-from convert import hf, orbax_io, source
+from convert import hf, int4, orbax_io, source
 from convert.paths import atomic_directory
 from qwenvl_jax.checkpoint import (FORMAT, FORMAT_VERSION, ReleasedCheckpoint, check_leaves, check_released,
                                    read_marker)
 from qwenvl_jax.config import QwenVLConfig, as_dtype
 from qwenvl_jax.jsonfile import read_object
 from qwenvl_jax.layout import EXPORT_MARKER, MARKER, PARAMS_DIR, Kind, describe_directory, wrong_kind
-from qwenvl_jax import orbax_leaves
+from qwenvl_jax import gptq, orbax_leaves
 from qwenvl_jax.params import Rule, rules
 
-# Files copied next to the weights when the source has them (the tokenizer's vocabulary included).
-AUX_FILES = ('generation_config.json', 'qwen.tiktoken')
-DEFAULT_SHARD_SIZE = 2 * 10**9
+DEFAULT_SHARD_SIZE = hf.DEFAULT_SHARD_SIZE
 EXPORT_FORMAT = 'qwenvl-jax/released'
-
-
-def _copy_aux(src: pathlib.Path, dst: pathlib.Path) -> None:
-  for name in AUX_FILES:
-    if (src / name).exists():
-      shutil.copyfile(src / name, dst / name)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm.tqdm:
@@ -60,7 +52,8 @@ def source_dtype(src: ReleasedCheckpoint) -> np.dtype:
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, overwrite: bool = False,
                 progress: bool = True) -> pathlib.Path:
-  """Converts a released-layout directory into DST (Orbax params + config); `dtype` default: the source's.
+  """Converts a released-layout directory into DST (Orbax params + config); `dtype` default: the source's
+  (a GPTQ Int4 source is dequantized, by default to float32: `int4`).
 
   Every tensor name and shape is checked from the shard headers before any data is read.
   """
@@ -71,24 +64,35 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype=None, over
   if not (src / 'config.json').exists():
     raise FileNotFoundError(f'{src}/config.json not found: the config is needed to map the tensors')
   config = QwenVLConfig.from_json(src)
+  quantized = gptq.read_config(src)
   checkpoint = ReleasedCheckpoint(src)
-  check_released(checkpoint, config)
-  dtype = np.dtype(as_dtype(dtype)) if dtype is not None else source_dtype(checkpoint)
+  if quantized is None:
+    check_released(checkpoint, config)
+    dtype = np.dtype(as_dtype(dtype)) if dtype is not None else source_dtype(checkpoint)
+    tensors, total = source.released_rows(checkpoint), checkpoint.nbytes
+  else:  # GPTQ Int4: dequantized, by default into the one float dtype that holds it exactly
+    tensors, total = int4.dequantized_rows(checkpoint, config, quantized)
+    dtype = np.dtype(as_dtype(dtype or int4.DEQUANTIZED_DTYPE))
   table = rules(config)
   leaves = {r.path: _streamed_leaf(r, r.leaf_shape, dtype) for r in table.values()}
 
   with (atomic_directory(src, dst, overwrite) as tmp,
-        _progress(checkpoint.nbytes, 'converting', progress) as bar):
+        _progress(total, 'converting', progress) as bar):
     def pieces() -> Iterator[orbax_io.Piece]:
-      for entry, rows in source.released_rows(checkpoint):
+      for entry, rows in tensors:
         rule = table[entry.name]
         rows = rows.reshape(rule.view or rule.hf_shape)
         yield from orbax_io.leaf_pieces(leaves[rule.path], rule.layer, rows, rule.perm)
         bar.update(entry.nbytes)
 
     orbax_io.save_streamed(tmp / PARAMS_DIR, leaves.values(), pieces())
-    shutil.copyfile(src / 'config.json', tmp / 'config.json')
-    _copy_aux(src, tmp)
+    if quantized is None:
+      shutil.copyfile(src / 'config.json', tmp / 'config.json')
+    else:  # the weights are float now: a quantization_config would make the export back a wrong Int4
+      saved = read_object(src / 'config.json')
+      del saved['quantization_config']
+      (tmp / 'config.json').write_text(json.dumps(saved, indent=2) + '\n')
+    hf.copy_aux(src, tmp)
     marker = {'format': FORMAT, 'version': FORMAT_VERSION, 'dtype': dtype.name}
     (tmp / MARKER).write_text(json.dumps(marker, indent=2) + '\n')
   return dst
@@ -153,7 +157,7 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype=None,
     parts = (counted(_hf_parts(reader, table[spec.name], dtype)) for spec in specs)
     hf.write_released(tmp, specs, parts, shard_size)
     (tmp / 'config.json').write_text(json.dumps(_export_config(src, config, dtype), indent=2) + '\n')
-    _copy_aux(src, tmp)
+    hf.copy_aux(src, tmp)
     marker = {'format': EXPORT_FORMAT, 'version': FORMAT_VERSION, 'dtype': dtype.name}
     (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + '\n')  # last: the export finished
   return dst

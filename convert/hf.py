@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -17,6 +18,9 @@ import numpy as np
 from qwenvl_jax.checkpoint import SAFETENSORS_INDEX, ST_DTYPES
 
 DTYPE_CODES = {dtype: code for code, dtype in ST_DTYPES.items()}
+DEFAULT_SHARD_SIZE = 2 * 10**9
+# Files copied next to the weights when the source has them (the tokenizer's vocabulary included).
+AUX_FILES = ('generation_config.json', 'qwen.tiktoken')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +32,12 @@ class TensorSpec:
   @property
   def nbytes(self) -> int:
     return math.prod(self.shape) * self.dtype.itemsize
+
+
+def copy_aux(src: pathlib.Path, dst: pathlib.Path) -> None:
+  for name in AUX_FILES:
+    if (src / name).exists():
+      shutil.copyfile(src / name, dst / name)
 
 
 def plan_shards(specs: Sequence[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:

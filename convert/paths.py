@@ -66,10 +66,11 @@ def _writable_parent(dst: pathlib.Path) -> None:
     raise PermissionError(f'cannot create {dst}: no permission to write in {parent}')
 
 
-def check_destination(src: pathlib.Path, dst: pathlib.Path, overwrite: bool) -> pathlib.Path:
+def check_destination(src: pathlib.Path | None, dst: pathlib.Path, overwrite: bool) -> pathlib.Path:
   """dst, absolute with its parents' symlinks resolved, once it is safe to write (replace with
-  `overwrite`); otherwise an error saying why, what dst is and what would be safe."""
-  relation = _overlap(src, dst)
+  `overwrite`); otherwise an error saying why, what dst is and what would be safe. `src` None: written
+  from memory, no source directory to keep apart."""
+  relation = _overlap(src, dst) if src is not None else None
   if relation:
     raise UnsafeDestinationError(
         f'destination {dst} {relation} the source {src}: refusing to write there (it would replace or mix '
@@ -123,7 +124,7 @@ def _owned_directory(dst: pathlib.Path) -> Iterator[pathlib.Path]:
 def _ours(tmp: pathlib.Path) -> bool:
   """Whether tmp holds nothing but what a conversion or an export writes."""
   names = {OWNER_FILE, MARKER, EXPORT_MARKER, SAFETENSORS_INDEX, REPLACED, 'config.json',
-           'generation_config.json', 'qwen.tiktoken'}
+           'generation_config.json', 'qwen.tiktoken', 'quantize_config.json'}
   return all(p.name in names or is_params_dir(p.name)
              or (p.name.startswith('model-') and p.name.endswith('.safetensors')) for p in tmp.iterdir())
 
@@ -161,7 +162,7 @@ def remove_stale(dst: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(src: pathlib.Path, dst: pathlib.Path, overwrite: bool = False
+def atomic_directory(src: pathlib.Path | None, dst: pathlib.Path, overwrite: bool = False
                      ) -> Iterator[pathlib.Path]:
   """Yields an empty DST.tmp-XXXXXXXX next to dst (after check_destination and remove_stale), renamed to
   dst only when the block finishes; a replaced dst is removed only then.

@@ -18,7 +18,7 @@ from qwenvl_jax.config import QwenVLConfig, as_dtype
 from qwenvl_jax.jsonfile import ConfigFileError, get, read_object
 from qwenvl_jax.layout import (MARKER, PARAMS_DIR, SAFETENSORS_INDEX, IncompleteCheckpointError,  # noqa: F401
                                Kind, describe_directory, leftover_note, wrong_kind)
-from qwenvl_jax import orbax_leaves, param_layout, released_slices
+from qwenvl_jax import gptq, gptq_checkpoint, orbax_leaves, param_layout, released_slices
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.params import check_shapes, params_from_hf, set_path
 from qwenvl_jax.released_layout import (ST_DTYPES, CheckpointFormatError, ReleasedCheckpoint,  # noqa: F401
@@ -119,7 +119,7 @@ def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, sh
 
 
 def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_layers: bool = False,
-                    **config_overrides) -> tuple[QwenVL, dict]:
+                    keep_packed: bool = False, **config_overrides) -> tuple[QwenVL, dict]:
   """(model, params) from a released-layout or converted directory; params in `dtype` (default float32).
 
   `shardings`: a Sharding for every leaf or a tree of them matching params. The params are read straight
@@ -140,12 +140,22 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
   converted = found.kind is Kind.CONVERTED
   if converted:
     read_marker(root)
+    if keep_packed:
+      raise ValueError(f'{root}: keep_packed reads the released Int4 layout; a converted checkpoint holds '
+                       'float weights')
   config = QwenVLConfig.from_json(root, param_dtype=dtype.name, **config_overrides)
   if converted:
     return QwenVL(config), restore_params(root, config, dtype, shardings, split_layers)
+  quantized = gptq.read_config(root)
+  if keep_packed and quantized is None:
+    raise ValueError(f'{root}: keep_packed needs a quantized checkpoint (config.json has no '
+                     'quantization_config)')
   checkpoint = ReleasedCheckpoint(root)
-  check_released(checkpoint, config)
+  if quantized is None:
+    check_released(checkpoint, config)
   placement = _sharding_tree(shardings, list(param_layout.leaf_shapes(config)))
+  if quantized is not None:
+    return QwenVL(config), _read_int4(checkpoint, config, quantized, dtype, placement, keep_packed)
   if any(len(s.device_set) > 1 for s in placement.values()):  # each host copies only its devices' blocks
     return QwenVL(config), released_slices.read_onto(checkpoint.tensors(), config, placement, dtype)
   # Memory-mapped tensors: params_from_hf's copies are the only ones in anonymous memory.
@@ -155,3 +165,21 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
   for p, s in placement.items():
     set_path(targets, p, s)
   return QwenVL(config), put(params, targets)
+
+
+def _read_int4(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, quantized: gptq.GptqConfig, dtype,
+               placement: dict[Path, jax.sharding.Sharding], keep_packed: bool) -> dict:
+  """The params of a GPTQ checkpoint read layer by layer onto `placement` (`released_slices`), its
+  quantized kernels dequantized into `dtype` or kept packed."""
+  gptq_checkpoint.check_int4(checkpoint, config, quantized)
+  if not keep_packed:
+    tensors = gptq_checkpoint.dequantized(checkpoint.tensors(), config, quantized)
+    return released_slices.read_onto(tensors, config, placement, dtype)
+  if any(len(s.device_set) > 1 for s in placement.values()):
+    raise ValueError('keep_packed reads onto one device; shard the packed tree afterwards')
+  floats, kernels = gptq_checkpoint.packed_tensors(checkpoint.tensors(), config, quantized)
+  params = released_slices.read_onto(floats, config, placement, dtype)  # fills `kernels` on the way
+  for path, kernel in kernels.items():
+    for k, leaf in gptq_checkpoint.packed_paths(path).items():
+      set_path(params, leaf, orbax_leaves.to_device(kernel[k], placement[path]))
+  return params

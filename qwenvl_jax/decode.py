@@ -42,7 +42,8 @@ def decode_params(params: dict, *, consume: bool = False) -> dict:
   return param_layout.convert(params, scan_layers=scan_layers, weight_major=weight_major, consume=consume)
 
 
-def _decoding(config: QwenVLConfig) -> QwenVL:
+def decoding_model(config: QwenVLConfig) -> QwenVL:
+  """The model as decoding runs it (`decode_form`): what `decode_params` weights are read by."""
   scan_layers, weight_major = decode_form()
   return QwenVL(config.replace(scan_layers=scan_layers, weight_major=weight_major))
 
@@ -64,19 +65,27 @@ def _finish(state: DecodeState, logits: Array, min_new: Array, key: Array, s: Sa
   return state._replace(token=token, step=state.step + 1, done=done)
 
 
-def _prefill(params: dict, ids: Array, mask: Array, features: Array, min_new: Array, key: Array,
-             *, config: QwenVLConfig, sampler: Sampler, slots: int) -> tuple[DecodeState, Array]:
-  """Runs the left-padded prompts ids [b, p] through the model; returns the state and logits [b, v]."""
+def prompt_forward(params: dict, ids: Array, mask: Array, features: Array, *, config: QwenVLConfig,
+                   slots: int) -> tuple[tuple[KVCache, ...], Array, Array, Array]:
+  """The left-padded prompts ids [b, p] through the model into a fresh cache of `slots` slots; returns
+  (cache, logits at the last token [b, v], key mask [b, slots], NTK factor [b]). Shared by `generate`
+  and the server's engine, which puts each prompt's cache into one row of its own."""
   b, p = ids.shape
-  model = _decoding(config)
+  model = decoding_model(config)
   alpha = ntk_alpha_of(mask, config.text)
   key_mask = jnp.concatenate([mask, jnp.ones((b, slots - p), bool)], axis=1)
   cache = tuple(KVCache.zeros(config.text, b, slots, model.config.dtype, slots_last=decode_form()[1])
                 for _ in range(config.text.num_layers))
   out = model.apply({'params': params}, ids, image_features=features, attention_mask=key_mask, alpha=alpha,
                     cache=cache, logits_at=jnp.full((b, 1), p - 1, jnp.int32))
-  logits = out['logits'][:, 0]
-  state = DecodeState(out['cache'], jnp.zeros((b,), jnp.int32), jnp.zeros((), jnp.int32), ~mask.any(-1),
+  return out['cache'], out['logits'][:, 0], key_mask, alpha
+
+
+def _prefill(params: dict, ids: Array, mask: Array, features: Array, min_new: Array, key: Array,
+             *, config: QwenVLConfig, sampler: Sampler, slots: int) -> tuple[DecodeState, Array]:
+  """Runs the left-padded prompts ids [b, p] through the model; returns the state and logits [b, v]."""
+  cache, logits, key_mask, alpha = prompt_forward(params, ids, mask, features, config=config, slots=slots)
+  state = DecodeState(cache, jnp.zeros((ids.shape[0],), jnp.int32), jnp.zeros((), jnp.int32), ~mask.any(-1),
                       key_mask, alpha)
   return _finish(state, logits, min_new, key, sampler), logits
 
@@ -85,8 +94,9 @@ def _advance(params: dict, state: DecodeState, prompt_slots: int, min_new: Array
              config: QwenVLConfig, sampler: Sampler) -> tuple[DecodeState, Array]:
   """Feeds the last token (at slot prompt_slots + step - 1) and chooses the next; logits [b, v]."""
   fed = jnp.where(state.done, 0, state.token)[:, None]  # finished rows feed an in-vocabulary dummy
-  out = _decoding(config).apply({'params': params}, fed, attention_mask=state.key_mask, alpha=state.alpha,
-                                cache=state.cache, cache_index=prompt_slots + state.step - 1)
+  out = decoding_model(config).apply({'params': params}, fed, attention_mask=state.key_mask,
+                                     alpha=state.alpha, cache=state.cache,
+                                     cache_index=prompt_slots + state.step - 1)
   logits = out['logits'][:, 0]
   return _finish(state._replace(cache=out['cache']), logits, min_new, key, sampler), logits
 
@@ -127,10 +137,10 @@ _advance_jit = jax.jit(_advance, static_argnames=('prompt_slots', 'config', 'sam
 
 @functools.partial(jax.jit, static_argnames='config')
 def _encode_images(params, pixel_values: Array, *, config: QwenVLConfig) -> Array:
-  return _decoding(config).apply({"params": params}, pixel_values, method=QwenVL.encode_images)
+  return decoding_model(config).apply({"params": params}, pixel_values, method=QwenVL.encode_images)
 
 
-def _image_features(params, pixel_values, config: QwenVLConfig, n_images_in_ids: int) -> Array:
+def image_features(params, pixel_values, config: QwenVLConfig, n_images_in_ids: int) -> Array:
   """Encodes the images once, padded with zero features to a power-of-two count (at least 1)."""
   v = config.vision
   if pixel_values is None:
@@ -166,7 +176,7 @@ def _prepare(model: QwenVL, params, input_ids, pixel_values, attention_mask, g: 
   check_request(config, batch.mask.sum(1)[:batch.n_rows], n_images, g, buckets=buckets,
                 output_logits=output_logits, params=params)
   params = decode_params(params)
-  features = _image_features(params, pixel_values, config, n_images)
+  features = image_features(params, pixel_values, config, n_images)
   slots = batch.ids.shape[1] + buckets.length(g.max_new_tokens)
   return params, batch, features, slots
 

@@ -61,6 +61,24 @@ class KVCache:
       return constrain(full, ('batch', 'length', 'act_heads', 'head_dim'))
     return self.replace(k=put(self.k, keys), v=put(self.v, values))
 
+  def put_rows(self, rows: 'KVCache', index: Array | int) -> 'KVCache':
+    """This layer's cache with `rows` (a cache of the same layout for as many rows or fewer, with as many
+    slots or fewer) written over rows index.. from slot 0: a prompt prefilled on its own moved into one
+    row of a batch's cache, or a step run on the first rows put back. The rest keeps what it held; the
+    key mask decides what is seen."""
+    def put(cache: Array, new: Array) -> Array:
+      if self.slots_last:  # a batch of one may be stored without its b axis (see the class doc)
+        full, new = cache.reshape((-1,) + cache.shape[-3:]), new.reshape((-1,) + new.shape[-3:])
+      else:
+        full = cache
+      full = jax.lax.dynamic_update_slice(full, new.astype(cache.dtype), (index, 0, 0, 0))
+      return full.reshape(cache.shape)
+    return self.replace(k=put(self.k, rows.k), v=put(self.v, rows.v))
+
+  def first_rows(self, n: int) -> 'KVCache':
+    """The first n rows of this layer's cache (of a batch stored with its b axis)."""
+    return self.replace(k=self.k[:n], v=self.v[:n])
+
   def attend(self, q: Array, mask: Array, dtype) -> Array:
     """`layers.attend` of queries q [b, t, h, k] over this layer's slots. In the slots-last layout one
     query per row goes to the CPU kernel where it applies (`_kernel_attends`)."""

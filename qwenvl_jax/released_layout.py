@@ -12,7 +12,7 @@ import math
 import mmap
 import os
 import pathlib
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -22,8 +22,9 @@ from qwenvl_jax.jsonfile import ConfigFileError, get, read_object
 from qwenvl_jax.layout import BIN_INDEX, SAFETENSORS_INDEX
 from qwenvl_jax.params import CheckpointMismatchError, check_names
 
-# safetensors dtype codes of the released checkpoints.
-ST_DTYPES = {'F16': np.dtype(np.float16), 'BF16': np.dtype(ml_dtypes.bfloat16), 'F32': np.dtype(np.float32)}
+# safetensors dtype codes of the released checkpoints (I32: the packed tensors of the Int4 one).
+ST_DTYPES = {'F16': np.dtype(np.float16), 'BF16': np.dtype(ml_dtypes.bfloat16), 'F32': np.dtype(np.float32),
+             'I32': np.dtype(np.int32)}
 _MAX_HEADER = 100 << 20  # the safetensors library's own limit
 
 
@@ -106,7 +107,7 @@ def safetensors_header(file: pathlib.Path) -> list[TensorEntry]:
       truncated.append(name)
     entries.append(entry)
   if unsupported:
-    raise CheckpointFormatError(f'{file}: unsupported dtypes (expected F16, BF16 or F32): '
+    raise CheckpointFormatError(f'{file}: unsupported dtypes (expected F16, BF16, F32 or I32): '
                                 f'{", ".join(unsupported)}')
   if inconsistent:
     raise CheckpointFormatError(f'{file}: corrupt header, data sizes do not match shapes: '
@@ -227,12 +228,26 @@ def _advise(mapped: mmap.mmap, advice: int, offset: int, nbytes: int) -> None:
 
 def check_released(checkpoint: ReleasedCheckpoint, config: QwenVLConfig) -> None:
   """Raises CheckpointMismatchError naming the directory and every tensor that config.json does not
-  describe, from the shard headers alone."""
+  describe, from the shard headers alone; CheckpointFormatError for integer tensors (a float checkpoint's
+  are all float; the Int4 one's config.json has a quantization_config, read by `gptq_checkpoint`)."""
   try:
     check_names(checkpoint.shapes(), config)
   except CheckpointMismatchError as e:
-    e.args = (f'{checkpoint.root}: {e} (config.json and the weights do not belong together)',)
+    gptq = any(n.endswith('.qweight') for n in e.unexpected)
+    why = ('packed GPTQ tensors, but config.json has no quantization_config' if gptq else
+           'config.json and the weights do not belong together')
+    e.args = (f'{checkpoint.root}: {e} ({why})',)
     raise
+  check_float(checkpoint, checkpoint.entries, 'config.json has no quantization_config')
+
+
+def check_float(checkpoint: ReleasedCheckpoint, names: Iterable[str], why: str) -> None:
+  """Raises CheckpointFormatError naming every one of `names` stored as integers (`why`: what says they
+  are float)."""
+  wrong = [f'{n} ({checkpoint.entries[n].dtype})' for n in names if checkpoint.entries[n].dtype == np.int32]
+  if wrong:
+    raise CheckpointFormatError(f'{checkpoint.root}: integer tensors where float weights belong ({why}): '
+                                f'{", ".join(wrong)}')
 
 
 def read_released(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
 """The HTTP app: OpenAI's `POST /v1/chat/completions` (streamed or not), `GET /v1/models`, `GET /health`,
-and the chat page at `/`.
+`GET /metrics` (Prometheus) and the chat page at `/`.
 
 Every refusal is OpenAI's error JSON with a 4xx naming the problem (`errors.ApiError`), and the server
 goes on serving. A client that goes away stops its request in the engine: a streamed answer when the
@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from qwenvl_jax import GenerationConfig, QwenVLTokenizer, extract_boxes
@@ -27,6 +27,7 @@ from serve import protocol
 from serve.engine import Engine, EngineRequest, Handle, QueueFull
 from serve.errors import ApiError
 from serve.limits import Limits
+from serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from serve.prompt import Preparer
 from serve.sampling import settings
 from serve.text import Answer
@@ -73,6 +74,7 @@ def create_app(service: Service) -> FastAPI:
 
   app = FastAPI(title='qwenvl-jax', docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
   app.state.service = service
+  metrics = Metrics(service.engine.stats)
 
   @app.exception_handler(ApiError)
   async def api_error(request: Request, e: ApiError):
@@ -90,6 +92,10 @@ def create_app(service: Service) -> FastAPI:
   @app.get('/health')
   async def health():
     return {'status': 'ok', **service.engine.stats()}
+
+  @app.get('/metrics')
+  async def prometheus():
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
   @app.get('/v1/models')
   async def models(request: Request):
@@ -115,7 +121,7 @@ def create_app(service: Service) -> FastAPI:
       handle = service.engine.submit(EngineRequest(prompt.tokens, prompt.pixels, config, seed))
     except QueueFull as e:
       raise _busy(e) from None
-    run = _Run(service, req, config, handle, len(prompt.tokens))
+    run = _Run(service, req, config, handle, len(prompt.tokens), metrics)
     if req.stream:
       return _Stream(run.events(), media_type='text/event-stream',
                      headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})
@@ -160,8 +166,8 @@ class _Run:
   """One submitted request turned into an OpenAI answer."""
 
   def __init__(self, service: Service, req: protocol.ChatRequest, config: GenerationConfig, handle: Handle,
-               prompt_tokens: int):
-    self.service, self.req, self.handle = service, req, handle
+               prompt_tokens: int, metrics: Metrics):
+    self.service, self.req, self.handle, self.metrics = service, req, handle, metrics
     self.stop_ids = set(config.stop_ids)
     self.answer = Answer(service.tokenizer, req.stop)
     self.id, self.prompt_tokens = protocol.completion_id(), prompt_tokens
@@ -171,6 +177,9 @@ class _Run:
   async def _deltas(self) -> AsyncIterator[str]:
     """The answer's new text as tokens arrive; ends early (cancelling the rest) at a stop string."""
     async for token in self.handle:
+      if not self.generated:
+        self.metrics.first_token.observe(time.monotonic() - self.started)
+      self.metrics.tokens.inc()
       self.generated, self.last = self.generated + 1, token
       delta = self.answer.add(token)
       if delta:
@@ -224,6 +233,8 @@ class _Run:
     yield protocol.DONE
 
   def _log(self) -> None:
+    self.metrics.latency.observe(time.monotonic() - self.started)
+    self.metrics.requests.labels(self._finish_reason()).inc()
     log.info('%s: %d prompt + %d new tokens in %.2f s (%s)', self.id, self.prompt_tokens, self.generated,
              time.monotonic() - self.started, self._finish_reason())
 

@@ -24,8 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1: this machine only)')
   p.add_argument('--port', type=int, default=8000)
   p.add_argument('--model-name', help='the model id clients send (default: the --ckpt directory name)')
-  p.add_argument('--max-batch', type=int, help='requests decoded at once (the interim engine decodes one at '
-                 'a time)')
+  p.add_argument('--max-batch', type=int, default=8, help='requests decoded at once (rows of the KV cache)')
+  p.add_argument('--max-len', type=int, default=2048, help='key slots per row: a prompt (padded to its '
+                 'length bucket) plus max_tokens must fit; the cache holds max-batch x max-len tokens')
   p.add_argument('--max-queue', type=int, default=16, help='requests waiting; more get 429 with Retry-After')
   p.add_argument('--image-root', metavar='DIR', help='image paths in requests must lie under DIR '
                  '(default: local paths are refused; send images as data URLs)')
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--max-images', type=int, default=d.max_images, help='images per request')
   p.add_argument('--url-timeout', type=float, default=d.url_timeout, help='seconds per image download')
   p.add_argument('--vocab', help='qwen.tiktoken (default: the one in --ckpt)')
+  p.add_argument('--mesh', help='shard the parameters over this process\'s devices, e.g. "tensor=4" or '
+                 '"data=2" (the KV cache is split by rows over data/fsdp where they divide --max-batch)')
+  p.add_argument('--rules', help='parameter sharding rules with --mesh (default: by mesh)')
   runtime_options.add_arguments(p)
 
 
@@ -48,16 +52,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     limits = Limits(args.max_request_bytes, args.max_image_bytes, args.max_image_pixels, args.max_images,
                     args.url_timeout)
-    if (args.max_batch is not None and args.max_batch < 1) or args.max_queue < 1:
-      raise ValueError(f'--max-batch and --max-queue must be >= 1, got {args.max_batch}, {args.max_queue}')
+    for flag, value, least in (('--max-batch', args.max_batch, 1), ('--max-queue', args.max_queue, 1),
+                               ('--max-len', args.max_len, 64)):
+      if value < least:
+        raise ValueError(f'{flag} must be >= {least}, got {value}')
     if args.image_root is not None and not pathlib.Path(args.image_root).is_dir():
       raise ValueError(f'--image-root {args.image_root}: not a directory')
+    if args.mesh:
+      from qwenvl_jax.sharding import parse_mesh
+      parse_mesh(args.mesh)
     if runtime_options.check(args):
       raise ValueError(runtime_options.check(args))
   except ValueError as e:
     p.error(str(e))
   try:
     import fastapi  # noqa: F401
+    import prometheus_client  # noqa: F401
     import uvicorn
   except ImportError as e:
     print(f"qwenvl-jax serve: error: {e}; install the serve extra: pip install 'qwenvl-jax[serve]'",
@@ -83,7 +93,7 @@ def build(args: argparse.Namespace, limits: Limits):
   from qwenvl_jax.decode import decode_params
   from qwenvl_jax.tokenizer import check_tokenizer
   from serve.app import Service, create_app
-  from serve.engine import InterimEngine
+  from serve.batch_engine import BatchEngine
   from serve.prompt import Preparer
   generation_config = GenerationConfig.from_pretrained(ckpt)
   model, params = load_pretrained(ckpt, dtype=args.dtype, split_layers=True)
@@ -92,12 +102,16 @@ def build(args: argparse.Namespace, limits: Limits):
   tokenizer = QwenVLTokenizer.from_pretrained(ckpt if args.vocab is None else args.vocab,
                                               image_span_length=model.config.vision.n_queries)
   check_tokenizer(tokenizer, model.config)
-  if args.max_batch is not None and args.max_batch > InterimEngine.max_batch:
-    logging.getLogger('qwenvl_jax.serve').info(
-        '--max-batch %d: this engine decodes one request at a time (continuous batching is to come)',
-        args.max_batch)
-  preparer = Preparer(model, params, tokenizer, limits, args.image_root, args.allow_urls)
-  service = Service(args.model_name or ckpt.resolve().name, tokenizer, generation_config, preparer,
-                    InterimEngine(model, params, args.max_queue), limits,
+  mesh = rules = None
+  if args.mesh:
+    import jax
+    from qwenvl_jax import sharding
+    mesh = sharding.make_mesh(args.mesh, devices=jax.local_devices())
+    rules = args.rules or sharding.default_rules(dict(mesh.shape))
+    params = sharding.shard_params(mesh, params, rules)
+  engine = BatchEngine(model, params, max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len,
+                       mesh=mesh, rules=rules)
+  preparer = Preparer(model, params, tokenizer, limits, args.image_root, args.allow_urls, fits=engine.check)
+  service = Service(args.model_name or ckpt.resolve().name, tokenizer, generation_config, preparer, engine, limits,
                     args.api_key or os.environ.get(API_KEY_ENV) or None)
   return create_app(service)

@@ -1,25 +1,23 @@
-"""The engine interface the server talks to, and the interim engine behind it for now.
+"""The engine interface the server talks to, and the continuous-batching engine behind it.
 
 The server prepares each request (ChatML tokens, preprocessed pixels, a checked GenerationConfig) and
 hands it to an `Engine`; `submit` returns a `Handle` whose async iteration yields the new token ids as
 they are chosen and which `cancel` stops (a client gone). Text, stop strings and usage are the server's
 business, so an engine deals in token ids only.
 
-`InterimEngine` runs one request at a time through `qwenvl_jax.generate_stream` in a worker thread.
-It is a stand-in: the continuous-batching engine (decode slots over one preallocated KV cache, new
-requests prefilled into free slots) replaces it, behind the same interface.
+`BatchEngine` (serve/batch_engine.py) decodes up to `max_batch` requests at once over one preallocated
+KV cache, taking new ones into rows as others finish.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import threading
-from typing import AsyncIterator, Iterator, Protocol
+from typing import AsyncIterator, Protocol
 
 import numpy as np
 
-from qwenvl_jax import GenerationConfig, QwenVL, generate_stream
+from qwenvl_jax import GenerationConfig
 
 
 class QueueFull(Exception):
@@ -89,83 +87,3 @@ class Engine(Protocol):
 
   def close(self) -> None:
     """Finishes the requests already submitted, then stops; later submits raise QueueFull."""
-
-
-class InterimEngine:
-  """One request at a time through `generate_stream` in a worker thread (see the module doc).
-
-  Greedy answers equal `qwenvl_jax.chat`'s: the same tokens, config and pixels reach the same decoder.
-  A cancelled request stops at its next token, freeing the worker for the next one.
-  """
-
-  max_batch = 1
-
-  def __init__(self, model: QwenVL, params, max_queue: int = 16):
-    self.model, self.params, self.max_queue = model, params, max_queue
-    self._waiting: collections.deque[tuple[EngineRequest, Handle]] = collections.deque()
-    self._lock = threading.Condition()
-    self._active = 0
-    self._closing = False
-    self._counts = {'finished': 0, 'cancelled': 0, 'failed': 0}
-    self._worker = threading.Thread(target=self._run, name='qwenvl-serve-engine', daemon=True)
-    self._worker.start()
-
-  def submit(self, request: EngineRequest) -> Handle:
-    handle = Handle(asyncio.get_running_loop())
-    with self._lock:
-      if self._closing:
-        raise QueueFull('the server is shutting down', retry_after=5)
-      if len(self._waiting) >= self.max_queue:
-        raise QueueFull(f'the queue is full ({self.max_queue} requests waiting, {self._active} running); '
-                        'retry later')
-      self._waiting.append((request, handle))
-      self._lock.notify()
-    return handle
-
-  def stats(self) -> dict[str, int]:
-    with self._lock:
-      return dict(active=self._active, queued=len(self._waiting), max_batch=self.max_batch,
-                  max_queue=self.max_queue, **self._counts)
-
-  def close(self) -> None:
-    with self._lock:
-      self._closing = True
-      self._lock.notify()
-    self._worker.join()
-
-  def _steps(self, request: EngineRequest) -> Iterator[np.ndarray]:
-    """The new tokens of each step, [1]; a seam for tests that need to hold a request mid-way."""
-    return generate_stream(self.model, self.params, [list(request.tokens)], request.pixels,
-                           generation_config=request.config, seed=request.seed)
-
-  def _run(self) -> None:
-    while True:
-      with self._lock:
-        while not self._waiting and not self._closing:
-          self._lock.wait()
-        if not self._waiting:
-          return
-        request, handle = self._waiting.popleft()
-        self._active = 1
-      outcome = 'cancelled'
-      try:
-        if not handle.cancelled.is_set():
-          outcome = self._generate(request, handle)
-        handle.finish()
-      except Exception as e:  # handed to the request's handler, which answers with an error
-        outcome = 'failed'
-        handle.finish(e)
-      with self._lock:
-        self._active = 0
-        self._counts[outcome] += 1
-
-  def _generate(self, request: EngineRequest, handle: Handle) -> str:
-    stops = set(request.config.stop_ids)
-    for step in self._steps(request):
-      if handle.cancelled.is_set():
-        return 'cancelled'
-      token = int(step[0])
-      handle.put(token)
-      if token in stops:
-        break
-    return 'finished'

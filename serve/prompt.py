@@ -16,6 +16,7 @@ import binascii
 import dataclasses
 import os
 import re
+from typing import Callable
 
 import numpy as np
 
@@ -59,11 +60,14 @@ class Preparer:
   """Turns checked messages into a `Prompt` for one model and tokenizer under `limits`.
 
   `image_root`: the directory image paths (parts and `<img>` tags) must lie under; None refuses paths.
+  `fits(prompt_tokens, max_new_tokens)`: the engine's own size check (raising GenerationLimitError).
   """
 
   def __init__(self, model: QwenVL, params, tokenizer: QwenVLTokenizer, limits: Limits,
-               image_root: str | os.PathLike | None = None, allow_urls: bool = False):
+               image_root: str | os.PathLike | None = None, allow_urls: bool = False,
+               fits: Callable[[int, int], None] | None = None):
     self.model, self.params, self.tokenizer, self.limits = model, params, tokenizer, limits
+    self.fits = fits
     self.image_root = image_root
     self.loader = ImageLoader(allowed_root=image_root, allow_urls=allow_urls, timeout=limits.url_timeout,
                               max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
@@ -98,6 +102,8 @@ class Preparer:
                         'too_many_images')
     try:
       check_request(self.model.config, [len(tokens)], len(refs), config, params=self.params)
+      if self.fits is not None:
+        self.fits(len(tokens), config.max_new_tokens)
     except GenerationLimitError as e:
       raise bad_request(str(e), 'messages', 'context_length_exceeded') from None
     images = [self._load(sources.get(ref, ref), where.get(ref, 'messages')) for ref in refs]

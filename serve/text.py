@@ -1,32 +1,58 @@
 """An answer's text as its tokens arrive: the deltas to stream and the final text, with stop strings.
 
-Texts come from `chat_format.partial_response` / `decode_response`, as in `chat_stream`, so the streamed
-deltas join to exactly `chat`'s answer. A stop string ends the answer before it; while the text ends
-with the start of a stop string, that part is held back, since it may yet become one.
+The texts are `chat_format.partial_response` / `decode_response`'s (as in `chat_stream`), so the
+streamed deltas join to exactly `chat`'s answer, but decoded incrementally: each token's bytes go once
+through an incremental UTF-8 decoder (a character split across tokens comes out whole once its last byte
+arrives), and an `<img>` span is held until it closes, then decoded as one piece, as `decode_bytes`
+decodes spans. Decoding the whole answer again at every token would cost O(n^2) over an answer.
+A stop string ends the answer before it; while the text ends with the start of a stop string, that part
+is held back, since it may yet become one.
 """
 from __future__ import annotations
 
-from qwenvl_jax import QwenVLTokenizer, decode_response
-from qwenvl_jax.chat_format import partial_response
+import codecs
+
+from qwenvl_jax import QwenVLTokenizer
 
 
 class Answer:
   def __init__(self, tokenizer: QwenVLTokenizer, stops: tuple[str, ...] = ()):
     self.tokenizer, self.stops = tokenizer, stops
-    self.tokens: list[int] = []
+    t = tokenizer
+    self._ends = {t.eod_id, t.im_start_id, t.im_end_id}  # `response_ids`'s end of the answer
+    self._decoder = codecs.getincrementaldecoder('utf-8')('replace')
+    self._text = ''  # decoded so far, unstripped
+    self._span: list[int] = []  # an <img> span not closed yet
+    self._ended = False  # an end-of-turn token came: later tokens are not part of the answer
     self.sent = ''  # the text streamed so far
     self.stopped = False  # a stop string was met: the answer is complete
 
   def add(self, token: int) -> str:
     """The new text `token` makes safe to show ('' when none)."""
-    self.tokens.append(token)
-    return self._advance(partial_response(self.tokens, self.tokenizer, 0), final=False)
+    if self._ended or token in self._ends:
+      self._ended = True
+      return ''
+    t = self.tokenizer
+    if self._span or token == t.img_start_id:
+      self._span.append(token)
+      if token == t.img_end_id:
+        self._feed(self._span)
+        self._span = []
+    else:
+      self._feed([token])
+    return self._advance(self._text.strip(), final=False)
 
   def finish(self) -> str:
     """The rest of the answer, once no token will come; `self.sent` is then the whole answer."""
     if self.stopped:
       return ''
-    return self._advance(decode_response(self.tokens, self.tokenizer, 0), final=True)
+    self._feed(self._span, final=True)  # an unclosed <img> decodes as the ordinary tokens it holds
+    self._span = []
+    return self._advance(self._text.strip(), final=True)
+
+  def _feed(self, ids: list[int], final: bool = False) -> None:
+    data = self.tokenizer.decode_bytes(ids, strict_images=False)
+    self._text += self._decoder.decode(data, final)
 
   def _advance(self, text: str, final: bool) -> str:
     cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)

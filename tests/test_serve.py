@@ -1,6 +1,7 @@
 """The OpenAI-compatible server against the real `openai` client: one live server on 127.0.0.1 for the
 module, over the tiny real-vocabulary model of test_chat."""
 import base64
+import dataclasses
 import io
 import os
 import pathlib
@@ -22,11 +23,11 @@ uvicorn = pytest.importorskip('uvicorn')
 from processes import free_port  # noqa: E402
 from qwenvl_jax import GenerationConfig, ImageLoader, QwenVL  # noqa: E402
 from qwenvl_jax import chat  # noqa: E402
-from qwenvl_jax.chat_format import DEFAULT_SYSTEM, make_context  # noqa: E402
+from qwenvl_jax.chat_format import DEFAULT_SYSTEM, decode_response, make_context  # noqa: E402
 from qwenvl_jax.decode import decode_params  # noqa: E402
 from qwenvl_jax.tokenizer import QwenVLTokenizer  # noqa: E402
 from serve.app import Service, create_app  # noqa: E402
-from serve.engine import InterimEngine  # noqa: E402
+from serve.batch_engine import BatchEngine  # noqa: E402
 from serve.limits import Limits  # noqa: E402
 from serve.prompt import Preparer  # noqa: E402
 from test_chat import N_QUERIES, random_params, tiny_chat_config  # noqa: E402
@@ -34,27 +35,30 @@ from test_cli import ckpt  # noqa: E402,F401 (the fixture: a tiny checkpoint dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEY, NAME = 'test-key', 'tiny'
-QUEUE = 8  # requests waiting while one decodes: room for the 8 concurrent ones
+QUEUE = 8  # requests waiting beyond the rows decoding: room for the 8 concurrent ones
+ROWS = 4  # decode rows: 8 concurrent requests wait, then take rows as others finish
 BASE = GenerationConfig(max_new_tokens=8, do_sample=False)
 HELLO = 'Hello, who are you? Say in a few words who made you and what you can do for me.'  # 33+ tokens
 LIMITS = Limits(max_request_bytes=2**20, max_image_bytes=2**17, max_images=2, max_image_pixels=10**6)
 
 
-class Engine(InterimEngine):
-  """The interim engine with two test hooks: `gate` (cleared, a request waits after each token, so
-  tests can hold one mid-way) and `script` (tokens to answer with instead of the model's)."""
+class Engine(BatchEngine):
+  """The engine with two test hooks: `gate` (cleared, the engine waits after each turn of its loop, so
+  tests can hold requests mid-way) and `script` (tokens to answer with instead of the model's)."""
 
   def __init__(self, *args, **kw):
-    super().__init__(*args, **kw)
     self.gate = threading.Event()
     self.gate.set()
     self.script = None
+    self.most = 0  # the most rows busy at once
+    super().__init__(*args, **kw)
 
-  def _steps(self, request):
-    steps = ([t] for t in self.script) if self.script else super()._steps(request)
-    for step in steps:
-      yield step
-      assert self.gate.wait(30)
+  def _token(self, row, token):
+    return self.script[row.generated] if self.script else token
+
+  def _pause(self):
+    self.most = max(self.most, self.stats()['active'])
+    assert self.gate.wait(30)
 
 
 @pytest.fixture(scope='module')
@@ -62,8 +66,8 @@ def server(vocab_file, golden_dir):
   cfg = tiny_chat_config()
   model, params = QwenVL(cfg), decode_params(random_params(cfg))
   tok = QwenVLTokenizer(vocab_file, image_span_length=N_QUERIES)
-  engine = Engine(model, params, max_queue=QUEUE)
-  preparer = Preparer(model, params, tok, LIMITS, image_root=golden_dir / 'img')
+  engine = Engine(model, params, max_batch=ROWS, max_queue=QUEUE, max_len=256)
+  preparer = Preparer(model, params, tok, LIMITS, image_root=golden_dir / 'img', fits=engine.check)
   app = create_app(Service(NAME, tok, BASE, preparer, engine, LIMITS, KEY))
   port = free_port()
   srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
@@ -141,38 +145,62 @@ def test_boxes_and_stop_strings(server, client):
   tok, engine = server['tok'], server['engine']
   text = 'The<ref> cat</ref><box>(10,20),(300,400)</box> sleeps. Then it wakes.'
   engine.script = tok.encode(text) + [tok.im_end_id]
+  ask = dict(messages=[{'role': 'user', 'content': HELLO}], max_tokens=len(engine.script))
   try:
-    answer = _ask(client, [{'role': 'user', 'content': HELLO}])
+    answer = _ask(client, **ask)
     message = answer.choices[0].message
     assert message.content == text and answer.choices[0].finish_reason == 'stop'
     assert message.model_extra['boxes'] == [{'box': [10, 20, 300, 400], 'ref': 'cat'}]
-    streamed, chunks = _streamed(client, [{'role': 'user', 'content': HELLO}])
+    streamed, chunks = _streamed(client, **ask)
     assert streamed == text and chunks[-1].choices[0].delta.model_extra['boxes'][0]['ref'] == 'cat'
     for stream in (False, True):
-      kw = dict(stop=['wakes', 'ps. Th'], stream=stream)  # the second spans tokens
-      cut = _streamed(client, [{'role': 'user', 'content': HELLO}], stop=kw['stop'])[0] if stream else \
-          _ask(client, [{'role': 'user', 'content': HELLO}], stop=kw['stop']).choices[0].message.content
+      stop = ['wakes', 'ps. Th']  # the second spans tokens
+      cut = _streamed(client, stop=stop, **ask)[0] if stream else \
+          _ask(client, stop=stop, **ask).choices[0].message.content
       assert cut == text[:text.index('ps. Th')]
   finally:
     engine.script = None
 
 
 def test_concurrent_requests_equal_solo(server, client, golden_dir):
-  """8 requests at once (different prompts, with and without images) each get their solo answer."""
-  poster = {'type': 'image_url', 'image_url': {'url': _data_url(golden_dir / 'img' / 'poster.jpg')}}
-  asks = [[{'role': 'user', 'content': f'{HELLO} ({i})' if i % 2 else [poster, {'type': 'text', 'text': f'Read {i}.'}]}]
-          for i in range(8)]
-  solo = [_ask(client, messages, temperature=0).choices[0].message.content for messages in asks]
+  """8 requests at once (different prompts, with and without images, one sampled with a seed) over 4
+  rows: each gets chat()'s answer for it alone; requests wait, then take rows while others decode."""
+  model, params, tok, engine = server['model'], server['params'], server['tok'], server['engine']
+  poster = golden_dir / 'img' / 'poster.jpg'
+  part = {'type': 'image_url', 'image_url': {'url': _data_url(poster)}}
+  sampled = dict(temperature=0.7, top_p=0.9, seed=5)
+  asks, wants = [], []
+  for i in range(8):
+    if i % 2:
+      asks.append([{'role': 'user', 'content': f'{HELLO} ({i})' + ' more' * i}])
+      wants.append(dict(query=f'{HELLO} ({i})' + ' more' * i))
+    else:
+      asks.append([{'role': 'user', 'content': [part, {'type': 'text', 'text': f'Read {i}.'}]}])
+      wants.append(dict(query=f'Picture 1:<img>upload1</img>\nRead {i}.', images={'upload1': poster.read_bytes()}))
+  solo = []
+  for i, want in enumerate(wants):
+    g, seed = (BASE.replace(do_sample=True, temperature=0.7, top_p=0.9), 5) if i == 3 else (BASE, 0)
+    solo.append(chat(model, params, tok, want['query'], images=want.get('images'), generation_config=g,
+                     seed=seed)[0])
   together = [None] * len(asks)
 
   def ask(i):
-    together[i] = _ask(client, asks[i], temperature=0).choices[0].message.content
+    kw = sampled if i == 3 else dict(temperature=0)
+    together[i] = _ask(client, asks[i], **kw).choices[0].message.content
+  engine.most = 0
+  engine.gate.clear()  # held until all 8 are in: the first decodes, the others wait in the queue
   threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
-  for t in threads:
-    t.start()
+  try:
+    for t in threads:
+      t.start()
+    _wait_for(lambda: engine.stats()['active'] + engine.stats()['queued'] == len(asks), 'the requests did not arrive',
+              30)
+  finally:
+    engine.gate.set()
   for t in threads:
     t.join(120)
   assert together == solo and len(set(solo)) > 1
+  assert engine.most == ROWS and engine.stats()['active'] == 0
 
 
 def test_sampling_settings():
@@ -232,7 +260,73 @@ def test_disconnect_frees_slot(server, client, leave):
     engine.gate.set()
   _wait_for(lambda: engine.stats()['cancelled'] == before + 1 and engine.stats()['active'] == 0,
             f'the request was not cancelled: {engine.stats()}')
+  health = httpx.get(server['url'] + '/health').json()
+  assert health['active'] == 0 and health['cancelled'] == before + 1
   assert _ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=2).choices[0].message.content is not None
+
+
+def test_metrics(server, client):
+  """GET /metrics: Prometheus text with the queue depth, rows in use, tokens and latency histograms."""
+  def scrape() -> dict[str, float]:
+    text = httpx.get(server['url'] + '/metrics').text
+    return {line.split(' ')[0]: float(line.split(' ')[1]) for line in text.splitlines()
+            if line and not line.startswith('#')}
+  before = scrape()
+  answer = _ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=3)
+  after = scrape()
+  assert after['qwenvl_queue_depth'] == 0 and after['qwenvl_active_rows'] == 0
+  assert after['qwenvl_output_tokens_total'] - before['qwenvl_output_tokens_total'] == \
+      answer.usage.completion_tokens
+  for name in ('qwenvl_time_to_first_token_seconds_count', 'qwenvl_request_latency_seconds_count'):
+    assert after[name] == before[name] + 1
+
+
+def test_answer_at_max_tokens_keeps_last_token(server, client):
+  """An answer cut by max_tokens keeps its last token. The original's `_decode_chatml` drops it (with no
+  end-of-turn token its loop leaves the end index at the last token, and it decodes up to that index)."""
+  tok, engine = server['tok'], server['engine']
+  engine.script = tok.encode(' one two three')
+  try:
+    answer = _ask(client, [{'role': 'user', 'content': HELLO}], max_tokens=len(engine.script))
+  finally:
+    engine.script = None
+  assert answer.choices[0].message.content == 'one two three' and answer.choices[0].finish_reason == 'length'
+  context = [tok.im_start_id] + tok.encode('assistant\n')
+  tokens = context + tok.encode(' one two three')
+  assert decode_response(tokens, tok, len(context)) == 'one two three'
+  original_end = len(tokens) - 1  # what the original's loop leaves without an end-of-turn token
+  assert tok.decode(tokens[len(context):original_end]).strip() == 'one two'
+
+
+def test_streamed_text_is_incremental(server, monkeypatch):
+  """Each token is decoded once (not the whole answer again at every token), and the deltas are
+  byte-exact: characters split across tokens come out whole, an image span once it closes."""
+  from qwenvl_jax.chat_format import partial_response
+  from serve.text import Answer
+  tok = server['tok']
+  text = 'Über 🐱 and 猫 <img>a/b.jpg</img> then <ref>x</ref><box>(1,2),(3,4)</box> ✓✓'
+  tokens = tok.encode(text)
+  pieces = [tok.decode_bytes([t], strict_images=False) for t in tokens]
+  assert any(p and not _utf8(p) for p in pieces)  # some character is split across tokens
+  partials = [partial_response(tokens[:n], tok, 0) for n in range(1, len(tokens) + 1)]
+  decoded = []
+  real = tok.decode_bytes
+  monkeypatch.setattr(tok, 'decode_bytes', lambda ids, *a, **k: (decoded.append(len(ids)), real(ids, *a, **k))[1])
+  answer, shown = Answer(tok), ''
+  for t, partial in zip(tokens, partials):
+    shown += answer.add(t)
+    assert shown == partial
+  shown += answer.finish()
+  assert sum(decoded) == len(tokens)
+  assert shown == decode_response(tokens, tok, 0) == text
+
+
+def _utf8(data: bytes) -> bool:
+  try:
+    data.decode('utf-8')
+    return True
+  except UnicodeDecodeError:
+    return False
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -289,6 +383,7 @@ REFUSALS = {  # name -> (request body changes, status, error code or param, word
         'URLs are disabled'),
     'over-long prompt': ({'messages': [{'role': 'user', 'content': 'word ' * 9000}]}, 400,
                          'context_length_exceeded', 'model window'),
+    'prompt + max_tokens past a row': ({'max_tokens': 250}, 400, 'context_length_exceeded', '--max-len 256'),
     'request too large': ({'messages': [{'role': 'user', 'content': 'x' * 2**21}]}, 413, 'request_too_large',
                           'max_request_bytes'),
     'unknown model': ({'model': 'gpt-4'}, 404, 'model_not_found', 'gpt-4'),
@@ -393,5 +488,88 @@ def test_serve_command_errors(tmp_path, capsys):
   with pytest.raises(SystemExit):
     main(['--ckpt', str(tmp_path), '--image-root', str(tmp_path / 'nope')])
   assert 'not a directory' in capsys.readouterr().err
+  for flags, words in ((['--max-len', '8'], '--max-len must be >= 64'), (['--mesh', 'rows=2'], 'unknown axes')):
+    with pytest.raises(SystemExit) as e:
+      main(['--ckpt', str(tmp_path)] + flags)
+    assert e.value.code == 2 and words in capsys.readouterr().err
   assert main(['--ckpt', str(tmp_path / 'missing')]) == 1
   assert 'checkpoint directory not found' in capsys.readouterr().err
+
+
+def small_vocab_config():
+  """test_chat's tiny model with a 512-token vocabulary: the engine-only tests compile in seconds."""
+  cfg = tiny_chat_config()
+  return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=512),
+                             vision=dataclasses.replace(cfg.vision, image_start_id=500))
+
+
+@pytest.mark.slow
+def test_engine_compiles_once_per_bucket(compiles):
+  """The engine alone: the prefill compiles once per length bucket, the step once per power of two of
+  busy rows; prompts of other lengths in the bucket, other token budgets and rows taken again after others
+  left compile nothing new; greedy rows equal `generate` alone."""
+  import asyncio
+  import numpy as np
+  from qwenvl_jax.decode import generate
+  from serve.engine import EngineRequest
+  cfg = small_vocab_config()
+  model, params = QwenVL(cfg), decode_params(random_params(cfg, seed=1))
+  engine = BatchEngine(model, params, max_batch=2, max_queue=8, max_len=128)
+  rng = np.random.default_rng(0)
+
+  async def run(lengths, budgets):
+    prompts = [tuple(int(t) for t in rng.integers(0, 500, n)) for n in lengths]
+    handles = [engine.submit(EngineRequest(p, None, BASE.replace(max_new_tokens=b, stop_ids=()), 0))
+               for p, b in zip(prompts, budgets)]
+    return prompts, [[t async for t in h] for h in handles]
+  try:
+    prompts, answers = asyncio.run(run([40, 50, 33], [9, 3, 2]))  # both rows busy, then row 0 alone
+    first = sorted(compiles)
+    assert first.count('jit(_prefill_row)') == 1 and first.count('jit(_step)') == 2, first  # 2 rows, 1 row
+    compiles.clear()
+    asyncio.run(run([60, 35, 64, 41], [2, 7, 4, 6]))
+    assert compiles == [], compiles
+  finally:
+    engine.close()
+  for prompt, answer in zip(prompts, answers):
+    alone = generate(model, params, [prompt], generation_config=BASE.replace(max_new_tokens=len(answer), stop_ids=()))
+    assert answer == alone[0, len(prompt):].tolist()
+
+
+MESH_CHECK = """
+import asyncio
+from qwenvl_jax import GenerationConfig, QwenVL, sharding
+from qwenvl_jax.decode import decode_params, generate
+from serve.batch_engine import BatchEngine
+from serve.engine import EngineRequest
+from test_chat import random_params
+from test_serve import small_vocab_config
+cfg = small_vocab_config()
+model, params = QwenVL(cfg), decode_params(random_params(cfg))
+g = GenerationConfig(max_new_tokens=6, do_sample=False, stop_ids=())
+prompts = [tuple(range(100 + n, 100 + 2 * n)) for n in (20, 33, 41)]
+alone = [generate(model, params, [p], generation_config=g)[0, len(p):].tolist() for p in prompts]
+mesh = sharding.make_mesh('data=2')
+rules = sharding.default_rules(dict(mesh.shape))
+engine = BatchEngine(model, sharding.shard_params(mesh, params, rules), max_batch=2, max_len=128, mesh=mesh,
+                     rules=rules)
+assert engine.slots.cache[0].k.sharding.shard_shape(engine.slots.cache[0].k.shape)[0] == 1
+
+async def run():
+  handles = [engine.submit(EngineRequest(p, None, g, 0)) for p in prompts]
+  return [[t async for t in h] for h in handles]
+together = asyncio.run(run())
+engine.close()
+assert together == alone, (together, alone)
+print('mesh ok')
+"""
+
+
+@pytest.mark.slow
+def test_engine_on_a_mesh():
+  """--mesh data=2 on two CPU devices: the cache split by rows, each request's tokens those of generate
+  alone (a third request takes a row another left)."""
+  env = dict(os.environ, PYTHONPATH=f'{ROOT}:{ROOT / "tests"}', JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  out = subprocess.run([sys.executable, '-c', MESH_CHECK], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and 'mesh ok' in out.stdout, out.stderr[-3000:]

@@ -1,0 +1,204 @@
+"""Reading the released Int4 checkpoint (`gptq`'s layout) through the float model's name mapping.
+
+The Int4 names follow from the float ones: each quantized `transformer.h.N.P.weight` is replaced by
+`P.qweight`, `P.qzeros`, `P.scales`, `P.g_idx` and `P.bias` (c_attn's bias is the float model's own). A
+quantized layer is unpacked once all its parts have been read, each copied out of its memory-mapped shard
+as it comes (`ReleasedCheckpoint.tensors` lets the pages go), so the host holds the packed parts of the
+layers not yet complete: one layer where, as in the release, a layer's parts are stored together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+
+from qwenvl_jax.config import QwenVLConfig
+from qwenvl_jax.gptq import (INT_PARTS, PART_FLOAT, PARTS, QUANTIZED, Q, SCALE, GptqConfig, check_dims,
+                             dequantize, pack, part_shapes, unpack)
+from qwenvl_jax.orbax_leaves import aligned_empty
+from qwenvl_jax.params import CheckpointMismatchError, Rule, check_shapes, get_path, rules
+from qwenvl_jax.released_layout import ReleasedCheckpoint, TensorEntry, check_float
+
+Path = tuple[str, ...]
+
+
+def quantized_rules(config: QwenVLConfig) -> dict[str, Rule]:
+  """Layer name ('transformer.h.N.attn.c_attn') -> the float rule of its weight."""
+  table = rules(config)
+  return {name[:-len('.weight')]: rule for name, rule in table.items()
+          if name.startswith('transformer.h.') and name.endswith('.weight')
+          and name[:-len('.weight')].split('.', 3)[3] in QUANTIZED}
+
+
+def expected_shapes(config: QwenVLConfig, gcfg: GptqConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor name of the Int4 layout -> shape; refuses dims the packing cannot cover."""
+  shapes = {name: rule.hf_shape for name, rule in rules(config).items()}
+  for layer, rule in quantized_rules(config).items():
+    out_features, in_features = rule.hf_shape
+    check_dims(layer, in_features, out_features, gcfg)
+    del shapes[layer + '.weight']
+    shapes.update((f'{layer}.{p}', s) for p, s in part_shapes(in_features, out_features, gcfg).items())
+  return shapes
+
+
+def check_int4(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, gcfg: GptqConfig) -> None:
+  """Names, shapes (CheckpointMismatchError) and dtypes of every tensor, from the shard headers alone."""
+  try:
+    check_shapes(checkpoint.shapes(), expected_shapes(config, gcfg))
+  except CheckpointMismatchError as e:
+    e.args = (f'{checkpoint.root}: {e} (config.json, with its quantization_config, and the weights do not '
+              'belong together)',)
+    raise
+  layers = quantized_rules(config)
+  check_float(checkpoint, [n for n in checkpoint.entries if _split(n, layers) is None],
+              'not a part of a quantized layer')
+
+
+def _split(name: str, layers: Mapping[str, Rule]) -> tuple[str, str] | None:
+  layer, _, part = name.rpartition('.')
+  return (layer, part) if layer in layers and part in PARTS else None
+
+
+def _layers(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLConfig, gcfg: GptqConfig,
+            ) -> Iterator[tuple[TensorEntry, np.ndarray] | tuple[TensorEntry, Rule, dict[str, np.ndarray]]]:
+  """The float tensors as they come (entry, array), and each quantized layer once complete, as (the entry
+  of its last part, its weight's float rule, `unpack`ed {'q', 'scale'} [in, out])."""
+  layers, float_names = quantized_rules(config), rules(config)
+  pending: dict[str, dict[str, np.ndarray]] = {}
+  for entry, array in tensors:
+    split = _split(entry.name, layers)
+    if split is None:
+      yield entry, array
+      continue
+    layer, part = split
+    parts = pending.setdefault(layer, {})
+    # A copy: the memory-mapped pages go as the next tensor is read; touched again at unpack they would stay.
+    parts[part] = np.array(array)
+    if part == 'bias' and layer + '.bias' in float_names:  # c_attn's bias is also the float model's
+      yield entry, array
+    if len(parts) == len(PARTS):
+      yield entry, layers[layer], unpack(layer, pending.pop(layer), gcfg)
+  if pending:  # names were checked: unreachable unless a tensor is listed twice
+    raise ValueError(f'quantized layers left incomplete: {sorted(pending)}')
+
+
+def dequantized(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLConfig, gcfg: GptqConfig,
+                dtype=np.float32) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+  """The float model's (entry, array) pairs, each quantized weight dequantized into `dtype` as torch
+  stores it ([out, in]; its entry names the weight and has no `start`), for `released_slices.read_onto`
+  or the converter."""
+  for item in _layers(tensors, config, gcfg):
+    if len(item) == 2:
+      yield item
+      continue
+    entry, rule, packed = item
+    weight = dequantize(packed[Q], packed[SCALE], dtype).T
+    yield (dataclasses.replace(entry, name=rule.hf_name, dtype=weight.dtype, shape=weight.shape, start=None),
+           weight)
+
+
+def out_shape(rule: Rule) -> tuple[int, ...]:
+  """The kernel's output dims: its trailing dims that make up the torch weight's rows."""
+  shape = rule.slice_shape
+  for s in range(len(shape)):
+    if math.prod(shape[s:]) == rule.hf_shape[0]:
+      return shape[s:]
+  raise ValueError(f'{rule.hf_name}: no output dims in {shape}')
+
+
+def to_kernel(rule: Rule, packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{'q' [in, out], 'scale' [groups, out]} -> the packed form laid out as the rule's float kernel."""
+  scale = packed[SCALE]
+  return {Q: rule.to_flax(packed[Q].T), SCALE: scale.reshape(scale.shape[:1] + out_shape(rule))}
+
+
+def from_kernel(rule: Rule, kernel: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The inverse of to_kernel."""
+  scale = np.asarray(kernel[SCALE])
+  return {Q: rule.to_hf(np.asarray(kernel[Q])).T, SCALE: scale.reshape(scale.shape[0], -1)}
+
+
+def packed_paths(path: Path) -> dict[str, Path]:
+  """Where the packed form of the float kernel at `path` sits in a params tree: `q` and `scale` in place
+  of `kernel`, beside the layer's bias (the parameters of the quantized `layers.Einsum`)."""
+  return {k: path[:-1] + (k,) for k in (Q, SCALE)}
+
+
+def packed_tensors(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLConfig,
+                   gcfg: GptqConfig) -> tuple[Iterator[tuple[TensorEntry, np.ndarray]], dict[Path, dict]]:
+  """(the float tensors, for `read_onto`; float kernel path -> {'q', 'scale'} of every quantized kernel,
+  layers stacked as the float leaf is, for `packed_paths`). The float tensors come as a generator: consume
+  it to fill the kernels."""
+  kernels: dict[Path, dict] = {}
+
+  def floats():
+    for item in _layers(tensors, config, gcfg):
+      if len(item) == 2:
+        yield item
+        continue
+      _, rule, packed = item
+      one = to_kernel(rule, packed)
+      if rule.path not in kernels:
+        # aligned: on the CPU the device arrays adopt these buffers (`orbax_leaves.to_device`)
+        kernels[rule.path] = {k: aligned_empty((rule.num_layers,) + v.shape, v.dtype) for k, v in one.items()}
+      for k, v in one.items():
+        kernels[rule.path][k][rule.layer] = v
+  return floats(), kernels
+
+
+def _int4_order(config: QwenVLConfig) -> Iterator[str]:
+  """The Int4 names in `rules` order, a quantized layer's parts (PARTS order) where its weight is."""
+  layers = quantized_rules(config)
+  for name in rules(config):
+    layer, _, last = name.rpartition('.')
+    if layer not in layers:
+      yield name
+    elif last == 'weight':
+      yield from (f'{layer}.{p}' for p in PARTS)
+
+
+def int4_specs(config: QwenVLConfig, gcfg: GptqConfig, dtype=np.float16) -> list[tuple[str, np.dtype, tuple]]:
+  """(name, dtype, shape) of every Int4 tensor, in the order `int4_tensors` yields them: the packed parts
+  int32, scales and biases float16 (as AutoGPTQ's QuantLinear keeps them), the float tensors in `dtype`."""
+  shapes, layers = expected_shapes(config, gcfg), quantized_rules(config)
+
+  def kind(name: str) -> np.dtype:
+    part = (_split(name, layers) or ('', ''))[1]
+    return np.dtype(np.int32 if part in INT_PARTS else PART_FLOAT if part else dtype)
+  return [(n, kind(n), shapes[n]) for n in _int4_order(config)]
+
+
+def int4_tensors(params: Mapping, config: QwenVLConfig, gcfg: GptqConfig, dtype=np.float16
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+  """A params tree with packed kernels -> every tensor of the Int4 layout, in `int4_specs` order, one layer
+  at a time; the float tensors cast to `dtype` (exact for a float32 tree loaded from float16), scales and
+  biases to float16 as the layout stores them."""
+  table, layers = rules(config), quantized_rules(config)
+
+  def leaf(path: Path, what: str):
+    try:
+      return get_path(params, path)
+    except (KeyError, TypeError):
+      raise CheckpointMismatchError([f'{"/".join(path)} ({what})'], where='the params tree',
+                                    against='the Int4 layout') from None
+
+  def hf(rule: Rule) -> np.ndarray:
+    a = leaf(rule.path, 'a float leaf')
+    return rule.to_hf(np.asarray(a if rule.layer is None else a[rule.layer])).astype(dtype, copy=False)
+
+  parts: dict[str, np.ndarray] = {}
+  for name in _int4_order(config):
+    split = _split(name, layers)
+    if split is None:
+      yield name, hf(table[name])
+      continue
+    layer, part = split
+    if part == PARTS[0]:
+      rule = layers[layer]
+      kernel = {k: np.asarray(leaf(p, 'packed')[rule.layer]) for k, p in packed_paths(rule.path).items()}
+      unpacked = from_kernel(rule, kernel)
+      bias = hf(table[layer + '.bias']).astype(PART_FLOAT) if layer + '.bias' in table else None
+      parts = pack(unpacked[Q], unpacked[SCALE].astype(PART_FLOAT, copy=False), bias)
+    yield name, parts[part]

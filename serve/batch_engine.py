@@ -1,0 +1,203 @@
+"""Continuous batching: `max_batch` decode rows over one preallocated KV cache (`slots.Slots`), driven by
+one background thread.
+
+Each turn of the loop takes waiting requests into free rows (each prefilled on its own, its first token
+chosen at once), drops the rows whose client is gone, then advances every busy row by one token in one
+step. A row is freed the moment its request ends (a stop id, its max_new_tokens, a cancel), and the next
+waiting request takes it at the next turn while the others go on decoding. Requests come from the event
+loop through `submit` (a locked queue); tokens go back through each request's `Handle`.
+
+Each row keeps its own sampler (temperature, top_p, top_k), seed, stop ids and token budget: a greedy
+request gets the tokens `generate` gives it alone, and a sampled one the same draws for the same seed.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+
+import jax
+import numpy as np
+
+from qwenvl_jax import QwenVL
+from qwenvl_jax.batching import Buckets
+from qwenvl_jax.budget import GenerationLimitError, check_memory, estimate
+from qwenvl_jax.sampling import Sampler
+from serve.engine import EngineRequest, Handle, QueueFull
+from serve.slots import Slots, choose
+
+log = logging.getLogger('qwenvl_jax.serve')
+
+
+@dataclasses.dataclass
+class _Row:
+  """A request in a row: what its next step needs."""
+  request: EngineRequest
+  handle: Handle
+  sampler: Sampler
+  key: jax.Array
+  index: int  # the slot its last token is written at when fed
+  generated: int = 0
+  last: int = 0
+
+
+_TAKEN = 'taken'  # a row being prefilled: counted as active, not yet stepped
+
+
+class BatchEngine:
+  """The `serve.engine.Engine` of the server (see the module doc).
+
+  max_len: key slots per row; a request's prompt (padded to its length bucket) plus max_new_tokens must
+  fit (`check`). The cache is allocated once, here: rows x max_len x layers x 2 x hidden.
+  mesh, rules: for parameters sharded on a mesh (see `slots.Slots`).
+  """
+
+  def __init__(self, model: QwenVL, params, *, max_batch: int = 8, max_queue: int = 16, max_len: int = 2048,
+               buckets: Buckets = Buckets(), mesh=None, rules: str | None = None):
+    self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
+    try:
+      check_memory(estimate(model.config, max_batch, 0, max_len, 0))
+    except GenerationLimitError as e:
+      raise ValueError(f'--max-batch {max_batch} rows of --max-len {max_len} slots: {e}') from None
+    self.slots = Slots(model.config, params, max_batch, max_len, buckets, mesh, rules)
+    self._rows: list[_Row | str | None] = [None] * max_batch
+    self._waiting: collections.deque[tuple[EngineRequest, Handle]] = collections.deque()
+    self._lock = threading.Condition()
+    self._closing = False
+    self._counts = {'finished': 0, 'cancelled': 0, 'failed': 0}
+    self._worker = threading.Thread(target=self._run, name='qwenvl-serve-engine', daemon=True)
+    self._worker.start()
+
+  def check(self, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raises GenerationLimitError when a request of this size cannot fit a row."""
+    need = self.slots.prompt_slots(prompt_tokens) + max_new_tokens
+    if need > self.max_len:
+      raise GenerationLimitError(
+          f'a prompt of {prompt_tokens} tokens (taking {self.slots.prompt_slots(prompt_tokens)} slots) plus '
+          f'max_tokens={max_new_tokens} needs {need} slots, over the server\'s --max-len {self.max_len}; '
+          'shorten the prompt or lower max_tokens')
+
+  def submit(self, request: EngineRequest) -> Handle:
+    self.check(len(request.tokens), request.config.max_new_tokens)
+    handle = Handle(asyncio.get_running_loop())
+    with self._lock:
+      if self._closing:
+        raise QueueFull('the server is shutting down', retry_after=5)
+      if len(self._waiting) >= self.max_queue:
+        raise QueueFull(f'the queue is full ({self.max_queue} requests waiting, {self._active()} running); '
+                        'retry later')
+      self._waiting.append((request, handle))
+      self._lock.notify()
+    return handle
+
+  def _active(self) -> int:
+    return sum(row is not None for row in self._rows)
+
+  def stats(self) -> dict[str, int]:
+    with self._lock:
+      return dict(active=self._active(), queued=len(self._waiting), max_batch=self.max_batch,
+                  max_queue=self.max_queue, **self._counts)
+
+  def close(self) -> None:
+    with self._lock:
+      self._closing = True
+      self._lock.notify()
+    self._worker.join()
+
+  # Seams for tests: `_token` may replace a chosen token, `_pause` runs after each turn of the loop.
+  def _token(self, row: _Row, token: int) -> int:
+    return token
+
+  def _pause(self) -> None:
+    pass
+
+  def _run(self) -> None:
+    while True:
+      with self._lock:
+        while not self._waiting and not self._active() and not self._closing:
+          self._lock.wait()
+        if not self._waiting and not self._active():
+          return  # closing, and everything submitted has ended
+        waiting, self._waiting = self._waiting, collections.deque()
+        for request, handle in waiting:  # clients that left while waiting give their places up
+          if handle.cancelled.is_set():
+            self._counts['cancelled'] += 1
+            handle.finish()
+          else:
+            self._waiting.append((request, handle))
+        starting = []
+        for r in range(self.max_batch):
+          if self._rows[r] is None and self._waiting:
+            self._rows[r] = _TAKEN
+            starting.append((r, *self._waiting.popleft()))
+      for r, request, handle in starting:
+        self._start(r, request, handle)
+      for r, row in enumerate(self._rows):
+        if isinstance(row, _Row) and row.handle.cancelled.is_set():
+          self._end(r, row.handle, 'cancelled')
+      if any(isinstance(row, _Row) for row in self._rows):
+        self._advance()
+      self._pause()
+
+  def _start(self, r: int, request: EngineRequest, handle: Handle) -> None:
+    if handle.cancelled.is_set():
+      return self._end(r, handle, 'cancelled')
+    try:
+      logits, prompt_slots = self.slots.prefill(r, request.tokens, request.pixels)
+      row = _Row(request, handle, Sampler.of(request.config), jax.random.key(request.seed), prompt_slots)
+      token, = choose(logits, [0], [0], [request.config.min_new_tokens], row.sampler, [row.key])
+    except Exception as e:  # handed to the request's handler, which answers with an error
+      log.exception('prefill failed')
+      return self._fail([(r, handle)], e)
+    with self._lock:
+      self._rows[r] = row
+    self._emit(r, row, token)
+
+  def _advance(self) -> None:
+    busy = [(r, row) for r, row in enumerate(self._rows) if isinstance(row, _Row)]
+    tokens, index = np.zeros((self.max_batch,), np.int32), np.zeros((self.max_batch,), np.int32)
+    for r, row in busy:
+      tokens[r], index[r] = row.last, row.index
+    try:
+      logits = self.slots.step(tokens, index, busy[-1][0] + 1)
+      groups: dict[Sampler, list[tuple[int, _Row]]] = {}
+      for r, row in busy:
+        groups.setdefault(row.sampler, []).append((r, row))
+      chosen = {}
+      for sampler, members in groups.items():
+        picked = choose(logits, [r for r, _ in members], [row.generated for _, row in members],
+                        [row.request.config.min_new_tokens for _, row in members], sampler,
+                        [row.key for _, row in members])
+        chosen.update(zip((r for r, _ in members), picked))
+    except Exception as e:
+      log.exception('decode step failed')
+      return self._fail([(r, row.handle) for r, row in busy], e)
+    for r, row in busy:
+      row.index += 1
+      self._emit(r, row, chosen[r])
+
+  def _emit(self, r: int, row: _Row, token: int) -> None:
+    token = self._token(row, token)
+    row.handle.put(token)
+    row.generated, row.last = row.generated + 1, token
+    g = row.request.config
+    if token in g.stop_ids or row.generated >= g.max_new_tokens:
+      self._end(r, row.handle, 'finished')
+
+  def _fail(self, rows: list[tuple[int, Handle]], error: Exception) -> None:
+    for r, handle in rows:
+      self._end(r, handle, 'failed', error)
+    if self.slots.broken():  # the failure came after the cache was handed to the program: start afresh
+      for r, row in enumerate(self._rows):
+        if isinstance(row, _Row):
+          self._end(r, row.handle, 'failed', error)
+      self.slots.reset()
+
+  def _end(self, r: int, handle: Handle, outcome: str, error: Exception | None = None) -> None:
+    self.slots.free(r)
+    with self._lock:
+      self._rows[r] = None
+      self._counts[outcome] += 1
+    handle.finish(error)
