@@ -74,7 +74,7 @@ def estimate(config: QwenVLConfig, rows: int, prompt_slots: int, slots: int, n_i
   the parameters' size when `generate` must convert them to the decode layout (a second copy).
   """
   t, v = config.text, config.vision
-  c = jnp.dtype(config.compute_dtype).itemsize
+  c = jnp.dtype(config.dtype).itemsize
   d, f, h = t.hidden_size, t.mlp_width, t.num_heads
   kv = t.num_layers * 2 * rows * slots * d * c
   tokens = rows * prompt_slots

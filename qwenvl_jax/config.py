@@ -144,8 +144,9 @@ class TextConfig:
 class QwenVLConfig:
   """Architecture plus numerics policy.
 
-  `param_dtype` is what parameters are stored in; `dtype` is what matmuls run in. Norms, softmax, rotary
-  tables and the loss always run in float32. `remat` is a `jax.checkpoint` policy name
+  `param_dtype` is what parameters are stored in; `dtype` is what matmuls run in (names such as 'bfloat16'
+  are accepted and held as the dtype itself). Norms, softmax, rotary tables and the loss always run in
+  float32. `remat` is a `jax.checkpoint` policy name
   ('none', 'full', 'dots', 'dots_no_batch') applied to every decoder and ViT block.
 
   The parameter tree's form: `scan_layers` stacks the decoder's layers under one scanned module (what
@@ -156,8 +157,8 @@ class QwenVLConfig:
   """
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
   remat: str = 'none'
   scan_layers: bool = True
   weight_major: bool = False
@@ -170,6 +171,10 @@ class QwenVLConfig:
       raise ValueError(f'unknown weights {self.weights!r}; expected one of {", ".join(WEIGHTS)}')
     if self.group_size < 1:
       raise ValueError(f'group_size must be positive, got {self.group_size}')
+
+  def __post_init__(self):
+    object.__setattr__(self, 'dtype', as_dtype(self.dtype))  # one name and one type for each
+    object.__setattr__(self, 'param_dtype', as_dtype(self.param_dtype))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], file: str | os.PathLike = DICT_SOURCE,
@@ -240,14 +245,6 @@ class QwenVLConfig:
       if isinstance(kw.get(key), dict):
         kw[key] = dataclasses.replace(getattr(self, key), **kw[key])
     return dataclasses.replace(self, **kw)
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return as_dtype(self.dtype)
-
-  @property
-  def weights_dtype(self) -> jnp.dtype:
-    return as_dtype(self.param_dtype)
 
 
 def qwen_vl_7b(**overrides) -> QwenVLConfig:

@@ -74,7 +74,7 @@ def prompt_forward(params: dict, ids: Array, mask: Array, features: Array, *, co
   model = decoding_model(config)
   alpha = ntk_alpha_of(mask, config.text)
   key_mask = jnp.concatenate([mask, jnp.ones((b, slots - p), bool)], axis=1)
-  cache = tuple(KVCache.zeros(config.text, b, slots, model.config.compute_dtype, slots_last=decode_form()[1])
+  cache = tuple(KVCache.zeros(config.text, b, slots, model.config.dtype, slots_last=decode_form()[1])
                 for _ in range(config.text.num_layers))
   out = model.apply({'params': params}, ids, image_features=features, attention_mask=key_mask, alpha=alpha,
                     cache=cache, logits_at=jnp.full((b, 1), p - 1, jnp.int32))
@@ -146,7 +146,7 @@ def image_features(params, pixel_values, config: QwenVLConfig, n_images_in_ids: 
   if pixel_values is None:
     if n_images_in_ids:
       raise ValueError(f'input_ids hold {n_images_in_ids} image spans but no pixel_values were given')
-    return jnp.zeros((1, v.n_queries, config.text.hidden_size), config.compute_dtype)
+    return jnp.zeros((1, v.n_queries, config.text.hidden_size), config.dtype)
   if not isinstance(pixel_values, (np.ndarray, jax.Array)):
     pixel_values = load_images(pixel_values, config)
   expected = (v.image_size, v.image_size, 3)

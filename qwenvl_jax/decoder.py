@@ -261,7 +261,7 @@ class Decoder(nn.Module):
   def __call__(self, x: Array, *, positions: Array, alpha: Array, use_logn: bool, mask: Array,
                cache=None, cache_index: Array | int = 0, collect_hidden: bool = False):
     c, t = self.config, self.config.text
-    kw = dict(dtype=c.compute_dtype, param_dtype=c.weights_dtype, weight_major=c.weight_major,
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, weight_major=c.weight_major,
               weights=c.weights, group_size=c.group_size, collect_hidden=collect_hidden)
     rope = rotary_tables(positions, alpha, t)
     q_scale = logn_scale(positions, t.seq_length) if use_logn else jnp.ones(positions.shape, jnp.float32)
@@ -278,5 +278,5 @@ class Decoder(nn.Module):
         hidden.append(h)
       cache = None if cache is None else tuple(caches)
       hidden = jnp.stack(hidden) if collect_hidden else None
-    x = RMSNorm(t.layer_norm_eps, name='ln_f', dtype=c.compute_dtype, param_dtype=c.weights_dtype)(x)
+    x = RMSNorm(t.layer_norm_eps, name='ln_f', dtype=c.dtype, param_dtype=c.param_dtype)(x)
     return x, hidden, cache

@@ -79,7 +79,7 @@ class QwenVL(nn.Module):
 
   def setup(self):
     c, t = self.config, self.config.text
-    kw = dict(dtype=c.compute_dtype, param_dtype=c.weights_dtype)
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     self.wte = nn.Embed(t.vocab_size, t.hidden_size, **kw,
                         embedding_init=with_axes(default_kernel_init, 'vocab', 'embed'))
     self.visual = VisionTransformer(c)
@@ -90,7 +90,7 @@ class QwenVL(nn.Module):
 
   def encode_images(self, pixel_values: Array) -> Array:
     """[n, H, W, 3] normalised pixels -> [n, n_queries, hidden]."""
-    return self.visual(pixel_values.astype(self.config.compute_dtype))
+    return self.visual(pixel_values.astype(self.config.dtype))
 
   def embed(self, input_ids: Array, image_features: Array | None = None) -> Array:
     x = self.wte(input_ids)
@@ -150,7 +150,7 @@ _HEAD_CHUNKS = 8
 def head_chunks(config: QwenVLConfig) -> int:
   """Vocabulary chunks of the lm_head (`Einsum.out_chunks`): several only for low-precision or quantized
   weights in the CPU decode layout (a quantized head is dequantized chunk by chunk where no kernel runs)."""
-  if not config.weight_major or (config.weights_dtype == jnp.float32 and config.weights == 'float'):
+  if not config.weight_major or (config.param_dtype == jnp.float32 and config.weights == 'float'):
     return 1
   return next(n for n in (_HEAD_CHUNKS, 4, 2, 1) if config.text.vocab_size % n == 0)
 

@@ -53,7 +53,7 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, pixel_values: Array) -> Array:
     v = self.config.vision
-    kw = dict(dtype=self.config.compute_dtype, param_dtype=self.config.weights_dtype)
+    kw = dict(dtype=self.config.dtype, param_dtype=self.config.param_dtype)
     n, height, width, _ = pixel_values.shape
     p = v.patch_size
     gh, gw = height // p, width // p

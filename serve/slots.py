@@ -93,7 +93,7 @@ class Slots:
 
   def reset(self) -> None:
     """Every row free, the cache allocated afresh."""
-    dtype = decoding_model(self.config).config.compute_dtype
+    dtype = decoding_model(self.config).config.dtype
     self.cache = tuple(KVCache.zeros(self.config.text, self.rows, self.length, dtype, slots_last=decode_form()[1])
                        for _ in range(self.config.text.num_layers))
     if self.mesh is not None and self.rows > 1:  # (one row may be stored without its row axis)

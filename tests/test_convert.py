@@ -13,6 +13,8 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+
+from processes import xla_flags
 from safetensors.numpy import load_file, save_file
 
 from convert import cli, core, direct_io, hf, orbax_io, source
@@ -239,7 +241,7 @@ def test_restore_onto_an_8_device_mesh(converted, tmp_path):
       assert split > 20, split
       print('OK', split)
       ''')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'), JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True, text=True)
   assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-3000:]
 

@@ -19,9 +19,9 @@ def test_golden_config(golden_dir):
 def test_config_replace_and_errors(golden_dir):
   cfg = QwenVLConfig.from_json(golden_dir / 'checkpoint')
   small = cfg.replace(vision={'image_size': 56}, dtype='bfloat16')
-  assert small.vision.grid == 4 and small.compute_dtype.name == 'bfloat16' and cfg.vision.grid == 8
+  assert small.vision.grid == 4 and small.dtype.name == 'bfloat16' and cfg.vision.grid == 8
   with pytest.raises(ValueError, match='unknown dtype'):
-    cfg.replace(dtype='float8').compute_dtype
+    cfg.replace(dtype='float8').dtype
   bad = json.loads((golden_dir / 'checkpoint' / 'config.json').read_text())
   bad['visual']['output_dim'] = 128
   with pytest.raises(ValueError, match='must equal hidden_size'):

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from processes import free_port, run_workers
+from processes import free_port, run_workers, xla_flags
 from qwenvl_jax import distributed
 from qwenvl_jax import sharding as sh
 
@@ -110,7 +110,7 @@ def _reference(golden_dir, golden):
 def test_two_processes_train_and_checkpoint(golden_dir, golden, tmp_path):
   """2 processes x 4 CPU devices (gloo): a 2x2x2 train step and Orbax round trip equal one device."""
   env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+  env.update(XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=4'), JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join([str(TESTS.parent), env.get('PYTHONPATH', '')]))
   port = free_port()
   start = time.time()

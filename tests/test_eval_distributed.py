@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from processes import free_port, run_workers
+from processes import free_port, run_workers, xla_flags
 from test_eval_run import GQA, _files, _jsonl, _run, loaded, world  # noqa: F401,F811 (fixtures shared)
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -41,7 +41,7 @@ def test_mesh_over_local_devices_writes_what_one_device_writes(world, loaded, vo
   _jsonl(world / 'gqa5.jsonl', GQA + [{**g, 'question_id': 200 + i} for i, g in enumerate(GQA[:2])])
   single = _run(loaded, world, 'gqa_testdev', 'gqa5.jsonl', 'gqa5_one')
   env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'),
              PYTHONPATH=os.pathsep.join([str(TESTS.parent), env.get('PYTHONPATH', '')]))
   done = subprocess.run([sys.executable, '-m', 'qwenvl_eval', 'run', 'gqa_testdev', '--ckpt', str(world / 'ckpt'),
                          '--vocab', str(vocab_file), '--data', str(world / 'gqa5.jsonl'), '--image-root',

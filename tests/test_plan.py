@@ -9,6 +9,8 @@ import jax
 import psutil
 import pytest
 
+from processes import xla_flags
+
 from qwenvl_jax import QwenVL, qwen_vl_7b
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.model import param_shapes
@@ -120,13 +122,8 @@ def test_cli_errors_and_module_entry_point(capsys):
   assert 'TPU v5p (95 GiB)' in proc.stdout and 'stage 2' in proc.stdout
 
 
-# LLVM's optimisation of the generated code changes no buffer (the figures are identical) and costs ~20%
-# of each compile.
-FAST_CODEGEN = '--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0'
-
-
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_CODEGEN)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags())
   env.update(extra)
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
   return env
@@ -137,7 +134,7 @@ def test_compile_refuses_a_mesh_larger_than_the_devices(tmp_path):
   config.write_text(json.dumps(QwenVLConfig.from_dict(SMALL).to_dict()))
   proc = subprocess.run([sys.executable, '-m', 'train.plan', '--config', str(config), '--mesh', 'fsdp=4',
                          '--compile'], capture_output=True, text=True, timeout=120,
-                        env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+                        env=_env(XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2')))
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.startswith('qwenvl-jax plan: error: mesh data=1,fsdp=4,tensor=1 needs 4 devices but '
                                 'JAX sees 2')

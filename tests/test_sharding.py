@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+from processes import xla_flags
 from jax.sharding import PartitionSpec as P
 
 from qwenvl_jax import QwenVL, QwenVLConfig, qwen_vl_7b
@@ -174,7 +176,7 @@ def test_meshes_match_one_device(golden_dir, tmp_path):
   """1x8 (fsdp, 'fsdp' rules) and 2x2x2 (data x fsdp x tensor, 'fsdp_tp') on 8 simulated
   CPU devices: init, forward logits, greedy tokens, one train step and an Orbax restore onto another mesh
   match one device; params and Adam moments really are split."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'), JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get('PYTHONPATH', '')]))
   out = tmp_path / 'report.json'
   start = time.time()

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from processes import free_port, run_measured
+from processes import free_port, run_measured, xla_flags
 from qwenvl_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from test_train_resume import MODEL, setup  # noqa: F401 (fixture)
 from train.run_dir import METRICS_FILE
@@ -36,7 +36,7 @@ def test_two_processes_each_hold_half_the_state(setup, tmp_path):
   config.write_text(json.dumps({**cfg.to_dict(), 'model_config': str(tmp_path / 'model.json'), 'steps': 2,
                                 'save_every': 2, 'log_every': 1, 'dtype': 'float32'}))
   env = {k: v for k, v in os.environ.items() if k not in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='', PYTHONPATH=os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')]))
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(), PYTHONPATH=os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')]))
 
   def train(out, *flags):
     return [sys.executable, '-m', 'train.cli', '--config', str(config), '--no-progress', *flags,

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from processes import xla_flags
+
 from qwenvl_jax import load_pretrained, sharding as sh
 from qwenvl_jax.model import QwenVL, param_shapes
 from test_train_resume import _assert_bitwise_equal, _losses, _refuse, _restore, setup  # noqa: F401 (fixture)
@@ -28,7 +30,7 @@ needs_two = pytest.mark.skipif(not TWO, reason='runs inside test_in_a_two_device
 @pytest.mark.skipif(TWO, reason='this is the two-device process')
 def test_in_a_two_device_process(tmp_path):
   tests = pathlib.Path(__file__).resolve().parent
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'), JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get('PYTHONPATH', '')]))
   result = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
                            '--basetemp', str(tmp_path), __file__], env=env, capture_output=True, text=True)

@@ -39,7 +39,7 @@ def test_stage2_step_on_golden_checkpoint(golden_model, golden, golden_dir):
   cfg = _cfg(model)
   optimizer = make_optimizer(cfg, params)
   step = jax.jit(make_train_step(model, optimizer, cfg))
-  state, metrics = step(init_state(params, optimizer), _golden_batch(golden, golden_dir))
+  state, metrics = step(init_state(cfg, params, optimizer), _golden_batch(golden, golden_dir))
   np.testing.assert_allclose(float(metrics['loss']), float(golden['train.loss'].reshape(())), rtol=1e-5)
   grads = [golden[k].astype(np.float64) for k in golden if k.startswith('train.grad.')]
   assert len(grads) == 60
@@ -75,7 +75,7 @@ def test_gradient_accumulation_matches_one_batch(golden_model, golden, golden_di
   for accum in (1, 2):
     cfg = _cfg(model, grad_accum=accum)
     optimizer = make_optimizer(cfg, params)
-    state, metrics = jax.jit(make_train_step(model, optimizer, cfg))(init_state(params, optimizer), batch)
+    state, metrics = jax.jit(make_train_step(model, optimizer, cfg))(init_state(cfg, params, optimizer), batch)
     results.append((state.params, metrics))
   np.testing.assert_allclose(float(results[0][1]['loss']), float(results[1][1]['loss']), rtol=1e-6)
   np.testing.assert_allclose(float(results[0][1]['grad_norm']), float(results[1][1]['grad_norm']), rtol=1e-5)
@@ -107,7 +107,7 @@ def test_multi_image_rows_match_plain_model(golden_model):
   batch = {'input_ids': ids, 'attention_mask': np.ones_like(ids), 'pixel_values': pixels,
            'targets': np.tile(np.arange(t - 1, dtype=np.int32), (2, 1)),
            'target_mask': np.ones((2, t - 1), np.float32)}
-  _, metrics = jax.jit(make_train_step(model, optimizer, cfg))(init_state(params, optimizer), batch)
+  _, metrics = jax.jit(make_train_step(model, optimizer, cfg))(init_state(cfg, params, optimizer), batch)
   in_order = np.stack([pixels[0, 0], pixels[1, 0], pixels[1, 1]])
   logits = model.apply({'params': params}, ids, in_order, train=True)
   np.testing.assert_allclose(float(metrics['loss']), float(lm_loss(logits, ids)), rtol=1e-5)
@@ -122,9 +122,9 @@ def test_lora_starts_at_base_and_trains_only_lora(golden_model, golden, golden_d
   merged = merge_lora(params, lora, cfg.lora_alpha)
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):  # B = 0: no change yet
     np.testing.assert_array_equal(a, b)
-  optimizer = make_optimizer(cfg, params, lora)
+  optimizer = make_optimizer(cfg, params)
   step = jax.jit(make_train_step(model, optimizer, cfg))
-  state = init_state(params, optimizer, lora)
+  state = init_state(cfg, params, optimizer, lora)
   batch = _golden_batch(golden, golden_dir)
   state, first = step(state, batch)
   state, _ = step(state, batch)

@@ -1,7 +1,9 @@
 """Which parameters each stage trains, the paper's AdamW chain, ViT layer-wise lr decay, the schedule.
 
-The optimiser works on the tree `{'params': model params, 'lora': LoRA params ({} without LoRA)}`.
-Frozen leaves go through `optax.set_to_zero()` inside `multi_transform`, so they hold no optimiser state.
+The tree of a run is `{'params': model params, 'lora': LoRA params ({} without LoRA)}`. `partition` splits it
+into the trained and the frozen part: the one place freezing happens. Gradients are taken of the trained part
+alone and the optimiser sees only it, so frozen leaves have no gradient, no optimiser state and are never
+written.
 """
 from __future__ import annotations
 
@@ -40,6 +42,19 @@ def labels(cfg: TrainConfig, tree: dict) -> dict:
 
 def trainable_mask(cfg: TrainConfig, tree: dict) -> dict:
   return jax.tree.map(lambda lab: lab == TRAIN, labels(cfg, tree))
+
+
+def partition(cfg: TrainConfig, tree: dict) -> tuple[dict, dict]:
+  """(trained, frozen): the tree twice, each with None where a leaf belongs to the other part."""
+  mask = trainable_mask(cfg, tree)
+  trained = jax.tree.map(lambda x, m: x if m else None, tree, mask)
+  frozen = jax.tree.map(lambda x, m: None if m else x, tree, mask)
+  return trained, frozen
+
+
+def combine(trained: dict, frozen: dict) -> dict:
+  """The inverse of `partition`."""
+  return jax.tree.map(lambda a, b: b if a is None else a, trained, frozen, is_leaf=lambda x: x is None)
 
 
 def lr_schedule(cfg: TrainConfig) -> Schedule:
@@ -91,12 +106,12 @@ def trainables(params: dict, lora: dict | None = None) -> dict:
   return {'params': params, 'lora': lora or {}}
 
 
-def make_optimizer(cfg: TrainConfig, params: dict, lora: dict | None = None) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, params: dict) -> optax.GradientTransformation:
   """AdamW (b1, b2, eps), decoupled weight decay, clipping, ViT layer-wise decay, warmup + cosine.
 
-  Its state and updates are for `trainables(params, lora)`; only the structure of the trees is read.
+  Its state and updates are for the trained part of `trainables(params, lora)` (`partition`); `params` gives
+  only the ViT's depth.
   """
-  tree = trainables(params, lora)
   vit_layers = jax.tree.leaves(params['visual']['blocks'])[0].shape[0]
   chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
   chain += [
@@ -105,5 +120,4 @@ def make_optimizer(cfg: TrainConfig, params: dict, lora: dict | None = None) -> 
       scale_vit_layers(vit_layers, cfg.vit_lr_decay, cfg.visual_lr_scale),
       optax.scale_by_learning_rate(lr_schedule(cfg)),
   ]
-  return optax.multi_transform({TRAIN: optax.chain(*chain), FROZEN: optax.set_to_zero()},
-                               labels(cfg, tree))
+  return optax.chain(*chain)

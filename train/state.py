@@ -32,8 +32,7 @@ def _lora(cfg: TrainConfig, params: Any) -> Any:
 
 def run_optimizer(cfg: TrainConfig, model: QwenVL) -> optax.GradientTransformation:
   """The run's optimizer, built from the shapes of params and LoRA alone (nothing allocated)."""
-  params = param_shapes(model)
-  return make_optimizer(cfg, params, jax.eval_shape(lambda p: _lora(cfg, p), params))
+  return make_optimizer(cfg, param_shapes(model))
 
 
 def from_params(cfg: TrainConfig, optimizer: optax.GradientTransformation) -> Callable[[Any], TrainState]:
@@ -43,7 +42,7 @@ def from_params(cfg: TrainConfig, optimizer: optax.GradientTransformation) -> Ca
     params = jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jnp.integer) else jnp.asarray(x, MASTER_DTYPE),
                           params)
     lora = _lora(cfg, params)
-    return init_state(params, optimizer, lora)
+    return init_state(cfg, params, optimizer, lora)
   return build
 
 

@@ -22,7 +22,7 @@ from qwenvl_jax.model import QwenVL
 from qwenvl_jax.preprocess import normalize_on_device
 from train.config import TrainConfig
 from train.lora import apply_lora
-from train.optim import lr_schedule, trainable_mask, trainables
+from train.optim import combine, lr_schedule, partition, trainables
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -37,8 +37,11 @@ class TrainState(NamedTuple):
   lora: Any = None  # LoRA tree when training with LoRA
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, lora: Any = None) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(trainables(params, lora)), lora)
+def init_state(cfg: TrainConfig, params: Any, optimizer: optax.GradientTransformation,
+               lora: Any = None) -> TrainState:
+  """Step 0; the optimiser's state covers the trained part of the tree alone."""
+  trained, _ = partition(cfg, trainables(params, lora))
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(trained), lora)
 
 
 def image_order(input_ids: jax.Array, image_start_id: int, slots: int) -> jax.Array:
@@ -59,17 +62,6 @@ def target_nll(logits: jax.Array, input_ids: jax.Array, targets: jax.Array) -> j
   return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
 
 
-def _split(tree: Any, mask: Any) -> tuple[Any, Any]:
-  """(trainable leaves, frozen leaves), None where a leaf belongs to the other part."""
-  train = jax.tree.map(lambda x, m: x if m else None, tree, mask)
-  frozen = jax.tree.map(lambda x, m: None if m else x, tree, mask)
-  return train, frozen
-
-
-def _merge(train: Any, frozen: Any) -> Any:
-  return jax.tree.map(lambda a, b: b if a is None else a, train, frozen, is_leaf=lambda x: x is None)
-
-
 def _micro_batches(batch: Batch, n: int) -> Batch:
   """[B, ...] -> [n, B/n, ...] with micro-batch i = rows i, i+n, ...: with the rows split over devices,
   every micro-batch is spread over all of them."""
@@ -82,8 +74,8 @@ def make_train_step(model: QwenVL, optimizer: optax.GradientTransformation,
   start_id = model.config.vision.image_start_id
   schedule = lr_schedule(cfg)
 
-  def loss_sum(train, frozen, mb: Batch, rng: jax.Array) -> jax.Array:
-    tree = _merge(train, frozen)
+  def loss_sum(trained, frozen, mb: Batch, rng: jax.Array) -> jax.Array:
+    tree = combine(trained, frozen)
     params = tree['params']
     if cfg.lora:
       params = apply_lora(params, tree['lora'], cfg.lora_alpha, cfg.lora_dropout, rng)
@@ -102,25 +94,21 @@ def make_train_step(model: QwenVL, optimizer: optax.GradientTransformation,
     return (target_nll(logits, ids, mb['targets']) * mb['target_mask']).sum()
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    tree = trainables(state.params, state.lora)
-    mask = trainable_mask(cfg, tree)
-    train, frozen = _split(tree, mask)
+    trained, frozen = partition(cfg, trainables(state.params, state.lora))
     rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)  # LoRA dropout, fixed per step
 
     def accumulate(carry, mb):
-      loss, grads = jax.value_and_grad(loss_sum)(train, frozen, mb, rng)
+      loss, grads = jax.value_and_grad(loss_sum)(trained, frozen, mb, rng)
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, train))
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trained))
     (total_loss, grads), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, cfg.grad_accum))
     count = batch['target_mask'].astype(jnp.float32).sum()
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.global_norm(grads)
-    full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))
-    updates, opt_state = optimizer.update(full_grads, state.opt_state, tree)
-    # Frozen leaves are passed through untouched, so they stay bit-identical (x + 0.0 would flip -0.0).
-    new_tree = jax.tree.map(lambda p, u, m: (p + u).astype(p.dtype) if m else p, tree, updates, mask)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+    new_tree = combine(optax.apply_updates(trained, updates), frozen)  # frozen leaves: the same arrays
     new_state = TrainState(state.step + 1, new_tree['params'], opt_state,
                            new_tree['lora'] if state.lora is not None else None)
     metrics = {'loss': total_loss / denom, 'grad_norm': grad_norm, 'lr': schedule(state.step),

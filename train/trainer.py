@@ -132,7 +132,7 @@ class _Throughput:
   def __init__(self, cfg: TrainConfig, config: QwenVLConfig, log: MetricsLog | None, bar: tqdm):
     self.cfg, self.config, self.log, self.bar = cfg, config, log, bar
     devices = jax.device_count()
-    per_device = cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_peak_flops(config.compute_dtype)
+    per_device = cfg.peak_tflops * 1e12 if cfg.peak_tflops > 0 else measure_peak_flops(config.dtype)
     self.peak = per_device * devices
     self.pending: list[tuple[int, dict, float]] = []
     self.truncated = self.skipped = 0
