@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from qwenvl_jax.jsonfile import ConfigFileError, get, read_object
+from qwenvl_jax.kernel_math import WEIGHTS
 
 DICT_SOURCE = '<config dict>'  # the file name in errors about a config given as a dict
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -166,15 +167,12 @@ class QwenVLConfig:
   group_size: int = 128
 
   def __post_init__(self):
-    from qwenvl_jax.layers import WEIGHTS
+    object.__setattr__(self, 'dtype', as_dtype(self.dtype))  # one name and one type for each
+    object.__setattr__(self, 'param_dtype', as_dtype(self.param_dtype))
     if self.weights not in WEIGHTS:
       raise ValueError(f'unknown weights {self.weights!r}; expected one of {", ".join(WEIGHTS)}')
     if self.group_size < 1:
       raise ValueError(f'group_size must be positive, got {self.group_size}')
-
-  def __post_init__(self):
-    object.__setattr__(self, 'dtype', as_dtype(self.dtype))  # one name and one type for each
-    object.__setattr__(self, 'param_dtype', as_dtype(self.param_dtype))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], file: str | os.PathLike = DICT_SOURCE,

@@ -4,7 +4,7 @@ on first use.
 At a decode step XLA's CPU backend computes each (row, head)'s one-query attention as a separate small
 dot, a fifth of a batch-8 step on the bench dims; the kernel streams the cache once per (row, head) on
 XLA's intra-op threads and reads only the slots a row may attend to. Other backends, and the CPU when the
-kernel is off or cannot be built, use the same math in XLA (`layers.attend`). `qmatmul_einsum` multiplies
+kernel is off or cannot be built, use the same math in XLA (`kernel_math.attend`). `qmatmul_einsum` multiplies
 a few rows by a weight-only quantized kernel reading its int8 values (XLA's CPU dot would first convert
 the whole kernel to float).
 
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenvl_jax.layers import attend, dequantize
+from qwenvl_jax.kernel_math import attend, dequantize
 from qwenvl_jax.logical import rules_active
 
 Array = jax.Array
@@ -127,7 +127,7 @@ def _xla_attend_one(q: Array, k: Array, v: Array, valid: Array) -> Array:
 
 def attend_one(q: Array, k: Array, v: Array, valid: Array) -> Array:
   """Softmax attention of one query per (row, head), float32: q [b, h, d], k and v [b, h, d, s] (slots
-  last), valid [b, s] -> [b, h, d]: `layers.attend`, up to float rounding on the CPU."""
+  last), valid [b, s] -> [b, h, d]: `kernel_math.attend`, up to float rounding on the CPU."""
   if not available() or not all(x.dtype == jnp.float32 for x in (q, k, v)):
     return _xla_attend_one(q, k, v, valid)
   scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
@@ -144,7 +144,7 @@ QMATMUL_MAX_ROWS = 16
 
 
 def qmatmul_einsum(eqn: str, x: Array, q: Array, scale: Array) -> Array | None:
-  """jnp.einsum(eqn, x, w) in float32 for w = `layers.dequantize`(q, scale) with q weight-major (the dims
+  """jnp.einsum(eqn, x, w) in float32 for w = `kernel_math.dequantize`(q, scale) with q weight-major (the dims
   kept in the output first, the contracted ones last), through the kernel; None where the kernel does not
   apply (another backend's process, the kernel off, sharding rules active, more than QMATMUL_MAX_ROWS rows
   of x) and the caller's XLA path runs instead."""

@@ -9,7 +9,8 @@ import numpy as np
 
 from qwenvl_jax import cpu_kernels
 from qwenvl_jax.config import QwenVLConfig, TextConfig
-from qwenvl_jax.layers import Einsum, RMSNorm, attend, remat, scanned
+from qwenvl_jax.kernel_math import attend
+from qwenvl_jax.layers import Einsum, RMSNorm, remat, scanned
 from qwenvl_jax.logical import constrain, rules_active
 
 Array = jax.Array
@@ -80,7 +81,7 @@ class KVCache:
     return self.replace(k=self.k[:n], v=self.v[:n])
 
   def attend(self, q: Array, mask: Array, dtype) -> Array:
-    """`layers.attend` of queries q [b, t, h, k] over this layer's slots. In the slots-last layout one
+    """`kernel_math.attend` of queries q [b, t, h, k] over this layer's slots. In the slots-last layout one
     query per row goes to the CPU kernel where it applies (`_kernel_attends`)."""
     if not self.slots_last:
       return attend(q, self.k, self.v, mask, dtype)

@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenvl_jax import cpu_kernels
+from qwenvl_jax.kernel_math import GROUPS_AXIS, dequantize, quant_groups
+
 Array = jax.Array
 Dtype = Any
 
@@ -38,41 +41,6 @@ def weight_major_einsum(eqn: str, x: Array, w: Array) -> Array:
   first = ''.join(c for c in w_dims if c in out) + ''.join(c for c in out if c not in w_dims)
   y = jax.lax.optimization_barrier(jnp.einsum(f'{w_dims},{x_dims}->{first}', w, x))
   return jnp.einsum(f'{first}->{out}', y)
-
-
-WEIGHTS = ('float', 'int8', 'int4')  # an Einsum's kernel: as it is, or weight-only quantized (`quant`)
-GROUPS_AXIS = 'quant_groups'  # a quantized kernel's scale: its groups along the contracted dims
-
-
-def quant_groups(contracted: int, weights: str, group_size: int) -> int:
-  """Scale groups along a kernel's `contracted` inputs: int8 one (per output channel), int4 one per
-  `group_size` inputs (GPTQ's layout)."""
-  if weights not in WEIGHTS:
-    raise ValueError(f'unknown weights {weights!r}; expected one of {WEIGHTS}')
-  if weights != 'int4':
-    return 1
-  if group_size < 1 or contracted % group_size:
-    raise ValueError(f'int4 group size {group_size} does not divide a kernel\'s {contracted} inputs')
-  return contracted // group_size
-
-
-def dequantize(q: Array, scale: Array, q_dims: str, kept: str, dtype: Dtype) -> Array:
-  """w = scale * q for a quantized kernel q (dims named by q_dims) and scale [groups, *kept] (kept: the
-  dims q keeps in the output, in q_dims' order; the groups split q's other dims, flattened, evenly).
-  The product runs in float32, then is cast to `dtype`. q's input dims lie next to each other in both of
-  Einsum's layouts, so q is only reshaped (a transpose of q would be one more copy of the kernel in XLA);
-  the small scale is moved instead."""
-  first = min(q_dims.index(c) for c in q_dims if c not in kept)
-  n_inputs = len(q_dims) - len(kept)
-  before, after = q_dims[:first], q_dims[first + n_inputs:]
-  if before + after != kept:
-    raise ValueError(f'dequantize wants the input dims of {q_dims} next to each other (kept {kept})')
-  groups = scale.shape[0]
-  lead, tail = q.shape[:first], q.shape[first + n_inputs:]
-  n_in = int(np.prod(q.shape[first:first + n_inputs]))
-  qg = q.reshape(lead + (groups, n_in // groups) + tail)
-  s = jnp.expand_dims(jnp.einsum(f'G{kept}->{before}G{after}', scale.astype(jnp.float32)), first + 1)
-  return (qg.astype(jnp.float32) * s).astype(dtype).reshape(q.shape)
 
 
 class Einsum(nn.Module):
@@ -141,7 +109,6 @@ class Einsum(nn.Module):
       parts = (q, scale)
       load = lambda q, s: dequantize(q, s, order, kept, self.dtype)
       if self.weight_major:
-        from qwenvl_jax import cpu_kernels  # imports this module
         y = cpu_kernels.qmatmul_einsum(f'{x_dims},{order}->{out}', x, q, scale)
         if y is not None:
           return add_bias(y.astype(self.dtype))
@@ -195,16 +162,6 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
     return y.astype(self.dtype) * scale.astype(self.dtype)
-
-
-def attend(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype) -> Array:
-  """Softmax attention with logits and softmax in float32. q [b,t,h,k], k/v [b,s,h,k], mask [b,t,s]."""
-  scale = 1.0 / np.sqrt(q.shape[-1])
-  logits = jnp.einsum('bthk,bshk->bhts', q, k, preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  return jnp.einsum('bhts,bshk->bthk', probs, v.astype(dtype))
 
 
 REMAT_POLICIES = {

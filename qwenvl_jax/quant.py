@@ -18,7 +18,7 @@ import numpy as np
 
 from qwenvl_jax import param_layout
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.layers import GROUPS_AXIS, quant_groups
+from qwenvl_jax.kernel_math import GROUPS_AXIS, quant_groups
 from qwenvl_jax.params import set_path
 
 Path = tuple[str, ...]
@@ -68,7 +68,7 @@ def quantize_kernel(w, path: Path, mode: str, group_size: int) -> tuple[jax.Arra
 
 def dequantize_kernel(q, scale, path: Path, dtype=jnp.float32) -> jax.Array:
   """The float kernel w = scale * q of a quantized leaf at `path` (`q` or `q_t`), in `dtype`: what
-  `layers.dequantize` computes inside the model, here for a leaf of any form (stacked layers too)."""
+  `kernel_math.dequantize` computes inside the model, here for a leaf of any form (stacked layers too)."""
   order, at, n_inputs = _layout(path, param_layout.leaf_axes(path, np.shape(q)))
   qt = jnp.transpose(q, order)
   in_shape = qt.shape[at:at + n_inputs]

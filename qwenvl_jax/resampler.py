@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenvl_jax.layers import Einsum, LayerNorm, attend, resize_table, sincos_2d, with_axes
+from qwenvl_jax.kernel_math import attend
+from qwenvl_jax.layers import Einsum, LayerNorm, resize_table, sincos_2d, with_axes
 
 Array = jax.Array
 

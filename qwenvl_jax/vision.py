@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.layers import Einsum, LayerNorm, attend, resize_table, scanned
+from qwenvl_jax.kernel_math import attend
+from qwenvl_jax.layers import Einsum, LayerNorm, resize_table, scanned
 from qwenvl_jax.layers import with_axes as _axes
 from qwenvl_jax.resampler import Resampler
 from qwenvl_jax.logical import constrain

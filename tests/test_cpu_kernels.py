@@ -9,7 +9,7 @@ import pytest
 
 import qwenvl_jax as q
 from qwenvl_jax import cpu_kernels
-from qwenvl_jax.layers import attend
+from qwenvl_jax.kernel_math import attend
 
 from qwenvl_jax import batching, sampling
 from qwenvl_jax import decode as gen
@@ -45,7 +45,9 @@ def test_attend_one_equals_attend(kernel, b, h, d, s):
   valid = masks(b, s) if b > 1 else np.ones((1, s), bool)
   want = attend(qs[:, None], k.transpose(0, 3, 1, 2), v.transpose(0, 3, 1, 2), valid[:, None], jnp.float32)
   got = jax.jit(cpu_kernels.attend_one)(qs, k, v, valid)
-  chex.assert_trees_all_close(got, want[:, 0], atol=2e-6, rtol=2e-5)
+  # Outputs of magnitude ~1 summed over up to 1030 slots in another order than XLA's (whose order also
+  # depends on its code generation): a few float32 roundings apart.
+  chex.assert_trees_all_close(got, want[:, 0], atol=1e-5, rtol=2e-5)
   other_backends = jax.jit(cpu_kernels._xla_attend_one)(qs, k, v, valid)  # platform_dependent's default
   chex.assert_trees_all_close(other_backends, want[:, 0], atol=1e-6, rtol=1e-6)
 

@@ -13,7 +13,7 @@ import pytest
 import qwenvl_jax as q
 from qwenvl_jax import cpu_kernels, param_layout
 from qwenvl_jax.decode import generate
-from qwenvl_jax.layers import dequantize
+from qwenvl_jax.kernel_math import dequantize
 from qwenvl_jax.quant import Q_MAX, dequantize_kernel, dequantize_params, quantize, quantized_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -156,9 +156,9 @@ def test_qlora_step_lowers_the_loss_and_keeps_the_quantized_base(tiny, golden, g
   base = quantize(params, model.config, 'int4')
   cfg = _cfg(model, lora=True, lora_rank=4, stage=3, peak_lr=1e-2, min_lr=1e-2, warmup_steps=0)
   lora = init_lora(base, cfg.lora_targets, cfg.lora_rank, jax.random.key(0))
-  optimizer = make_optimizer(cfg, base, lora)
+  optimizer = make_optimizer(cfg, base)
   step = jax.jit(make_train_step(model, optimizer, cfg))  # the float model: the loss dequantizes the base
-  state = init_state(base, optimizer, lora)
+  state = init_state(cfg, base, optimizer, lora)
   batch = _golden_batch(golden, golden_dir)
   state, first = step(state, batch)
   state, second = step(state, batch)

@@ -1,0 +1,60 @@
+"""The math the model's layers and the CPU kernels share: attention, and the weight-only quantized kernel.
+
+Below both `layers` (which picks a CPU kernel where one runs) and `cpu_kernels` (which falls back to this
+math elsewhere), so neither imports the other's caller.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype) -> Array:
+  """Softmax attention with logits and softmax in float32. q [b,t,h,k], k/v [b,s,h,k], mask [b,t,s]."""
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  logits = jnp.einsum('bthk,bshk->bhts', q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.einsum('bhts,bshk->bthk', probs, v.astype(dtype))
+
+
+WEIGHTS = ('float', 'int8', 'int4')  # an Einsum's kernel: as it is, or weight-only quantized (`quant`)
+GROUPS_AXIS = 'quant_groups'  # a quantized kernel's scale: its groups along the contracted dims
+
+
+def quant_groups(contracted: int, weights: str, group_size: int) -> int:
+  """Scale groups along a kernel's `contracted` inputs: int8 one (per output channel), int4 one per
+  `group_size` inputs (GPTQ's layout)."""
+  if weights not in WEIGHTS:
+    raise ValueError(f'unknown weights {weights!r}; expected one of {WEIGHTS}')
+  if weights != 'int4':
+    return 1
+  if group_size < 1 or contracted % group_size:
+    raise ValueError(f'int4 group size {group_size} does not divide a kernel\'s {contracted} inputs')
+  return contracted // group_size
+
+
+def dequantize(q: Array, scale: Array, q_dims: str, kept: str, dtype: Dtype) -> Array:
+  """w = scale * q for a quantized kernel q (dims named by q_dims) and scale [groups, *kept] (kept: the
+  dims q keeps in the output, in q_dims' order; the groups split q's other dims, flattened, evenly).
+  The product runs in float32, then is cast to `dtype`. q's input dims lie next to each other in both of
+  Einsum's layouts, so q is only reshaped (a transpose of q would be one more copy of the kernel in XLA);
+  the small scale is moved instead."""
+  first = min(q_dims.index(c) for c in q_dims if c not in kept)
+  n_inputs = len(q_dims) - len(kept)
+  before, after = q_dims[:first], q_dims[first + n_inputs:]
+  if before + after != kept:
+    raise ValueError(f'dequantize wants the input dims of {q_dims} next to each other (kept {kept})')
+  groups = scale.shape[0]
+  lead, tail = q.shape[:first], q.shape[first + n_inputs:]
+  n_in = int(np.prod(q.shape[first:first + n_inputs]))
+  qg = q.reshape(lead + (groups, n_in // groups) + tail)
+  s = jnp.expand_dims(jnp.einsum(f'G{kept}->{before}G{after}', scale.astype(jnp.float32)), first + 1)
+  return (qg.astype(jnp.float32) * s).astype(dtype).reshape(q.shape)
