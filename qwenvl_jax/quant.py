@@ -1,6 +1,6 @@
 """Weight-only quantization of a params tree: int8 per output channel, int4 in groups along the inputs.
 
-The decoder's and lm_head's kernels become `q` (`q_t` weight-major: int8 values shaped as the kernel,
+The kernels under `config.quantized_roots` (the decoder's and lm_head's unless told) become `q` (`q_t` weight-major: int8 values shaped as the kernel,
 int4 ones in [-8, 7] one per int8) and `scale` [groups, *output dims] (stacked layers first), with
 w = scale * q: the layout GPTQ's Int4 checkpoints import into (`layers.Einsum`). The vision tower and the
 embedding table stay float. Post-training, any checkpoint:
@@ -24,7 +24,6 @@ from qwenvl_jax.params import set_path
 Path = tuple[str, ...]
 MODES = ('int8', 'int4')
 Q_MAX = {'int8': 127, 'int4': 7}  # symmetric: int4 leaves -8 unused, as absmax rounding never reaches it
-ROOTS = ('decoder', 'lm_head')  # what is quantized
 KERNELS = {'kernel': 'q', 'kernel_t': 'q_t'}
 
 
@@ -80,7 +79,7 @@ def dequantize_kernel(q, scale, path: Path, dtype=jnp.float32) -> jax.Array:
 
 
 def quantize(params: dict, config: QwenVLConfig, mode: str, *, consume: bool = False) -> dict:
-  """A float params tree (any form) with the decoder's and lm_head's kernels quantized to `mode`, for
+  """A float params tree (any form) with the kernels under `config.quantized_roots` quantized to `mode`, for
   `QwenVL(quantized_config(config, mode))`. Other leaves are the same arrays. consume=True empties
   `params` leaf by leaf, so that (with no other reference to them) each float kernel is freed once
   quantized: the peak stays near the quantized tree plus one float kernel."""
@@ -91,11 +90,11 @@ def quantize(params: dict, config: QwenVLConfig, mode: str, *, consume: bool = F
   paths = list(param_layout.flatten(params))
   for path in paths:
     leaf = param_layout.pop_leaf(params, path) if consume else param_layout.get_leaf(params, path)
-    if path[0] in ROOTS and path[-1] in KERNELS:
+    if path[0] in config.quantized_roots and path[-1] in KERNELS:
       q, scale = quantize_kernel(leaf, path, mode, config.group_size)
       set_path(out, path[:-1] + (KERNELS[path[-1]],), q)
       set_path(out, path[:-1] + ('scale',), scale)
-    elif path[0] in ROOTS and path[-1] in KERNELS.values():
+    elif path[-1] in KERNELS.values():
       raise ValueError(f'{"/".join(path)} is quantized already; quantize a float tree')
     else:
       set_path(out, path, leaf)

@@ -12,10 +12,14 @@ from safetensors.numpy import load_file, save_file
 
 from convert import cli
 from convert.int4 import export_int4
-from qwenvl_jax import load_pretrained
+from qwenvl_jax import load_pretrained, param_layout, preprocess_images
 from qwenvl_jax.checkpoint import CheckpointFormatError
 from qwenvl_jax.config import qwen_vl_7b
-from qwenvl_jax.gptq import GptqConfig, UnsupportedQuantizationError, dequantize, pack, unpack
+from qwenvl_jax.decode import generate
+from qwenvl_jax.gptq import GptqConfig, UnsupportedQuantizationError, pack, unpack
+from qwenvl_jax.layers import dequantize
+from qwenvl_jax.model import QwenVL, param_shapes
+from qwenvl_jax.quant import dequantize_kernel
 from qwenvl_jax.gptq_checkpoint import expected_shapes, out_shape, quantized_rules
 from qwenvl_jax.jsonfile import ConfigFileError
 from qwenvl_jax.params import CheckpointMismatchError, get_path
@@ -77,7 +81,8 @@ def test_layout_read_from_the_golden_files(stored):
     nibble = int(qweight[i // 8, o]) >> (4 * (i % 8)) & 15
     zero = (int(qzeros[g, o // 8]) >> (4 * (o % 8)) & 15) + 1
     assert zero == 8 and out['q'][i, o] == nibble - zero
-    assert dequantize(out['q'], out['scale'])[i, o] == np.float32(p['scales'][g, o]) * (nibble - zero)
+    w = dequantize(out['q'], out['scale'], 'io', 'o', np.float32)
+    assert w[i, o] == np.float32(p['scales'][g, o]) * (nibble - zero)
   assert out['q'].dtype == np.int8 and out['scale'].dtype == np.float16
   assert -8 <= out['q'].min() and out['q'].max() <= 7 and len(np.unique(out['q'])) == 16
   repacked = pack(out['q'], out['scale'], p['bias'])
@@ -87,13 +92,81 @@ def test_layout_read_from_the_golden_files(stored):
 
 def test_dequantized_load_reproduces_golden_logits(dequantized, golden, golden_int4):
   model, params = dequantized
-  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params)) and model.config.weights == 'float'
+  batch, long = _golden_logits(model, params, golden, golden_int4)
+  chex.assert_trees_all_close(batch, golden_int4['batch.logits'], **TOL)
+  chex.assert_trees_all_close(long, golden_int4['long.logits'], **TOL)
+
+
+def _shapes(tree):
+  return {p: (tuple(x.shape), np.dtype(x.dtype) if x.dtype == np.int8 else None)
+          for p, x in param_layout.flatten(tree).items()}
+
+
+def _golden_logits(model, params, golden, golden_int4):
   pixels = golden['pixel_values'][:2].transpose(0, 2, 3, 1)
-  logits = jax.jit(lambda p, ids, px: model.apply({'params': p}, ids, px))(
+  batch = jax.jit(lambda p, ids, px: model.apply({'params': p}, ids, px))(
       params, golden_int4['batch.input_ids'], pixels)
-  chex.assert_trees_all_close(logits, golden_int4['batch.logits'], **TOL)
-  logits = jax.jit(lambda p, ids: model.apply({'params': p}, ids))(params, golden_int4['long.input_ids'])
-  chex.assert_trees_all_close(logits, golden_int4['long.logits'], **TOL)
+  long = jax.jit(lambda p, ids: model.apply({'params': p}, ids))(params, golden_int4['long.input_ids'])
+  return batch, long
+
+
+def test_packed_load_runs_as_the_quantized_model(packed, golden, golden_int4):
+  """Kept packed, the model comes with int4 weights in the checkpoint's groups and a float lm_head, and
+  applies the tree as it is (the quantized Einsum): the golden logits."""
+  model, params = packed
+  c = model.config
+  assert (c.weights, c.group_size, c.quantized_roots) == ('int4', 128, ('decoder',))
+  assert _shapes(params) == _shapes(param_shapes(model))  # the model's own tree, leaf for leaf
+  batch, long = _golden_logits(model, params, golden, golden_int4)
+  chex.assert_trees_all_close(batch, golden_int4['batch.logits'], **TOL)
+  chex.assert_trees_all_close(long, golden_int4['long.logits'], **TOL)
+
+
+@pytest.mark.slow
+def test_packed_generation_picks_the_dequantized_tokens(packed, dequantized, golden, golden_dir):
+  """generate over the packed tree (decode layout, the CPU int8 kernel) picks the dequantized load's
+  greedy tokens."""
+  model, params = packed
+  poster = preprocess_images([golden_dir / 'img' / 'poster.jpg'], model.config.vision.image_size)
+  kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+  ids = generate(model, params, golden['generate.prompt_ids'], poster, **kw)
+  np.testing.assert_array_equal(ids, generate(*dequantized, golden['generate.prompt_ids'], poster, **kw))
+
+
+@pytest.mark.slow
+def test_qlora_over_the_packed_base(packed, dequantized, golden, golden_dir):
+  """Stage-3 LoRA over the packed Int4 base (the original's finetune.py --q_lora): the loss falls over
+  three steps, every base leaf (`q`, `scale`, the float ones) stays bit-identical, and the merge exports
+  float kernels: the dequantized load's, plus (alpha / r) A @ B on the LoRA targets."""
+  from test_train_step import _cfg, _golden_batch
+  from train.lora import init_lora, merge_lora
+  from train.optim import make_optimizer
+  from train.step import init_state, make_train_step
+  model, base = packed
+  float_model = QwenVL(model.config.replace(weights='float'))  # the loss dequantizes the base
+  cfg = _cfg(float_model, lora=True, lora_rank=4, stage=3, peak_lr=1e-2, min_lr=1e-2, warmup_steps=0)
+  lora = init_lora(base, cfg.lora_targets, cfg.lora_rank, jax.random.key(0))
+  optimizer = make_optimizer(cfg, base, lora)
+  step = jax.jit(make_train_step(float_model, optimizer, cfg))
+  state, batch, losses = init_state(base, optimizer, lora), _golden_batch(golden, golden_dir), []
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[2] < losses[1] < losses[0]
+  before, after = param_layout.flatten(base), param_layout.flatten(state.params)
+  assert before.keys() == after.keys()
+  for path, leaf in before.items():
+    assert after[path].dtype == leaf.dtype and np.asarray(after[path]).tobytes() == np.asarray(leaf).tobytes()
+  merged, reference = (param_layout.flatten(t) for t in (merge_lora(state.params, state.lora, cfg.lora_alpha),
+                                                         dequantized[1]))
+  assert merged.keys() == reference.keys() and all(x.dtype == np.float32 for x in merged.values())
+  c_proj = ('decoder', 'layers', 'mlp', 'c_proj', 'kernel')  # quantized, not a LoRA target
+  np.testing.assert_array_equal(merged[c_proj], reference[c_proj])
+  w2 = ('decoder', 'layers', 'mlp', 'w2', 'kernel')
+  a, b = state.lora['w2']['a'], state.lora['w2']['b']
+  np.testing.assert_allclose(merged[w2] - reference[w2], (cfg.lora_alpha / 4) * a @ b, rtol=1e-4, atol=1e-7)
+  assert np.any(np.asarray(b))
 
 
 def test_packed_form_dequantizes_to_the_same_params(packed, dequantized):
@@ -110,7 +183,8 @@ def test_packed_form_dequantizes_to_the_same_params(packed, dequantized):
     groups = rule.hf_shape[1] // 128
     assert module['q'].shape == float_kernel.shape and module['scale'].dtype == np.float16
     assert module['scale'].shape == (rule.num_layers, groups) + out_shape(rule)
-    chex.assert_trees_all_equal(jax.vmap(dequantize)(module['q'], module['scale']), float_kernel)
+    q_path = rule.path[:-1] + ('q',)
+    chex.assert_trees_all_equal(dequantize_kernel(module['q'], module['scale'], q_path), float_kernel)
   assert len(quantized) == 5
   for path, leaf in jax.tree_util.tree_flatten_with_path(reference)[0]:  # the float leaves alike
     path = tuple(k.key for k in path)
@@ -169,6 +243,7 @@ def test_desc_act_in_order_and_one_group(int4_dir, packed, tmp_path):
                     lambda c: c['quantization_config'].update(group_size=-1))
   model, params = load_pretrained(src, keep_packed=True)
   assert params['decoder']['layers']['mlp']['w1']['scale'].shape == (2, 1, 256)  # [layers, groups, out]
+  assert model.config.group_size == -1 and _shapes(params) == _shapes(param_shapes(model))
   out = export_int4(params, model.config, tmp_path / 'out', GptqConfig(group_size=-1), src=src)
   (tensors, _), (written, _) = read_int4(src), read_int4(out)
   assert sorted(written) == sorted(tensors)
