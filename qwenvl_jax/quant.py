@@ -18,7 +18,7 @@ import numpy as np
 
 from qwenvl_jax import param_layout
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.layers import GROUPS_AXIS, quant_groups
+from qwenvl_jax.layers import GROUPS_AXIS, dequantize, quant_groups
 from qwenvl_jax.params import set_path
 
 Path = tuple[str, ...]
@@ -68,14 +68,13 @@ def quantize_kernel(w, path: Path, mode: str, group_size: int) -> tuple[jax.Arra
 def dequantize_kernel(q, scale, path: Path, dtype=jnp.float32) -> jax.Array:
   """The float kernel w = scale * q of a quantized leaf at `path` (`q` or `q_t`), in `dtype`: what
   `layers.dequantize` computes inside the model, here for a leaf of any form (stacked layers too)."""
-  order, at, n_inputs = _layout(path, param_layout.leaf_axes(path, np.shape(q)))
-  qt = jnp.transpose(q, order)
-  in_shape = qt.shape[at:at + n_inputs]
-  groups = scale.shape[at]
-  qt = qt.reshape(qt.shape[:at] + (groups, int(np.prod(in_shape)) // groups) + qt.shape[at + n_inputs:])
-  w = qt.astype(jnp.float32) * jnp.expand_dims(jnp.asarray(scale, jnp.float32), at + 1)
-  w = w.reshape(qt.shape[:at] + in_shape + qt.shape[at + 2:]).astype(dtype)
-  return jnp.transpose(w, np.argsort(order))
+  names = param_layout.leaf_axes(path, np.shape(q))
+  scale_names = param_layout.axes_of(path[:-1] + ('scale',))
+  letters = dict(zip(names, 'abcdefghijklmnopqrstuvwxyz'))
+  kept = [n for n in names if n in scale_names]  # in q's order; the scale has them in its own
+  to_q_order = [scale_names.index(GROUPS_AXIS)] + [scale_names.index(n) for n in kept]
+  return dequantize(q, jnp.transpose(jnp.asarray(scale), to_q_order), ''.join(letters[n] for n in names),
+                    ''.join(letters[n] for n in kept), dtype)
 
 
 def quantize(params: dict, config: QwenVLConfig, mode: str, *, consume: bool = False) -> dict:
