@@ -12,6 +12,8 @@ scales are float32.
 """
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +125,19 @@ def at_load(params: dict, config: QwenVLConfig, mode: str) -> tuple[dict, QwenVL
   if mode == 'float':
     return params, config
   return quantize(params, config, mode, consume=True), quantized_config(config, mode)
+
+
+def load(path, mode: str, dtype, **kw) -> tuple[dict, QwenVLConfig]:
+  """(params, config) of a checkpoint directory for `--weights mode` (chat, serve, qwenvl-eval): a
+  released GPTQ Int4 checkpoint with 'int4' read packed as it is (its groups, lm_head float: the released
+  values, nothing quantized again); else the float weights (`kw` to load_pretrained), quantized at load."""
+  from qwenvl_jax.checkpoint import load_pretrained
+  from qwenvl_jax.gptq import read_config
+  if mode == 'int4' and (pathlib.Path(path) / 'config.json').is_file() and read_config(path) is not None:
+    model, params = load_pretrained(path, dtype=dtype, keep_packed=True)
+    return params, model.config.replace(dtype=dtype)
+  model, params = load_pretrained(path, dtype=dtype, **kw)
+  return at_load(params, model.config.replace(dtype=dtype), mode)
 
 
 def is_quantized(params: dict) -> bool:

@@ -123,6 +123,18 @@ def test_packed_load_runs_as_the_quantized_model(packed, golden, golden_int4):
   chex.assert_trees_all_close(long, golden_int4['long.logits'], **TOL)
 
 
+def test_weights_int4_at_load_keeps_the_released_values(int4_dir, packed):
+  """`--weights int4` (chat, serve, qwenvl-eval) on the Int4 checkpoint reads it packed, the released
+  values as they are (not quantized again); `--weights int8` quantizes its dequantized weights."""
+  from qwenvl_jax.quant import load
+  params, config = load(int4_dir, 'int4', 'float32')
+  assert config == packed[0].config
+  chex.assert_trees_all_equal(params, packed[1])
+  params, config = load(int4_dir, 'int8', 'float32')
+  assert config.weights == 'int8' and config.quantized_roots == ('decoder', 'lm_head')
+  assert params['lm_head']['q'].dtype == np.int8 and 'kernel' not in params['decoder']['layers']['mlp']['w1']
+
+
 @pytest.mark.slow
 def test_packed_generation_picks_the_dequantized_tokens(packed, dequantized, golden, golden_dir):
   """generate over the packed tree (decode layout, the CPU int8 kernel) picks the dequantized load's
