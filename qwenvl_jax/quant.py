@@ -1,9 +1,10 @@
 """Weight-only quantization of a params tree: int8 per output channel, int4 in groups along the inputs.
 
-The kernels under `config.quantized_roots` (the decoder's and lm_head's unless told) become `q` (`q_t` weight-major: int8 values shaped as the kernel,
-int4 ones in [-8, 7] one per int8) and `scale` [groups, *output dims] (stacked layers first), with
-w = scale * q: the layout GPTQ's Int4 checkpoints import into (`layers.Einsum`). The vision tower and the
-embedding table stay float. Post-training, any checkpoint:
+The kernels under `config.quantized_roots` (the decoder's and lm_head's unless told) become `q` (`q_t`
+weight-major: int8 values shaped as the kernel, int4 ones in [-8, 7] one per int8) and `scale` [groups,
+*output dims] (stacked layers first), with w = scale * q: the layout GPTQ's Int4 checkpoints import into
+(`layers.Einsum`; the released Int4 keeps lm_head float). The vision tower and the embedding table stay
+float. Post-training, any checkpoint:
 
   params = quantize(params, config, 'int8'); model = QwenVL(config.replace(weights='int8'))
 
