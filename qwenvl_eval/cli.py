@@ -83,7 +83,6 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     xla_flags.use_for_low_precision_cpu()  # before jax starts its backend (see qwenvl_jax/xla_flags.py)
   from qwenvl_jax import distributed
   distributed.initialize_from_args(args)
-  from qwenvl_jax.checkpoint import load_pretrained
   from qwenvl_jax.model import QwenVL
   from qwenvl_jax.tokenizer import QwenVLTokenizer
 
@@ -93,9 +92,8 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
   annotations = scoring.read_reference(args.annotations)
   questions = scoring.read_reference(args.questions)
   # Each process predicts its own records on its own first device (load_pretrained's default).
-  from qwenvl_jax.quant import at_load
-  model, params = load_pretrained(args.ckpt, dtype=args.dtype)
-  params, config = at_load(params, model.config.replace(dtype=args.dtype), args.weights)
+  from qwenvl_jax.quant import load
+  params, config = load(args.ckpt, args.weights, args.dtype)
   model = QwenVL(config)
   tokenizer = QwenVLTokenizer.from_pretrained(args.vocab or args.ckpt,
                                               image_span_length=model.config.vision.n_queries)

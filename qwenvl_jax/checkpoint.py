@@ -127,7 +127,10 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
   `released_slices` for the released layout).
   `split_layers`: from a converted directory onto one device, the decoder's layers come one subtree per
   layer, read one layer at a time (`restore_params`), ready for `decode.decode_params` without a second
-  copy of any stacked leaf. `config_overrides` go to QwenVLConfig (e.g. `remat='full'`);
+  copy of any stacked leaf. `keep_packed` (a GPTQ Int4 checkpoint): the decoder's quantized kernels stay
+  4-bit, `q` and `scale` in place of each `kernel`, and the model comes with weights='int4', the
+  checkpoint's group size and a float lm_head (`gptq_checkpoint.packed_config`): it applies the tree as
+  it is. `config_overrides` go to QwenVLConfig (e.g. `remat='full'`);
   for bf16 compute, `QwenVL(model.config.replace(dtype='bfloat16'))`.
   """
   root = pathlib.Path(path)
@@ -155,7 +158,8 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
     check_released(checkpoint, config)
   placement = _sharding_tree(shardings, list(param_layout.leaf_shapes(config)))
   if quantized is not None:
-    return QwenVL(config), _read_int4(checkpoint, config, quantized, dtype, placement, keep_packed)
+    params = _read_int4(checkpoint, config, quantized, dtype, placement, keep_packed)
+    return QwenVL(gptq_checkpoint.packed_config(config, quantized) if keep_packed else config), params
   if any(len(s.device_set) > 1 for s in placement.values()):  # each host copies only its devices' blocks
     return QwenVL(config), released_slices.read_onto(checkpoint.tensors(), config, placement, dtype)
   # Memory-mapped tensors: params_from_hf's copies are the only ones in anonymous memory.

@@ -163,13 +163,11 @@ class _Session:
 
   def _load(self, args: argparse.Namespace) -> None:
     runtime_options.apply(args)
-    from qwenvl_jax.checkpoint import load_pretrained
     from qwenvl_jax.decode import decode_params
     from qwenvl_jax.model import QwenVL
     from qwenvl_jax.tokenizer import check_tokenizer
-    from qwenvl_jax.quant import at_load
-    model, params = load_pretrained(args.ckpt, dtype=args.dtype, split_layers=True)
-    params, config = at_load(params, model.config.replace(dtype=args.dtype), args.weights)
+    from qwenvl_jax.quant import load
+    params, config = load(args.ckpt, args.weights, args.dtype, split_layers=True)
     self.params = decode_params(params, consume=True)  # the fast layout, without keeping two copies
     self.model = QwenVL(config)
     check_tokenizer(self.tokenizer, self.model.config)

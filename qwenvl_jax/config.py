@@ -141,6 +141,9 @@ class TextConfig:
     return int(self.kv_channels * self.rotary_pct)
 
 
+QUANTIZABLE = ('decoder', 'lm_head')  # the params roots whose kernels `weights` can quantize
+
+
 @dataclasses.dataclass(frozen=True)
 class QwenVLConfig:
   """Architecture plus numerics policy.
@@ -153,8 +156,10 @@ class QwenVLConfig:
   The parameter tree's form: `scan_layers` stacks the decoder's layers under one scanned module (what
   checkpoints store), else one module per layer (what decoding reads); `weight_major` stores the decoder's
   and lm_head's kernels output dims first (the CPU decode layout, see `layers.Einsum`).
-  `param_layout.convert` moves a tree between the forms. `weights` 'int8' / 'int4': the decoder's and
-  lm_head's kernels are weight-only quantized (`quant.quantize`; int4 in groups of `group_size` inputs).
+  `param_layout.convert` moves a tree between the forms. `weights` 'int8' / 'int4': the kernels under
+  `quantized_roots` (the decoder's and lm_head's unless told) are weight-only quantized (`quant.quantize`;
+  int4 in groups of `group_size` inputs, -1: one group per kernel, as GPTQ writes it). The released Int4
+  checkpoint keeps its lm_head float: `quantized_roots=('decoder',)`.
   """
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()
@@ -165,14 +170,23 @@ class QwenVLConfig:
   weight_major: bool = False
   weights: str = 'float'
   group_size: int = 128
+  quantized_roots: tuple[str, ...] = QUANTIZABLE
 
   def __post_init__(self):
     object.__setattr__(self, 'dtype', as_dtype(self.dtype))  # one name and one type for each
     object.__setattr__(self, 'param_dtype', as_dtype(self.param_dtype))
     if self.weights not in WEIGHTS:
       raise ValueError(f'unknown weights {self.weights!r}; expected one of {", ".join(WEIGHTS)}')
-    if self.group_size < 1:
-      raise ValueError(f'group_size must be positive, got {self.group_size}')
+    if self.group_size < 1 and self.group_size != -1:
+      raise ValueError(f'group_size must be positive or -1 (one group per kernel), got {self.group_size}')
+    unknown = [r for r in self.quantized_roots if r not in QUANTIZABLE]
+    if unknown or not isinstance(self.quantized_roots, tuple):
+      raise ValueError(f'quantized_roots must be a tuple of {QUANTIZABLE}, got {self.quantized_roots!r}')
+
+  def weights_of(self, root: str) -> str:
+    """The weights of the kernels under params root `root` ('decoder', 'lm_head'): `weights` for the
+    quantized roots, 'float' elsewhere."""
+    return self.weights if root in self.quantized_roots else 'float'
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], file: str | os.PathLike = DICT_SOURCE,

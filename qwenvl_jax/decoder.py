@@ -263,7 +263,7 @@ class Decoder(nn.Module):
                cache=None, cache_index: Array | int = 0, collect_hidden: bool = False):
     c, t = self.config, self.config.text
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, weight_major=c.weight_major,
-              weights=c.weights, group_size=c.group_size, collect_hidden=collect_hidden)
+              weights=c.weights_of('decoder'), group_size=c.group_size, collect_hidden=collect_hidden)
     rope = rotary_tables(positions, alpha, t)
     q_scale = logn_scale(positions, t.seq_length) if use_logn else jnp.ones(positions.shape, jnp.float32)
     cache_index = jnp.asarray(cache_index, jnp.int32)

@@ -12,7 +12,8 @@ The weight of input i, output o is `scales[g_idx[i], o] * (q[i, o] - (z[g_idx[i]
 
 Packed form (`unpack`), per kernel: `q`, int8 holding q - zero in [-8, 7], laid out as the float kernel of
 our parameter tree ([*in dims, *out dims]), and `scale`, the stored float16 scales as [groups, *out dims],
-each group `group_size` consecutive input channels (the in dims flattened): w = scale[i // group_size] * q[i].
+each group `group_size` consecutive input channels (the in dims flattened): w = scale[i // group_size] * q[i]
+(`kernel_math.dequantize`).
 In a params tree the two are leaves `q` and `scale` in place of the layer's `kernel`, stacked layers first
 (`gptq_checkpoint.packed_paths`): the parameters of `layers.Einsum` with int4 weights.
 
@@ -24,12 +25,10 @@ group sizes that do not divide the input dim, a non-zero bias where the original
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import pathlib
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from qwenvl_jax.jsonfile import ConfigFileError, get, read_object
@@ -175,20 +174,3 @@ def pack(q: np.ndarray, scale: np.ndarray, bias: np.ndarray | None = None) -> di
           'qzeros': pack_nibbles(zeros, 1), 'scales': scale,
           'g_idx': (np.arange(in_features) // (in_features // groups)).astype(np.int32),
           'bias': np.zeros(out_features, scale.dtype) if bias is None else bias}
-
-
-def dequantize(q, scale, dtype=jnp.float32):
-  """w = scale[group] * q in `dtype`, computed in float32 (exact: a float16 scale times a 4-bit integer).
-
-  q [*in dims, *out dims] (int8), scale [groups, *out dims]: the packed form, or the [in, out] of
-  `unpack`. numpy in, numpy out; jax arrays (under jit too) give jax arrays. For a stacked leaf, vmap.
-  """
-  xp = np if isinstance(q, np.ndarray) and isinstance(scale, np.ndarray) else jnp
-  out_shape = tuple(scale.shape[1:])
-  n_in = math.prod(q.shape[:q.ndim - len(out_shape)])
-  groups = scale.shape[0]
-  w = q.reshape((groups, n_in // groups) + out_shape).astype(xp.float32)
-  s = scale.astype(xp.float32)[:, None]
-  w = np.multiply(w, s, out=w) if xp is np else w * s  # numpy: one float32 temporary
-  w = w.reshape(q.shape)
-  return w if w.dtype == np.dtype(dtype) else w.astype(dtype)

@@ -15,8 +15,9 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.gptq import (INT_PARTS, PART_FLOAT, PARTS, QUANTIZED, Q, SCALE, GptqConfig, check_dims,
-                             dequantize, pack, part_shapes, unpack)
+from qwenvl_jax.gptq import (INT_PARTS, PART_FLOAT, PARTS, QUANTIZED, Q, SCALE, GptqConfig, check_dims, pack,
+                             part_shapes, unpack)
+from qwenvl_jax.kernel_math import dequantize
 from qwenvl_jax.orbax_leaves import aligned_empty
 from qwenvl_jax.params import CheckpointMismatchError, Rule, check_shapes, get_path, rules
 from qwenvl_jax.released_layout import ReleasedCheckpoint, TensorEntry, check_float
@@ -94,7 +95,7 @@ def dequantized(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenV
       yield item
       continue
     entry, rule, packed = item
-    weight = dequantize(packed[Q], packed[SCALE], dtype).T
+    weight = dequantize(packed[Q], packed[SCALE], 'io', 'o', dtype).T
     yield (dataclasses.replace(entry, name=rule.hf_name, dtype=weight.dtype, shape=weight.shape, start=None),
            weight)
 
@@ -118,6 +119,12 @@ def from_kernel(rule: Rule, kernel: Mapping[str, np.ndarray]) -> dict[str, np.nd
   """The inverse of to_kernel."""
   scale = np.asarray(kernel[SCALE])
   return {Q: rule.to_hf(np.asarray(kernel[Q])).T, SCALE: scale.reshape(scale.shape[0], -1)}
+
+
+def packed_config(config: QwenVLConfig, gcfg: GptqConfig) -> QwenVLConfig:
+  """The config the packed tree is applied with: the decoder's kernels int4 in the checkpoint's groups,
+  lm_head float (the release keeps it float)."""
+  return config.replace(weights='int4', group_size=gcfg.group_size, quantized_roots=('decoder',))
 
 
 def packed_paths(path: Path) -> dict[str, Path]:

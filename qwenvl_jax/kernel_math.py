@@ -31,10 +31,10 @@ GROUPS_AXIS = 'quant_groups'  # a quantized kernel's scale: its groups along the
 
 def quant_groups(contracted: int, weights: str, group_size: int) -> int:
   """Scale groups along a kernel's `contracted` inputs: int8 one (per output channel), int4 one per
-  `group_size` inputs (GPTQ's layout)."""
+  `group_size` inputs (GPTQ's layout; -1: one group, as GPTQ writes it)."""
   if weights not in WEIGHTS:
     raise ValueError(f'unknown weights {weights!r}; expected one of {WEIGHTS}')
-  if weights != 'int4':
+  if weights != 'int4' or group_size == -1:
     return 1
   if group_size < 1 or contracted % group_size:
     raise ValueError(f'int4 group size {group_size} does not divide a kernel\'s {contracted} inputs')
@@ -44,9 +44,12 @@ def quant_groups(contracted: int, weights: str, group_size: int) -> int:
 def dequantize(q: Array, scale: Array, q_dims: str, kept: str, dtype: Dtype) -> Array:
   """w = scale * q for a quantized kernel q (dims named by q_dims) and scale [groups, *kept] (kept: the
   dims q keeps in the output, in q_dims' order; the groups split q's other dims, flattened, evenly).
-  The product runs in float32, then is cast to `dtype`. q's input dims lie next to each other in both of
-  Einsum's layouts, so q is only reshaped (a transpose of q would be one more copy of the kernel in XLA);
-  the small scale is moved instead."""
+  The product runs in float32 (exact for a float16 scale times a 4-bit value), then is cast to `dtype`.
+  q's input dims lie next to each other in both of Einsum's layouts, so q is only reshaped (a transpose
+  of q would be one more copy of the kernel in XLA); the small scale is moved instead. numpy in, numpy
+  out (one float32 temporary: what reading a GPTQ checkpoint dequantized holds per layer); jax arrays,
+  under jit too, give jax arrays."""
+  xp = np if isinstance(q, np.ndarray) and isinstance(scale, np.ndarray) else jnp
   first = min(q_dims.index(c) for c in q_dims if c not in kept)
   n_inputs = len(q_dims) - len(kept)
   before, after = q_dims[:first], q_dims[first + n_inputs:]
@@ -55,6 +58,8 @@ def dequantize(q: Array, scale: Array, q_dims: str, kept: str, dtype: Dtype) -> 
   groups = scale.shape[0]
   lead, tail = q.shape[:first], q.shape[first + n_inputs:]
   n_in = int(np.prod(q.shape[first:first + n_inputs]))
-  qg = q.reshape(lead + (groups, n_in // groups) + tail)
-  s = jnp.expand_dims(jnp.einsum(f'G{kept}->{before}G{after}', scale.astype(jnp.float32)), first + 1)
-  return (qg.astype(jnp.float32) * s).astype(dtype).reshape(q.shape)
+  w = q.reshape(lead + (groups, n_in // groups) + tail).astype(xp.float32)
+  s = xp.expand_dims(xp.einsum(f'G{kept}->{before}G{after}', scale.astype(xp.float32)), first + 1)
+  w = np.multiply(w, s, out=w) if xp is np else w * s
+  w = w.reshape(q.shape)
+  return w if w.dtype == np.dtype(dtype) else w.astype(dtype)

@@ -85,8 +85,8 @@ class QwenVL(nn.Module):
     self.visual = VisionTransformer(c)
     self.decoder = Decoder(c)
     self.lm_head = Einsum((t.hidden_size, t.vocab_size), kernel_axes=('embed', 'vocab'),
-                          weight_major=c.weight_major, out_chunks=head_chunks(c), weights=c.weights,
-                          group_size=c.group_size, **kw)
+                          weight_major=c.weight_major, out_chunks=head_chunks(c),
+                          weights=c.weights_of('lm_head'), group_size=c.group_size, **kw)
 
   def encode_images(self, pixel_values: Array) -> Array:
     """[n, H, W, 3] normalised pixels -> [n, n_queries, hidden]."""
@@ -150,7 +150,7 @@ _HEAD_CHUNKS = 8
 def head_chunks(config: QwenVLConfig) -> int:
   """Vocabulary chunks of the lm_head (`Einsum.out_chunks`): several only for low-precision or quantized
   weights in the CPU decode layout (a quantized head is dequantized chunk by chunk where no kernel runs)."""
-  if not config.weight_major or (config.param_dtype == jnp.float32 and config.weights == 'float'):
+  if not config.weight_major or (config.param_dtype == jnp.float32 and config.weights_of('lm_head') == 'float'):
     return 1
   return next(n for n in (_HEAD_CHUNKS, 4, 2, 1) if config.text.vocab_size % n == 0)
 

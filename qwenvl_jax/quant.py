@@ -1,9 +1,10 @@
 """Weight-only quantization of a params tree: int8 per output channel, int4 in groups along the inputs.
 
-The decoder's and lm_head's kernels become `q` (`q_t` weight-major: int8 values shaped as the kernel,
-int4 ones in [-8, 7] one per int8) and `scale` [groups, *output dims] (stacked layers first), with
-w = scale * q: the layout GPTQ's Int4 checkpoints import into (`layers.Einsum`). The vision tower and the
-embedding table stay float. Post-training, any checkpoint:
+The kernels under `config.quantized_roots` (the decoder's and lm_head's unless told) become `q` (`q_t`
+weight-major: int8 values shaped as the kernel, int4 ones in [-8, 7] one per int8) and `scale` [groups,
+*output dims] (stacked layers first), with w = scale * q: the layout GPTQ's Int4 checkpoints import into
+(`layers.Einsum`; the released Int4 keeps lm_head float). The vision tower and the embedding table stay
+float. Post-training, any checkpoint:
 
   params = quantize(params, config, 'int8'); model = QwenVL(config.replace(weights='int8'))
 
@@ -12,19 +13,20 @@ scales are float32.
 """
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qwenvl_jax import param_layout
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.kernel_math import GROUPS_AXIS, quant_groups
+from qwenvl_jax.kernel_math import GROUPS_AXIS, dequantize, quant_groups
 from qwenvl_jax.params import set_path
 
 Path = tuple[str, ...]
 MODES = ('int8', 'int4')
 Q_MAX = {'int8': 127, 'int4': 7}  # symmetric: int4 leaves -8 unused, as absmax rounding never reaches it
-ROOTS = ('decoder', 'lm_head')  # what is quantized
 KERNELS = {'kernel': 'q', 'kernel_t': 'q_t'}
 
 
@@ -69,18 +71,17 @@ def quantize_kernel(w, path: Path, mode: str, group_size: int) -> tuple[jax.Arra
 def dequantize_kernel(q, scale, path: Path, dtype=jnp.float32) -> jax.Array:
   """The float kernel w = scale * q of a quantized leaf at `path` (`q` or `q_t`), in `dtype`: what
   `kernel_math.dequantize` computes inside the model, here for a leaf of any form (stacked layers too)."""
-  order, at, n_inputs = _layout(path, param_layout.leaf_axes(path, np.shape(q)))
-  qt = jnp.transpose(q, order)
-  in_shape = qt.shape[at:at + n_inputs]
-  groups = scale.shape[at]
-  qt = qt.reshape(qt.shape[:at] + (groups, int(np.prod(in_shape)) // groups) + qt.shape[at + n_inputs:])
-  w = qt.astype(jnp.float32) * jnp.expand_dims(jnp.asarray(scale, jnp.float32), at + 1)
-  w = w.reshape(qt.shape[:at] + in_shape + qt.shape[at + 2:]).astype(dtype)
-  return jnp.transpose(w, np.argsort(order))
+  names = param_layout.leaf_axes(path, np.shape(q))
+  scale_names = param_layout.axes_of(path[:-1] + ('scale',))
+  letters = dict(zip(names, 'abcdefghijklmnopqrstuvwxyz'))
+  kept = [n for n in names if n in scale_names]  # in q's order; the scale has them in its own
+  to_q_order = [scale_names.index(GROUPS_AXIS)] + [scale_names.index(n) for n in kept]
+  return dequantize(q, jnp.transpose(jnp.asarray(scale), to_q_order), ''.join(letters[n] for n in names),
+                    ''.join(letters[n] for n in kept), dtype)
 
 
 def quantize(params: dict, config: QwenVLConfig, mode: str, *, consume: bool = False) -> dict:
-  """A float params tree (any form) with the decoder's and lm_head's kernels quantized to `mode`, for
+  """A float params tree (any form) with the kernels under `config.quantized_roots` quantized to `mode`, for
   `QwenVL(quantized_config(config, mode))`. Other leaves are the same arrays. consume=True empties
   `params` leaf by leaf, so that (with no other reference to them) each float kernel is freed once
   quantized: the peak stays near the quantized tree plus one float kernel."""
@@ -91,11 +92,11 @@ def quantize(params: dict, config: QwenVLConfig, mode: str, *, consume: bool = F
   paths = list(param_layout.flatten(params))
   for path in paths:
     leaf = param_layout.pop_leaf(params, path) if consume else param_layout.get_leaf(params, path)
-    if path[0] in ROOTS and path[-1] in KERNELS:
+    if path[0] in config.quantized_roots and path[-1] in KERNELS:
       q, scale = quantize_kernel(leaf, path, mode, config.group_size)
       set_path(out, path[:-1] + (KERNELS[path[-1]],), q)
       set_path(out, path[:-1] + ('scale',), scale)
-    elif path[0] in ROOTS and path[-1] in KERNELS.values():
+    elif path[-1] in KERNELS.values():
       raise ValueError(f'{"/".join(path)} is quantized already; quantize a float tree')
     else:
       set_path(out, path, leaf)
@@ -125,6 +126,19 @@ def at_load(params: dict, config: QwenVLConfig, mode: str) -> tuple[dict, QwenVL
   if mode == 'float':
     return params, config
   return quantize(params, config, mode, consume=True), quantized_config(config, mode)
+
+
+def load(path, mode: str, dtype, **kw) -> tuple[dict, QwenVLConfig]:
+  """(params, config) of a checkpoint directory for `--weights mode` (chat, serve, qwenvl-eval): a
+  released GPTQ Int4 checkpoint with 'int4' read packed as it is (its groups, lm_head float: the released
+  values, nothing quantized again); else the float weights (`kw` to load_pretrained), quantized at load."""
+  from qwenvl_jax.checkpoint import load_pretrained
+  from qwenvl_jax.gptq import read_config
+  if mode == 'int4' and (pathlib.Path(path) / 'config.json').is_file() and read_config(path) is not None:
+    model, params = load_pretrained(path, dtype=dtype, keep_packed=True)
+    return params, model.config.replace(dtype=dtype)
+  model, params = load_pretrained(path, dtype=dtype, **kw)
+  return at_load(params, model.config.replace(dtype=dtype), mode)
 
 
 def is_quantized(params: dict) -> bool:

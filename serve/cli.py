@@ -89,16 +89,15 @@ def build(args: argparse.Namespace, limits: Limits):
   if not ckpt.is_dir():
     raise FileNotFoundError(f'checkpoint directory not found: {ckpt}')
   runtime_options.apply(args)
-  from qwenvl_jax import GenerationConfig, QwenVL, QwenVLTokenizer, load_pretrained
+  from qwenvl_jax import GenerationConfig, QwenVL, QwenVLTokenizer
   from qwenvl_jax.decode import decode_params
   from qwenvl_jax.tokenizer import check_tokenizer
   from serve.app import Service, create_app
   from serve.batch_engine import BatchEngine
   from serve.prompt import Preparer
   generation_config = GenerationConfig.from_pretrained(ckpt)
-  from qwenvl_jax.quant import at_load
-  model, params = load_pretrained(ckpt, dtype=args.dtype, split_layers=True)
-  params, config = at_load(params, model.config.replace(dtype=args.dtype), args.weights)
+  from qwenvl_jax.quant import load
+  params, config = load(ckpt, args.weights, args.dtype, split_layers=True)
   params = decode_params(params, consume=True)
   model = QwenVL(config)
   tokenizer = QwenVLTokenizer.from_pretrained(ckpt if args.vocab is None else args.vocab,

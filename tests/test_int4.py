@@ -12,10 +12,13 @@ from safetensors.numpy import load_file, save_file
 
 from convert import cli
 from convert.int4 import export_int4
-from qwenvl_jax import load_pretrained
+from qwenvl_jax import load_pretrained, param_layout
 from qwenvl_jax.checkpoint import CheckpointFormatError
 from qwenvl_jax.config import qwen_vl_7b
-from qwenvl_jax.gptq import GptqConfig, UnsupportedQuantizationError, dequantize, pack, unpack
+from qwenvl_jax.gptq import GptqConfig, UnsupportedQuantizationError, pack, unpack
+from qwenvl_jax.kernel_math import dequantize
+from qwenvl_jax.model import param_shapes
+from qwenvl_jax.quant import dequantize_kernel
 from qwenvl_jax.gptq_checkpoint import expected_shapes, out_shape, quantized_rules
 from qwenvl_jax.jsonfile import ConfigFileError
 from qwenvl_jax.params import CheckpointMismatchError, get_path
@@ -77,7 +80,8 @@ def test_layout_read_from_the_golden_files(stored):
     nibble = int(qweight[i // 8, o]) >> (4 * (i % 8)) & 15
     zero = (int(qzeros[g, o // 8]) >> (4 * (o % 8)) & 15) + 1
     assert zero == 8 and out['q'][i, o] == nibble - zero
-    assert dequantize(out['q'], out['scale'])[i, o] == np.float32(p['scales'][g, o]) * (nibble - zero)
+    w = dequantize(out['q'], out['scale'], 'io', 'o', np.float32)
+    assert w[i, o] == np.float32(p['scales'][g, o]) * (nibble - zero)
   assert out['q'].dtype == np.int8 and out['scale'].dtype == np.float16
   assert -8 <= out['q'].min() and out['q'].max() <= 7 and len(np.unique(out['q'])) == 16
   repacked = pack(out['q'], out['scale'], p['bias'])
@@ -87,13 +91,23 @@ def test_layout_read_from_the_golden_files(stored):
 
 def test_dequantized_load_reproduces_golden_logits(dequantized, golden, golden_int4):
   model, params = dequantized
-  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params)) and model.config.weights == 'float'
+  batch, long = _golden_logits(model, params, golden, golden_int4)
+  chex.assert_trees_all_close(batch, golden_int4['batch.logits'], **TOL)
+  chex.assert_trees_all_close(long, golden_int4['long.logits'], **TOL)
+
+
+def _shapes(tree):
+  return {p: (tuple(x.shape), np.dtype(x.dtype) if x.dtype == np.int8 else None)
+          for p, x in param_layout.flatten(tree).items()}
+
+
+def _golden_logits(model, params, golden, golden_int4):
   pixels = golden['pixel_values'][:2].transpose(0, 2, 3, 1)
-  logits = jax.jit(lambda p, ids, px: model.apply({'params': p}, ids, px))(
+  batch = jax.jit(lambda p, ids, px: model.apply({'params': p}, ids, px))(
       params, golden_int4['batch.input_ids'], pixels)
-  chex.assert_trees_all_close(logits, golden_int4['batch.logits'], **TOL)
-  logits = jax.jit(lambda p, ids: model.apply({'params': p}, ids))(params, golden_int4['long.input_ids'])
-  chex.assert_trees_all_close(logits, golden_int4['long.logits'], **TOL)
+  long = jax.jit(lambda p, ids: model.apply({'params': p}, ids))(params, golden_int4['long.input_ids'])
+  return batch, long
 
 
 def test_packed_form_dequantizes_to_the_same_params(packed, dequantized):
@@ -110,7 +124,8 @@ def test_packed_form_dequantizes_to_the_same_params(packed, dequantized):
     groups = rule.hf_shape[1] // 128
     assert module['q'].shape == float_kernel.shape and module['scale'].dtype == np.float16
     assert module['scale'].shape == (rule.num_layers, groups) + out_shape(rule)
-    chex.assert_trees_all_equal(jax.vmap(dequantize)(module['q'], module['scale']), float_kernel)
+    q_path = rule.path[:-1] + ('q',)
+    chex.assert_trees_all_equal(dequantize_kernel(module['q'], module['scale'], q_path), float_kernel)
   assert len(quantized) == 5
   for path, leaf in jax.tree_util.tree_flatten_with_path(reference)[0]:  # the float leaves alike
     path = tuple(k.key for k in path)
@@ -169,6 +184,7 @@ def test_desc_act_in_order_and_one_group(int4_dir, packed, tmp_path):
                     lambda c: c['quantization_config'].update(group_size=-1))
   model, params = load_pretrained(src, keep_packed=True)
   assert params['decoder']['layers']['mlp']['w1']['scale'].shape == (2, 1, 256)  # [layers, groups, out]
+  assert model.config.group_size == -1 and _shapes(params) == _shapes(param_shapes(model))
   out = export_int4(params, model.config, tmp_path / 'out', GptqConfig(group_size=-1), src=src)
   (tensors, _), (written, _) = read_int4(src), read_int4(out)
   assert sorted(written) == sorted(tensors)

@@ -179,6 +179,20 @@ def test_qlora_step_lowers_the_loss_and_keeps_the_quantized_base(tiny, golden, g
   assert np.any(np.asarray(b))
 
 
+def test_quantized_roots_leave_lm_head_float(tiny):
+  """quantized_roots=('decoder',) (the released Int4's choice): lm_head stays the float kernel, and the
+  model with those weights describes exactly that tree; a root that cannot be quantized is refused."""
+  model, params = tiny
+  config = model.config.replace(quantized_roots=('decoder',))
+  quantized = param_layout.flatten(quantize(params, config, 'int8'))
+  assert quantized[('lm_head', 'kernel')] is params['lm_head']['kernel']
+  assert ('decoder', 'layers', 'mlp', 'w1', 'q') in quantized
+  shapes = param_layout.flatten(q.model.param_shapes(q.QwenVL(quantized_config(config, 'int8'))))
+  assert {p: s.shape for p, s in shapes.items()} == {p: x.shape for p, x in quantized.items()}
+  with pytest.raises(ValueError, match="quantized_roots must be a tuple of .*'visual'"):
+    model.config.replace(quantized_roots=('visual',))
+
+
 def test_at_load_quantizes_consuming_the_float_tree(tiny):
   """What `--weights` does in chat, serve and qwenvl-eval: float leaves freed as they are quantized."""
   from qwenvl_jax.quant import at_load

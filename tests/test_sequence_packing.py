@@ -145,7 +145,7 @@ def test_packed_gradients_equal_unpacked(tok, records, model_params):
     cfg = stage_config(2, batch_size=8, grad_accum=1, steps=2, warmup_steps=1, image_size=28,
                        dtype='float32', samples_per_row=per_row)
     optimizer = optax.sgd(1.0)
-    state, metrics = jax.jit(make_train_step(model, optimizer, cfg))(init_state(params, optimizer),
+    state, metrics = jax.jit(make_train_step(model, optimizer, cfg))(init_state(cfg, params, optimizer),
                                                                      _batch(tok, root, recs, per_row))
     update = jax.tree.map(lambda new, old: new - old, state.params, params)
     results.append((metrics['loss'], metrics['targets'], update))

@@ -23,6 +23,7 @@ DATA_FORMATS = ('caption', 'multitask', 'chat')
 CHAT_LABELS = ('official', 'assistant')
 ON_OVERLONG = ('truncate', 'skip', 'error')
 ON_BAD_RECORD = ('error', 'skip')
+BASE_WEIGHTS = ('float', 'int8', 'int4')  # of the base model (`qwenvl_jax.quant`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,9 @@ class TrainConfig:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.05
   lora_targets: tuple[str, ...] = ('c_attn', 'attn.c_proj', 'w1', 'w2')
+  # Q-LoRA: 'int8' / 'int4' hold the frozen base weight-only quantized (LoRA only); an Int4 init_from with
+  # 'int4' stays packed as released, anything else is quantized when the run starts.
+  weights: str = 'float'
   # Run.
   seed: int = 0
   out_dir: str = 'out/train'
@@ -130,6 +134,11 @@ class TrainConfig:
       problems.append(f'vit_lr_decay must lie in [0, 1], got {self.vit_lr_decay}')
     if self.visual_lr_scale < 0:
       problems.append(f'visual_lr_scale must be >= 0, got {self.visual_lr_scale}')
+    if self.weights not in BASE_WEIGHTS:
+      problems.append(f'weights must be one of {BASE_WEIGHTS}, got {self.weights!r}')
+    elif self.weights != 'float' and not self.lora:
+      problems.append(f'weights={self.weights} needs lora=true (a quantized base is frozen: only LoRA trains '
+                      'over it)')
     if not 0 <= self.lora_dropout < 1:
       problems.append(f'lora_dropout must lie in [0, 1), got {self.lora_dropout}')
     if problems:
@@ -165,7 +174,7 @@ class TrainConfig:
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 # Keys that fix the structure of the saved training state: a resumed run must agree on them.
-STRUCTURAL_KEYS = ('stage', 'lora', 'lora_rank', 'lora_targets')
+STRUCTURAL_KEYS = ('stage', 'lora', 'lora_rank', 'lora_targets', 'weights')
 
 
 def check_keys(d: Mapping[str, Any], source: str) -> None:

@@ -118,7 +118,7 @@ def make_setup(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: in
   batch = sizes['data'] * sizes['fsdp'] * grad_accum if batch is None else batch
   seq = config.text.seq_length if seq is None else seq
   overrides = dict(batch_size=batch, grad_accum=grad_accum, dtype=as_dtype(dtype).name, remat=remat,
-                   lora=lora, seq_buckets=[seq], target_step=1)
+                   lora=lora, seq_buckets=[seq], target_step=1, weights=weights)
   if images is not None:
     overrides['max_images'] = images
   if image_size is not None:
@@ -134,20 +134,17 @@ def abstract_state(setup: Setup) -> tuple[Any, Any]:
   """(TrainState of ShapeDtypeStructs, trainable mask of the optimiser's tree) as the trainer builds them."""
   # Batch, sequence and remat shape the step, not the state: plans that differ only there share one.
   return _abstract_state(setup.cfg.replace(batch_size=1, grad_accum=1, seq_buckets=(2,), remat='none'),
-                         setup.model_config.replace(remat='none'), setup.weights)
+                         setup.model_config.replace(remat='none'))
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_state(cfg: TrainConfig, model_config: QwenVLConfig, weights: str = 'float') -> tuple[Any, Any]:
+def _abstract_state(cfg: TrainConfig, model_config: QwenVLConfig) -> tuple[Any, Any]:
   from qwenvl_jax.model import QwenVL
-  from qwenvl_jax.quant import quantize
   from train.optim import trainable_mask, trainables
   from train.state import from_random, run_optimizer
   model = QwenVL(model_config)
   optimizer = run_optimizer(cfg, model)
-  state = jax.eval_shape(from_random(cfg, model, optimizer))
-  if weights != 'float':  # the base as Q-LoRA holds it: int8 values and their scales
-    state = state._replace(params=jax.eval_shape(lambda p: quantize(p, model_config, weights), state.params))
+  state = jax.eval_shape(from_random(cfg, model, optimizer))  # cfg.weights: the base as Q-LoRA holds it
   return state, trainable_mask(cfg, trainables(state.params, state.lora))
 
 

@@ -16,11 +16,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qwenvl_jax import sharding
+from qwenvl_jax import gptq, sharding
+from qwenvl_jax.config import QwenVLConfig
+from qwenvl_jax.gptq_checkpoint import packed_config
 from qwenvl_jax.model import QwenVL, init_params, param_shapes
+from qwenvl_jax.quant import is_quantized, quantize, quantized_config
 from train.config import TrainConfig
 from train.lora import init_lora
 from train.optim import make_optimizer
+from train.run_dir import is_run_dir
 from train.step import TrainState, init_state
 
 MASTER_DTYPE = jnp.float32  # master weights, gradients and AdamW moments; compute runs in cfg.dtype
@@ -30,17 +34,42 @@ def _lora(cfg: TrainConfig, params: Any) -> Any:
   return init_lora(params, cfg.lora_targets, cfg.lora_rank, jax.random.key(cfg.seed + 1)) if cfg.lora else None
 
 
+def int4_source(cfg: TrainConfig) -> gptq.GptqConfig | None:
+  """The GPTQ config of cfg.init_from when it is a released Int4 checkpoint, else None."""
+  if not cfg.init_from or is_run_dir(cfg.init_from):
+    return None
+  return gptq.read_config(cfg.init_from)
+
+
+def base_config(cfg: TrainConfig, config: QwenVLConfig) -> QwenVLConfig:
+  """The config of the params the state holds: `config` (float), or under cfg.weights (Q-LoRA) the
+  frozen quantized base's: an Int4 init_from kept packed with weights=int4 (its groups, lm_head float),
+  else the float weights quantized when the state is made."""
+  if cfg.weights == 'float':
+    return config
+  source = int4_source(cfg)
+  if source is not None and cfg.weights == 'int4':
+    return packed_config(config, source)
+  return quantized_config(config, cfg.weights)
+
+
 def run_optimizer(cfg: TrainConfig, model: QwenVL) -> optax.GradientTransformation:
-  """The run's optimizer, built from the shapes of params and LoRA alone (nothing allocated)."""
-  return make_optimizer(cfg, param_shapes(model))
+  """The run's optimizer, built from the shapes of params (the base as the state holds it) alone
+  (nothing allocated)."""
+  return make_optimizer(cfg, param_shapes(QwenVL(base_config(cfg, model.config))))
 
 
-def from_params(cfg: TrainConfig, optimizer: optax.GradientTransformation) -> Callable[[Any], TrainState]:
-  """params (any float dtype) -> the initial TrainState: float32 master weights, LoRA, optimizer state."""
+def from_params(cfg: TrainConfig, optimizer: optax.GradientTransformation, base: QwenVLConfig | None = None
+                ) -> Callable[[Any], TrainState]:
+  """params (any float dtype) -> the initial TrainState: float32 master weights, LoRA, optimizer state.
+  `base` (`base_config`) quantized: float params are quantized to it, a quantized tree kept as it is."""
   def build(params):
-    # a quantized base's int8 values stay as they are (Q-LoRA: frozen, dequantized in the loss)
+    # a quantized base's int8 values stay as they are (Q-LoRA: frozen, dequantized in the loss); its
+    # scales, like the float leaves, in float32 (exact for the Int4 checkpoint's float16 ones)
     params = jax.tree.map(lambda x: x if jnp.issubdtype(x.dtype, jnp.integer) else jnp.asarray(x, MASTER_DTYPE),
                           params)
+    if base is not None and base.weights != 'float' and not is_quantized(params):
+      params = quantize(params, base.replace(weights='float'), base.weights)
     lora = _lora(cfg, params)
     return init_state(cfg, params, optimizer, lora)
   return build
@@ -49,7 +78,7 @@ def from_params(cfg: TrainConfig, optimizer: optax.GradientTransformation) -> Ca
 def from_random(cfg: TrainConfig, model: QwenVL, optimizer: optax.GradientTransformation
                 ) -> Callable[[], TrainState]:
   """() -> the initial TrainState of a random init with cfg.seed."""
-  build = from_params(cfg, optimizer)
+  build = from_params(cfg, optimizer, base_config(cfg, model.config))
   return lambda: build(init_params(model, jax.random.key(cfg.seed)))
 
 
@@ -100,4 +129,4 @@ def create(layout: Layout, cfg: TrainConfig, model: QwenVL, optimizer: optax.Gra
   kwargs = {} if layout.shardings is None else {'out_shardings': layout.shardings}
   if params is None:
     return jax.jit(from_random(cfg, model, optimizer), **kwargs)()
-  return jax.jit(from_params(cfg, optimizer), donate_argnums=0, **kwargs)(params)
+  return jax.jit(from_params(cfg, optimizer, base_config(cfg, model.config)), donate_argnums=0, **kwargs)(params)
