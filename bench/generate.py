@@ -67,6 +67,15 @@ def bandwidth(gib: float, repeats: int, torch=None) -> dict[str, float]:
   return out
 
 
+def add_lm_args(ap: argparse.ArgumentParser) -> None:
+  """The language model's dims (`lm_config`); the defaults are the bench dims."""
+  ap.add_argument('--hidden', type=int, default=1024)
+  ap.add_argument('--layers', type=int, default=24)
+  ap.add_argument('--heads', type=int, default=16)
+  ap.add_argument('--intermediate', type=int, default=2 * 2816, help="Qwen-VL's (w1 + w2 widths)")
+  ap.add_argument('--vocab', type=int, default=151936)
+
+
 def lm_config(args) -> q.QwenVLConfig:
   """The language model under test; the vision tower is tiny since text-only decoding never runs it."""
   return q.QwenVLConfig(
@@ -163,11 +172,7 @@ def time_hf(model, prompts: np.ndarray, new: int, repeats: int) -> tuple[float, 
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--hidden', type=int, default=1024)
-  ap.add_argument('--layers', type=int, default=24)
-  ap.add_argument('--heads', type=int, default=16)
-  ap.add_argument('--intermediate', type=int, default=2 * 2816, help="Qwen-VL's (w1 + w2 widths)")
-  ap.add_argument('--vocab', type=int, default=151936)
+  add_lm_args(ap)
   ap.add_argument('--prompt', type=int, default=128, help='prompt tokens per row')
   ap.add_argument('--new', type=int, default=64, help='decode steps timed')
   ap.add_argument('--batches', type=int, nargs='+', default=[1, 8])

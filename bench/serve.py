@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import qwenvl_jax as q
-from bench.generate import lm_config, random_params
+from bench.generate import add_lm_args, lm_config, random_params
 from qwenvl_jax.decode import decode_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -95,11 +95,7 @@ def wave(url: str, clients: int, new: int) -> dict[str, float]:
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--hidden', type=int, default=1024)
-  ap.add_argument('--layers', type=int, default=24)
-  ap.add_argument('--heads', type=int, default=16)
-  ap.add_argument('--intermediate', type=int, default=2 * 2816, help="Qwen-VL's (w1 + w2 widths)")
-  ap.add_argument('--vocab', type=int, default=151936)
+  add_lm_args(ap)
   ap.add_argument('--vocab-file', default=os.environ.get('QWENVL_VOCAB', ROOT.parent / 'shared' / 'qwen.tiktoken'),
                   help='qwen.tiktoken (default: $QWENVL_VOCAB, else ../shared/qwen.tiktoken)')
   ap.add_argument('--clients', type=int, nargs='+', default=[1, 4, 16])

@@ -10,6 +10,7 @@ import pytest
 
 from qwenvl_jax.gptq import GptqConfig
 from qwenvl_jax.gptq_checkpoint import quantized_rules
+from test_load_memory import LOAD_PEAK
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,21 +51,6 @@ def write_synthetic_int4(root, layers: int, vocab: int) -> int:
   return sum(s.nbytes for s in specs)
 
 
-_CHILD = '''
-import json, pathlib, sys
-import jax
-def hwm():
-  return next(int(l.split()[1]) * 1024 for l in pathlib.Path('/proc/self/status').read_text().splitlines()
-              if l.startswith('VmHWM:'))
-jax.numpy.zeros(1).block_until_ready()
-from qwenvl_jax import load_pretrained
-before = hwm()
-_, params = load_pretrained(sys.argv[1], dtype='bfloat16', keep_packed=sys.argv[2] == 'packed')
-jax.block_until_ready(params)
-print(json.dumps({'before': before, 'after': hwm(), 'params': sum(x.nbytes for x in jax.tree.leaves(params))}))
-'''
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not pathlib.Path('/proc/self/status').exists(), reason='reads VmHWM: Linux only')
 @pytest.mark.parametrize('form', ['dequantized', 'packed'])
@@ -72,7 +58,7 @@ def test_released_widths_load_layer_by_layer(tmp_path, form):
   """At the released widths the host peak of a load is the parameters plus about a layer, dequantized
   (bfloat16) or packed."""
   stored = write_synthetic_int4(tmp_path / 'int4', layers=6, vocab=16384)
-  out = subprocess.run([sys.executable, '-c', _CHILD, str(tmp_path / 'int4'), form], cwd=ROOT, check=True,
+  out = subprocess.run([sys.executable, '-c', LOAD_PEAK, str(tmp_path / 'int4'), form], cwd=ROOT, check=True,
                        capture_output=True, text=True).stdout
   m = json.loads(out.strip().splitlines()[-1])
   grown = m['after'] - m['before']

@@ -36,7 +36,9 @@ def test_head_over_vocabulary_chunks_equals_one_product():
   chex.assert_trees_all_close(chunked, whole, rtol=1e-5, atol=1e-5)
 
 
-_CHILD = '''
+# A load in a fresh process; its VmHWM before and after (argv: checkpoint dir, then 'packed' to keep an
+# Int4 checkpoint packed).
+LOAD_PEAK = '''
 import json, pathlib, sys
 import jax
 def hwm():
@@ -45,7 +47,7 @@ def hwm():
 jax.numpy.zeros(1).block_until_ready()
 from qwenvl_jax import load_pretrained
 before = hwm()
-_, params = load_pretrained(sys.argv[1], dtype='bfloat16')
+_, params = load_pretrained(sys.argv[1], dtype='bfloat16', keep_packed=sys.argv[2:] == ['packed'])
 jax.block_until_ready(params)
 print(json.dumps({'before': before, 'after': hwm(), 'params': sum(x.nbytes for x in jax.tree.leaves(params))}))
 '''
@@ -57,7 +59,7 @@ def test_host_peak_of_a_load_is_the_parameters_plus_little(tmp_path):
   from bench.convert import write_checkpoint
   write_checkpoint(tmp_path / 'hf', layers=2, vit_layers=1, shard_size=2 * 10**9)  # ~2.7 GB of bf16
   hf_to_orbax(tmp_path / 'hf', tmp_path / 'c', progress=False)
-  out = subprocess.run([sys.executable, '-c', _CHILD, str(tmp_path / 'c')], cwd=ROOT, check=True,
+  out = subprocess.run([sys.executable, '-c', LOAD_PEAK, str(tmp_path / 'c')], cwd=ROOT, check=True,
                        capture_output=True, text=True).stdout
   m = json.loads(out.strip().splitlines()[-1])
   grown = m['after'] - m['before']

@@ -30,6 +30,7 @@ from serve.app import Service, create_app  # noqa: E402
 from serve.batch_engine import BatchEngine  # noqa: E402
 from serve.limits import Limits  # noqa: E402
 from serve.prompt import Preparer  # noqa: E402
+from serving import live_server  # noqa: E402
 from test_chat import N_QUERIES, random_params, tiny_chat_config  # noqa: E402
 from test_cli import ckpt  # noqa: E402,F401 (the fixture: a tiny checkpoint directory)
 
@@ -69,16 +70,8 @@ def server(vocab_file, golden_dir):
   engine = Engine(model, params, max_batch=ROWS, max_queue=QUEUE, max_len=256)
   preparer = Preparer(model, params, tok, LIMITS, image_root=golden_dir / 'img', fits=engine.check)
   app = create_app(Service(NAME, tok, BASE, preparer, engine, LIMITS, KEY))
-  port = free_port()
-  srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
-  thread = threading.Thread(target=srv.run, daemon=True)
-  thread.start()
-  while not srv.started:
-    assert thread.is_alive(), 'the server did not start'
-    time.sleep(0.05)
-  yield dict(url=f'http://127.0.0.1:{port}', model=model, params=params, tok=tok, engine=engine)
-  srv.should_exit = True
-  thread.join(10)
+  with live_server(app) as url:
+    yield dict(url=url, model=model, params=params, tok=tok, engine=engine)
   engine.close()
 
 
