@@ -1,8 +1,9 @@
 """OpenAI chat-completion requests, checked field by field, and the responses and stream chunks.
 
 A request is refused (400, OpenAI's error JSON) naming the field and the problem: unknown fields, wrong
-types, unknown roles, unsupported options (`n` > 1, tools). Accepted fields that change nothing here
-(`user`, zero penalties, `logprobs: false`) are let through, as clients send them by default.
+types, unknown roles, unsupported options (`n` > 1, tools, JSON output). Fields that change nothing here
+are let through, as clients send them by default: `user` (any string: an end-user id for the client's own
+records), zero penalties, `logprobs: false`, `response_format` of type "text".
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from serve.errors import bad_request
 
 ROLES = ('system', 'user', 'assistant')
 # fields whose default is the only value served; a client may send that value
-_INERT = {'n': 1, 'logprobs': False, 'frequency_penalty': 0, 'presence_penalty': 0, 'user': None,
+_INERT = {'n': 1, 'logprobs': False, 'frequency_penalty': 0, 'presence_penalty': 0,
           'parallel_tool_calls': None, 'top_logprobs': None}
 _SAMPLING = ('temperature', 'top_p', 'top_k', 'max_tokens', 'max_completion_tokens', 'seed')
-_FIELDS = {'model', 'messages', 'stream', 'stream_options', 'stop', *_SAMPLING, *_INERT}
+_FIELDS = {'model', 'messages', 'stream', 'stream_options', 'stop', 'user', 'response_format', *_SAMPLING, *_INERT}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,14 @@ def parse_request(data: dict[str, Any]) -> ChatRequest:
   for key, only in _INERT.items():
     if data.get(key) not in (None, only):
       raise bad_request(f'{key}={data[key]!r} is not supported (only {only!r})', key)
-  model = _expect(data.get('model'), str, 'model', 'a string')
+  if data.get('model') is None:
+    raise bad_request('model is required: GET /v1/models lists the model this server serves', 'model')
+  model = _expect(data['model'], str, 'model', 'a string')
+  _expect(data.get('user', ''), str, 'user', 'a string')
+  response_format = _expect(data.get('response_format') or {}, dict, 'response_format', 'an object')
+  if response_format.get('type', 'text') != 'text':
+    raise bad_request(f'response_format type {response_format["type"]!r} is not supported (only "text")',
+                      'response_format')
   stream = _expect(data.get('stream', False), bool, 'stream', 'a boolean')
   options = _expect(data.get('stream_options') or {}, dict, 'stream_options', 'an object')
   sampling = tuple((k, data[k]) for k in _SAMPLING if data.get(k) is not None)
