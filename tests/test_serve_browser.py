@@ -151,6 +151,8 @@ def test_answer_streams_and_boxes_are_drawn(page, server, tok, tmp_path):
     engine.go()
   _until(page, 'the boxes drawn', lambda: page.find_elements('css selector', '#log .assistant canvas.boxes'))
   assert _answers(page) == ['The dog sits on the grass: the dog and a cat']
+  # the settings left empty on the page are the server's generation config's
+  assert engine.requests[-1].config.max_new_tokens == 64
   user = page.find_element('css selector', '#log .user img')
   assert user.get_property('naturalWidth') == 400 and 'Where are the animals?' in _turns(page)[0][1]
 
