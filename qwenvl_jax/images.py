@@ -26,7 +26,7 @@ import urllib.request
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -110,10 +110,13 @@ class ImageLoader:
     max_bytes: largest download accepted.
     max_pixels: largest image (width x height) decoded from a file, URL or bytes; Pillow's own
       limit `PIL.Image.MAX_IMAGE_PIXELS` applies too (twice it is refused before this check).
+    reveal_paths: errors name the file a path resolved to and the allowed root. A server passes False:
+      its errors go to clients, who then see a path only as they sent it, never the server's layout.
   """
 
   def __init__(self, allowed_root: str | os.PathLike | None = None, allow_urls: bool = False,
-               timeout: float = 10.0, max_bytes: int = 32 * 2**20, max_pixels: int = MAX_PIXELS):
+               timeout: float = 10.0, max_bytes: int = 32 * 2**20, max_pixels: int = MAX_PIXELS,
+               reveal_paths: bool = True):
     self.allowed_root = None
     if allowed_root is not None:
       self.allowed_root = pathlib.Path(allowed_root).resolve()
@@ -126,6 +129,7 @@ class ImageLoader:
     self.timeout = timeout
     self.max_bytes = max_bytes
     self.max_pixels = max_pixels
+    self.reveal_paths = reveal_paths
 
   def load(self, src: ImageSource) -> Image.Image:
     if isinstance(src, Image.Image):
@@ -150,6 +154,8 @@ class ImageLoader:
       image = Image.open(file)
     except Image.DecompressionBombError as e:
       raise ValueError(f'refusing image {name}: {e} (PIL.Image.MAX_IMAGE_PIXELS)') from e
+    except UnidentifiedImageError:  # its message holds the file object's repr (a memory address)
+      raise ValueError(f'cannot decode image {name}: not an image format Pillow reads') from None
     except _DECODE_ERRORS as e:
       raise ValueError(f'cannot decode image {name}: {e}') from e
     with image:
@@ -168,6 +174,8 @@ class ImageLoader:
       return pathlib.Path(path)
     resolved = (self.allowed_root / path).resolve()
     if not resolved.is_relative_to(self.allowed_root):
+      if not self.reveal_paths:
+        raise PermissionError(f'image path {_shown(path)} leads outside the allowed root')
       raise PermissionError(f'image path {_shown(path)} resolves to {resolved}, outside the '
                             f'allowed root {self.allowed_root}')
     return resolved
@@ -181,7 +189,8 @@ class ImageLoader:
       if stat.S_ISREG(mode):
         return open(resolved, 'rb')
     except FileNotFoundError:
-      where = '' if os.fspath(path) == str(resolved) else f' (looked at {resolved})'
+      shown = resolved if self.reveal_paths else 'under the allowed root'
+      where = '' if os.fspath(path) == str(resolved) else f' (looked at {shown})'
       raise FileNotFoundError(f'image not found: {_shown(path)}{where}') from None
     except PermissionError as e:
       if e.errno is None:  # ours: outside the allowed root

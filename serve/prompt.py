@@ -70,7 +70,8 @@ class Preparer:
     self.fits = fits
     self.image_root = image_root
     self.loader = ImageLoader(allowed_root=image_root, allow_urls=allow_urls, timeout=limits.url_timeout,
-                              max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+                              max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                              reveal_paths=False)  # its errors go to clients
 
   def prepare(self, messages: tuple[Message, ...], config: GenerationConfig) -> Prompt:
     sources: dict[str, object] = {}  # uploadK -> data URL bytes, URL or path

@@ -78,6 +78,20 @@ def test_symlink_escape_refused(root):
       loader.load(path)
 
 
+def test_a_server_loader_names_paths_only_as_sent(root):
+  """reveal_paths=False (the server's): refusals name the path as the client sent it, never the root or
+  the file it resolved to; an unreadable body is named without Pillow's object repr."""
+  loader = ImageLoader(allowed_root=root, reveal_paths=False)
+  for path, error in [('../secret.png', PermissionError), ('/etc/hostname', PermissionError),
+                      ('sub/../missing.png', FileNotFoundError)]:
+    with pytest.raises(error) as info:
+      loader.load(path)
+    assert path in str(info.value) and str(root) not in str(info.value), info.value
+  with pytest.raises(ValueError) as info:
+    loader.load(b'not an image')
+  assert 'not an image format' in str(info.value) and '0x' not in str(info.value), info.value
+
+
 def test_symlink_within_root_loads(root):
   os.symlink(root / 'sub' / 'ok.png', root / 'alias.png')
   np.testing.assert_array_equal(np.asarray(ImageLoader(root).load('alias.png')), _pixels())
