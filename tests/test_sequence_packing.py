@@ -59,6 +59,31 @@ def test_first_fit_respects_both_capacities():
   assert rows == [[1, 2], [4, 0]] and left == [3, 5]
 
 
+def _first_fit_one_by_one(lengths, images, rows, max_tokens, max_images):
+  """The definition, sample by sample: each, in first_fit's order, into the first row with room."""
+  room, image_room = [max_tokens] * rows, [max_images] * rows
+  out, left = [[] for _ in range(rows)], []
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], -images[i], i)):
+    r = next((r for r in range(rows) if room[r] >= lengths[i] and image_room[r] >= images[i]), None)
+    if r is None:
+      left.append(i)
+      continue
+    out[r].append(i)
+    room[r], image_room[r] = room[r] - lengths[i], image_room[r] - images[i]
+  return out, left
+
+
+@pytest.mark.parametrize('n, rows, max_tokens, max_images', [(600, 90, 256, 7), (400, 150, 40, 2), (300, 30, 1000, 4)])
+def test_first_fit_equals_placing_samples_one_by_one(n, rows, max_tokens, max_images):
+  """Runs of one size are placed together; the rows are those of placing each sample in turn (with many
+  repeated sizes, a few, and samples that find no room)."""
+  rng = np.random.default_rng(n)
+  lengths = rng.integers(0, max_tokens // 2, n).tolist()
+  images = rng.integers(0, 3, n).tolist()
+  assert first_fit(lengths, images, rows, max_tokens, max_images) == \
+      _first_fit_one_by_one(lengths, images, rows, max_tokens, max_images)
+
+
 def test_segments_give_per_sample_positions_and_a_block_diagonal_mask():
   seg = jnp.asarray([[1, 1, 2, 2, 2, 3, 0, 0]])
   np.testing.assert_array_equal(positions_of(seg, 0, 8)[0, :6], [0, 1, 0, 1, 2, 0])
