@@ -85,7 +85,8 @@ def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.shardi
   if quantized and quantize is None:
     raise ValueError(f'weights={config.weights} needs the quantizer (quant.quantize_kernel)')
   shapes = param_layout.leaf_shapes(config) if quantized else {}
-  bound: Quantize = functools.partial(quantize, mode=config.weights, group_size=config.group_size)
+  bound: Quantize | None = (functools.partial(quantize, mode=config.weights, group_size=config.group_size)
+                            if quantized else None)
   leaves: dict[Path, _Leaf] = {}
   params: dict = {}
   for entry, array in tensors:
