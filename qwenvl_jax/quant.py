@@ -118,6 +118,15 @@ def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
   return out
 
 
+def _packed(path, mode: str):
+  """The GPTQ config of `path` when `--weights mode` reads it packed as released (mode int4 over a
+  released Int4 checkpoint), else None."""
+  from qwenvl_jax.gptq import read_config
+  if mode == 'int4' and (pathlib.Path(path) / 'config.json').is_file():
+    return read_config(path)
+  return None
+
+
 def load(path, mode: str, dtype, **kw) -> tuple[dict, QwenVLConfig]:
   """(params, config) of a checkpoint directory for `--weights mode` (chat, serve, qwenvl-eval): a
   released GPTQ Int4 checkpoint with 'int4' read packed as it is (its groups, lm_head float: the released
@@ -125,8 +134,7 @@ def load(path, mode: str, dtype, **kw) -> tuple[dict, QwenVLConfig]:
   quantized kernel by kernel as they are read (onto `shardings`): the float base is never held whole.
   A quantized tree comes with its layers stacked (`split_layers` applies to float weights only)."""
   from qwenvl_jax.checkpoint import load_pretrained
-  from qwenvl_jax.gptq import read_config
-  if mode == 'int4' and (pathlib.Path(path) / 'config.json').is_file() and read_config(path) is not None:
+  if _packed(path, mode) is not None:
     kw.pop('split_layers', None)
     shardings = kw.pop('shardings', None)
     model, params = load_pretrained(path, dtype=dtype, keep_packed=True, **kw)
@@ -139,6 +147,20 @@ def load(path, mode: str, dtype, **kw) -> tuple[dict, QwenVLConfig]:
     kw.update(weights=mode, quantize=quantize_kernel)
   model, params = load_pretrained(path, dtype=dtype, **kw)
   return params, model.config.replace(dtype=dtype)
+
+
+def load_onto(path, mode: str, dtype, mesh: jax.sharding.Mesh, rules) -> tuple[dict, QwenVLConfig]:
+  """`load` straight onto `mesh`, each leaf on its logical axes' sharding under `rules`: each host reads
+  (and quantizes) only its devices' blocks, so no device holds the whole model, float or quantized (the
+  packed Int4 layout excepted: read onto one device, then placed)."""
+  from qwenvl_jax.gptq_checkpoint import packed_config
+  from qwenvl_jax.model import QwenVL, param_shapes
+  if not (pathlib.Path(path) / 'config.json').is_file():
+    return load(path, mode, dtype)  # not a checkpoint: its error, naming what the directory is
+  config, gptq_config = QwenVLConfig.from_json(path), _packed(path, mode)
+  config = quantized_config(config, mode) if gptq_config is None else packed_config(config, gptq_config)
+  shardings = sharding.param_shardings(mesh, param_shapes(QwenVL(config)), rules)
+  return load(path, mode, dtype, shardings=shardings)
 
 
 def is_quantized(params: dict) -> bool:

@@ -97,6 +97,27 @@ def test_quantized_load_onto_a_mesh_is_bit_identical(sources, mesh_spec, rules, 
 
 
 @needs_two
+@pytest.mark.parametrize('mode,layout', [('float', 'released'), ('int8', 'converted'), ('int4', 'packed')])
+def test_load_onto_reads_straight_onto_the_mesh(sources, golden_dir, mode, layout):
+  """`quant.load_onto` (qwenvl-eval --mesh): every leaf on its logical axes' sharding, the values of a
+  one-device load; float weights, quantized ones, and the released Int4 layout kept packed."""
+  path = golden_dir / 'int4' / 'checkpoint' if layout == 'packed' else sources[layout]
+  mesh = sh.make_mesh('tensor=2')
+  params, config = quant.load_onto(path, mode, 'float32', mesh, 'tp')
+  want, want_config = quant.load(path, mode, 'float32')
+  assert config == want_config
+  shardings = param_layout.flatten(sh.param_shardings(mesh, param_shapes(QwenVL(config)), 'tp'))
+  want, params = param_layout.flatten(want), param_layout.flatten(params)
+  assert params.keys() == want.keys() == shardings.keys()
+  split = 0
+  for path, x in params.items():
+    assert x.sharding == shardings[path] and x.dtype == want[path].dtype, path
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(want[path]), err_msg='/'.join(path))
+    split += x.sharding.shard_shape(x.shape) != x.shape
+  assert split >= 10
+
+
+@needs_two
 def test_qlora_init_from_a_float_checkpoint_onto_the_mesh(sources):
   """The trainer's Q-LoRA base from a float init_from on an fsdp=2 mesh: quantized on the way, on the
   quantized base's shardings, equal to the whole float tree quantized."""
