@@ -46,7 +46,16 @@ class QuantizedKernel:
     # each scale dim's kernel dim (None: the groups)
     self.scale_dims = [None if n == GROUPS_AXIS else names.index(n) for n in scale_names]
     self._done: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-    self.q, self.scale = _View(self, 'q'), _View(self, 'scale')
+
+  # Views made on demand, not kept: a view held here would be a reference cycle, and the quantized blocks
+  # cached in `_done` would wait for the garbage collector (a tensor's worth of int8 per kernel read).
+  @property
+  def q(self) -> '_View':
+    return _View(self, 'q')
+
+  @property
+  def scale(self) -> '_View':
+    return _View(self, 'scale')
 
   def _of(self, ranges: dict[int, slice]) -> tuple[np.ndarray, np.ndarray]:
     """(q, scale) of the output channels `ranges` (kernel dim -> slice) with every input, quantized

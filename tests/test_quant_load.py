@@ -182,6 +182,7 @@ def test_quantized_load_peak_is_the_quantized_base_plus_a_tensor(tmp_path):
   m = json.loads(out.strip().splitlines()[-1])
   grown = m['after'] - m['before']
   print(f"float base {m['float'] / 1e9:.2f} GB, quantized {m['params'] / 1e9:.2f} GB, grown {grown / 1e9:.2f} GB")
-  # measured: 1.06 GB of a 1.73 GB float base (0.51 GB quantized); the whole-tree path held the float
-  # base and then the quantized tree, at least 2.2 GB
-  assert grown < 0.7 * m['float'], m
+  # measured: 0.72-0.81 GB of a 1.73 GB float base (0.51 GB quantized); the whole-tree path (float load,
+  # then `quant.quantize`) grew by 3.12 GB
+  assert grown < 0.6 * m['float'], m
+  assert grown < m['params'] + 0.4e9, m  # + the quantizer's compiled ops and a block of float rows
