@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import jax
 
@@ -167,10 +167,11 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
   checkpoint = ReleasedCheckpoint(root)
   if quantized is None:
     check_released(checkpoint, config)
+  if keep_packed:
+    config = gptq_checkpoint.packed_config(config, quantized)
   placement = _sharding_tree(shardings, list(param_layout.leaf_shapes(config)))
   if quantized is not None:
-    params = _read_int4(checkpoint, config, quantized, dtype, placement, keep_packed, quantize)
-    return QwenVL(gptq_checkpoint.packed_config(config, quantized) if keep_packed else config), params
+    return QwenVL(config), _read_int4(checkpoint, config, quantized, dtype, placement, keep_packed, quantize)
   if quantized_at_load or any(len(s.device_set) > 1 for s in placement.values()):
     # each host copies (quantizes) only its devices' blocks
     return QwenVL(config), released_slices.read_onto(checkpoint.tensors(), config, placement, dtype, quantize)
@@ -186,23 +187,13 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
 def _read_int4(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, quantized: gptq.GptqConfig, dtype,
                placement: dict[Path, jax.sharding.Sharding], keep_packed: bool, quantize) -> dict:
   """The params of a GPTQ checkpoint read layer by layer onto `placement` (`released_slices`), its
-  quantized kernels dequantized into `dtype` or kept packed."""
+  quantized kernels dequantized into `dtype` or kept packed (`config` the packed one)."""
   gptq_checkpoint.check_int4(checkpoint, config, quantized)
-  if not keep_packed:
+  if keep_packed:
+    tensors = gptq_checkpoint.packed_tensors(checkpoint.tensors(), config, quantized)
+  else:
     tensors = gptq_checkpoint.dequantized(checkpoint.tensors(), config, quantized)
-    return released_slices.read_onto(tensors, config, placement, dtype, quantize)
-  if any(len(s.device_set) > 1 for s in placement.values()):
-    raise ValueError('keep_packed reads onto one device; shard the packed tree afterwards')
-  floats, kernels = gptq_checkpoint.packed_tensors(checkpoint.tensors(), config, quantized)
-  params = released_slices.read_onto(floats, config, placement, dtype)  # fills `kernels` on the way
-  for path, kernel in kernels.items():
-    for k, leaf in gptq_checkpoint.packed_paths(path).items():
-      set_path(params, leaf, orbax_leaves.to_device(kernel[k], placement[path]))
-  return params
-
-
-class _Named(NamedTuple):  # what read_onto needs of an entry: its name
-  name: str
+  return released_slices.read_onto(tensors, config, placement, dtype, quantize)
 
 
 def _restore_quantized(root: pathlib.Path, config: QwenVLConfig, dtype, shardings, quantize) -> dict:
@@ -222,5 +213,5 @@ def _restore_quantized(root: pathlib.Path, config: QwenVLConfig, dtype, sharding
       index = () if i is None else (i,)
       kw = {} if i is None else dict(layer=i, num_layers=layers[p])
       table[name] = Rule(name, p, shape[len(index):], **kw)
-      tensors.append((_Named(name), orbax_leaves.LazyLeaf(reader, p, index)))
+      tensors.append((released_slices.Named(name), orbax_leaves.LazyLeaf(reader, p, index)))
   return released_slices.read_onto(tensors, config, placement, dtype, quantize, table)

@@ -136,10 +136,7 @@ def load(path, mode: str, dtype, **kw) -> tuple[dict, QwenVLConfig]:
   from qwenvl_jax.checkpoint import load_pretrained
   if _packed(path, mode) is not None:
     kw.pop('split_layers', None)
-    shardings = kw.pop('shardings', None)
     model, params = load_pretrained(path, dtype=dtype, keep_packed=True, **kw)
-    if shardings is not None:  # read onto one device first (`checkpoint._read_int4`), then placed
-      params = sharding.put(params, shardings)
     return params, model.config.replace(dtype=dtype)
   if mode != 'float':
     check_mode(mode)
@@ -151,8 +148,7 @@ def load(path, mode: str, dtype, **kw) -> tuple[dict, QwenVLConfig]:
 
 def load_onto(path, mode: str, dtype, mesh: jax.sharding.Mesh, rules) -> tuple[dict, QwenVLConfig]:
   """`load` straight onto `mesh`, each leaf on its logical axes' sharding under `rules`: each host reads
-  (and quantizes) only its devices' blocks, so no device holds the whole model, float or quantized (the
-  packed Int4 layout excepted: read onto one device, then placed)."""
+  (and quantizes) only its devices' blocks, so no device holds the whole model, float or quantized."""
   from qwenvl_jax.gptq_checkpoint import packed_config
   from qwenvl_jax.model import QwenVL, param_shapes
   if not (pathlib.Path(path) / 'config.json').is_file():

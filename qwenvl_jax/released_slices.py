@@ -16,7 +16,7 @@ holds its devices' share of the quantized base plus one float tensor, never the 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -69,6 +69,11 @@ def _key(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
   return tuple(out)
 
 
+class Named(NamedTuple):
+  """An entry as `read_onto` needs it: the released name of its tensor."""
+  name: str
+
+
 def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.sharding.Sharding], dtype,
               quantize: Callable | None = None, table: Mapping[str, Rule] | None = None) -> dict:
   """The params tree in `dtype` on `shardings` (Flax path -> Sharding, every leaf), from `tensors`:
@@ -82,21 +87,22 @@ def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.shardi
   for rule in table.values():
     counts[rule.path] = counts.get(rule.path, 0) + 1
   quantized = config.weights != 'float'
-  if quantized and quantize is None:
-    raise ValueError(f'weights={config.weights} needs the quantizer (quant.quantize_kernel)')
   shapes = param_layout.leaf_shapes(config) if quantized else {}
   bound: Quantize | None = (functools.partial(quantize, mode=config.weights, group_size=config.group_size)
-                            if quantized else None)
+                            if quantized and quantize is not None else None)
   leaves: dict[Path, _Leaf] = {}
   params: dict = {}
   for entry, array in tensors:
     rule = table[entry.name]
-    source = rule.to_flax(array)
-    if quantized and rule.path[0] in config.quantized_roots and rule.path[-1] in QUANTIZED_NAMES:
-      kernel = QuantizedKernel(source, _one_layer(rule), dtype, bound)
+    if isinstance(array, Mapping):
+      parts = [(path, array[k], array[k].dtype) for path, k in zip(quantized_paths(rule.path), ('q', 'scale'))]
+    elif quantized and rule.path[0] in config.quantized_roots and rule.path[-1] in QUANTIZED_NAMES:
+      if bound is None:
+        raise ValueError(f'weights={config.weights} needs the quantizer (quant.quantize_kernel)')
+      kernel = QuantizedKernel(rule.to_flax(array), _one_layer(rule), dtype, bound)
       parts = zip(quantized_paths(rule.path), (kernel.q, kernel.scale), (np.int8, np.float32))
     else:
-      parts = [(rule.path, source, dtype)]
+      parts = [(rule.path, rule.to_flax(array), dtype)]
     for path, part, part_dtype in parts:
       leaf = leaves.get(path)
       if leaf is None:
