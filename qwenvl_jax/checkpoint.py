@@ -199,7 +199,7 @@ def _read_int4(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, quantized: 
 def _restore_quantized(root: pathlib.Path, config: QwenVLConfig, dtype, shardings, quantize) -> dict:
   """A converted directory's float params quantized to `config.weights` as they are read onto
   `shardings` (`released_slices.read_onto` over its leaves, a stacked leaf one layer at a time): each
-  process reads only the float rows its devices' blocks need, one leaf slice at a time."""
+  process reads only the float rows its devices' blocks need."""
   reader = orbax_leaves.LeafReader(root / PARAMS_DIR)
   meta = reader.metadata
   check_leaves({p: m.shape for p, m in meta.items()}, config.replace(weights='float'), f'{root / PARAMS_DIR}')

@@ -69,7 +69,7 @@ class QuantizedKernel:
     extent = [len(range(*s.indices(n))) for s, n in zip(index, shape)]
     first = self.outputs[0]
     start = index[first].indices(shape[first])[0]
-    per_row = 4 * int(np.prod(extent)) // max(1, extent[first])
+    per_row = 4 * int(np.prod(extent)) // max(1, extent[first])  # float32 bytes: the quantizer's precision
     step = max(1, BLOCK_BYTES // per_row)
     at = self.scale_dims.index(first)
     q = scale = None
