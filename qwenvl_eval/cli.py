@@ -3,6 +3,7 @@ merged predictions file without the model. `tasks` lists the benchmarks."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import sys
@@ -91,32 +92,26 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     raise ValueError(f'--limit must be at least 1, got {args.limit}')
   annotations = scoring.read_reference(args.annotations)
   questions = scoring.read_reference(args.questions)
-  # Each process predicts its own records on its own first device (load_pretrained's default).
-  from qwenvl_jax.quant import load
-  params, config = load(args.ckpt, args.weights, args.dtype)
+  # Each process predicts its own records on its own first device (load_pretrained's default), or with
+  # --mesh on its own devices, the params read straight onto them.
+  import jax
+  from qwenvl_jax import quant, sharding
+  placement = contextlib.nullcontext()
+  if args.mesh:
+    mesh = sharding.make_mesh(args.mesh, devices=jax.local_devices())
+    rules = args.rules or sharding.default_rules(dict(mesh.shape))
+    params, config = quant.load_onto(args.ckpt, args.weights, args.dtype, mesh, rules)
+    placement = sharding.use_rules(mesh, rules)
+  else:
+    params, config = quant.load(args.ckpt, args.weights, args.dtype)
   model = QwenVL(config)
   tokenizer = QwenVLTokenizer.from_pretrained(args.vocab or args.ckpt,
                                               image_span_length=model.config.vision.n_queries)
   kw = dict(image_root=args.image_root, out_dir=args.out, batch_size=args.batch, limit=args.limit,
             annotations=annotations, questions=questions, checkpoint=str(pathlib.Path(args.ckpt).resolve()),
             progress=not args.no_progress)
-  if args.mesh:
-    metrics = _sharded(args, model, params, tokenizer, kw)
-  else:
+  with placement:  # with --mesh each process still takes its own records
     metrics = harness.run(args.task, model, params, tokenizer, args.data, **kw)
   if metrics is not None:
     print(json.dumps({k: metrics[k] for k in ('task', 'metric', 'score', 'count')}), file=out)
   return 0
-
-
-def _sharded(args, model, params, tokenizer, kw):
-  """Parameters split over this process's devices; each process still takes its own records."""
-  import jax
-  from qwenvl_jax import sharding
-
-  from qwenvl_eval import harness
-  mesh = sharding.make_mesh(args.mesh, devices=jax.local_devices())
-  rules = args.rules or sharding.default_rules(dict(mesh.shape))
-  params = sharding.shard_params(mesh, params, rules)
-  with sharding.use_rules(mesh, rules):
-    return harness.run(args.task, model, params, tokenizer, args.data, **kw)

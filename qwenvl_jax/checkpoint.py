@@ -20,7 +20,8 @@ from qwenvl_jax.layout import (MARKER, PARAMS_DIR, SAFETENSORS_INDEX, Incomplete
                                Kind, describe_directory, leftover_note, wrong_kind)
 from qwenvl_jax import gptq, gptq_checkpoint, orbax_leaves, param_layout, released_slices
 from qwenvl_jax.model import QwenVL
-from qwenvl_jax.params import check_shapes, params_from_hf, set_path
+from qwenvl_jax.params import Rule, check_shapes, params_from_hf, set_path
+from qwenvl_jax.params import rules as params_rules
 from qwenvl_jax.released_layout import (ST_DTYPES, CheckpointFormatError, ReleasedCheckpoint,  # noqa: F401
                                         TensorEntry, check_released, read_released, released_files,
                                         safetensors_header)
@@ -119,7 +120,7 @@ def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, sh
 
 
 def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_layers: bool = False,
-                    keep_packed: bool = False, **config_overrides) -> tuple[QwenVL, dict]:
+                    keep_packed: bool = False, quantize=None, **config_overrides) -> tuple[QwenVL, dict]:
   """(model, params) from a released-layout or converted directory; params in `dtype` (default float32).
 
   `shardings`: a Sharding for every leaf or a tree of them matching params. The params are read straight
@@ -130,7 +131,11 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
   copy of any stacked leaf. `keep_packed` (a GPTQ Int4 checkpoint): the decoder's quantized kernels stay
   4-bit, `q` and `scale` in place of each `kernel`, and the model comes with weights='int4', the
   checkpoint's group size and a float lm_head (`gptq_checkpoint.packed_config`): it applies the tree as
-  it is. `config_overrides` go to QwenVLConfig (e.g. `remat='full'`);
+  it is. `weights='int8'|'int4'` (a config override) with `quantize` (`quant.quantize_kernel`, passed in:
+  `quant` sits above this module): the float weights are quantized as they are read onto `shardings`, each
+  kernel tensor on its own (`released_slices`, `quant_blocks`), so no host or device holds the float base;
+  the params equal `quant.quantize` of the float tree in `dtype`, bit for bit. (`quant.load` does this.)
+  `config_overrides` go to QwenVLConfig (e.g. `remat='full'`);
   for bf16 compute, `QwenVL(model.config.replace(dtype='bfloat16'))`.
   """
   root = pathlib.Path(path)
@@ -147,6 +152,12 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
       raise ValueError(f'{root}: keep_packed reads the released Int4 layout; a converted checkpoint holds '
                        'float weights')
   config = QwenVLConfig.from_json(root, param_dtype=dtype.name, **config_overrides)
+  quantized_at_load = config.weights != 'float'
+  if quantized_at_load and (keep_packed or split_layers):
+    raise ValueError(f'weights={config.weights} quantizes float weights at load: not with keep_packed or '
+                     'split_layers')
+  if converted and quantized_at_load:
+    return QwenVL(config), _restore_quantized(root, config, dtype, shardings, quantize)
   if converted:
     return QwenVL(config), restore_params(root, config, dtype, shardings, split_layers)
   quantized = gptq.read_config(root)
@@ -156,12 +167,14 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
   checkpoint = ReleasedCheckpoint(root)
   if quantized is None:
     check_released(checkpoint, config)
+  if keep_packed:
+    config = gptq_checkpoint.packed_config(config, quantized)
   placement = _sharding_tree(shardings, list(param_layout.leaf_shapes(config)))
   if quantized is not None:
-    params = _read_int4(checkpoint, config, quantized, dtype, placement, keep_packed)
-    return QwenVL(gptq_checkpoint.packed_config(config, quantized) if keep_packed else config), params
-  if any(len(s.device_set) > 1 for s in placement.values()):  # each host copies only its devices' blocks
-    return QwenVL(config), released_slices.read_onto(checkpoint.tensors(), config, placement, dtype)
+    return QwenVL(config), _read_int4(checkpoint, config, quantized, dtype, placement, keep_packed, quantize)
+  if quantized_at_load or any(len(s.device_set) > 1 for s in placement.values()):
+    # each host copies (quantizes) only its devices' blocks
+    return QwenVL(config), released_slices.read_onto(checkpoint.tensors(), config, placement, dtype, quantize)
   # Memory-mapped tensors: params_from_hf's copies are the only ones in anonymous memory.
   tensors = {e.name: a for e, a in checkpoint.tensors()}
   params = params_from_hf(tensors, config, dtype=dtype)
@@ -172,18 +185,33 @@ def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_l
 
 
 def _read_int4(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, quantized: gptq.GptqConfig, dtype,
-               placement: dict[Path, jax.sharding.Sharding], keep_packed: bool) -> dict:
+               placement: dict[Path, jax.sharding.Sharding], keep_packed: bool, quantize) -> dict:
   """The params of a GPTQ checkpoint read layer by layer onto `placement` (`released_slices`), its
-  quantized kernels dequantized into `dtype` or kept packed."""
+  quantized kernels dequantized into `dtype` or kept packed (`config` the packed one)."""
   gptq_checkpoint.check_int4(checkpoint, config, quantized)
-  if not keep_packed:
+  if keep_packed:
+    tensors = gptq_checkpoint.packed_tensors(checkpoint.tensors(), config, quantized)
+  else:
     tensors = gptq_checkpoint.dequantized(checkpoint.tensors(), config, quantized)
-    return released_slices.read_onto(tensors, config, placement, dtype)
-  if any(len(s.device_set) > 1 for s in placement.values()):
-    raise ValueError('keep_packed reads onto one device; shard the packed tree afterwards')
-  floats, kernels = gptq_checkpoint.packed_tensors(checkpoint.tensors(), config, quantized)
-  params = released_slices.read_onto(floats, config, placement, dtype)  # fills `kernels` on the way
-  for path, kernel in kernels.items():
-    for k, leaf in gptq_checkpoint.packed_paths(path).items():
-      set_path(params, leaf, orbax_leaves.to_device(kernel[k], placement[path]))
-  return params
+  return released_slices.read_onto(tensors, config, placement, dtype, quantize)
+
+
+def _restore_quantized(root: pathlib.Path, config: QwenVLConfig, dtype, shardings, quantize) -> dict:
+  """A converted directory's float params quantized to `config.weights` as they are read onto
+  `shardings` (`released_slices.read_onto` over its leaves, a stacked leaf one layer at a time): each
+  process reads only the float rows its devices' blocks need."""
+  reader = orbax_leaves.LeafReader(root / PARAMS_DIR)
+  meta = reader.metadata
+  check_leaves({p: m.shape for p, m in meta.items()}, config.replace(weights='float'), f'{root / PARAMS_DIR}')
+  placement = _sharding_tree(shardings, list(param_layout.leaf_shapes(config)))
+  layers = {r.path: r.num_layers for r in params_rules(config).values() if r.layer is not None}
+  table, tensors = {}, []
+  for p, m in meta.items():
+    shape = tuple(m.shape)
+    for i in range(layers[p]) if p in layers else [None]:
+      name = '/'.join(p) if i is None else f'{"/".join(p)}[{i}]'
+      index = () if i is None else (i,)
+      kw = {} if i is None else dict(layer=i, num_layers=layers[p])
+      table[name] = Rule(name, p, shape[len(index):], **kw)
+      tensors.append((released_slices.Named(name), orbax_leaves.LazyLeaf(reader, p, index)))
+  return released_slices.read_onto(tensors, config, placement, dtype, quantize, table)

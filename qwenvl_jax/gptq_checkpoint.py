@@ -18,9 +18,9 @@ from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.gptq import (INT_PARTS, PART_FLOAT, PARTS, QUANTIZED, Q, SCALE, GptqConfig, check_dims, pack,
                              part_shapes, unpack)
 from qwenvl_jax.kernel_math import dequantize
-from qwenvl_jax.orbax_leaves import aligned_empty
 from qwenvl_jax.params import CheckpointMismatchError, Rule, check_shapes, get_path, rules
 from qwenvl_jax.released_layout import ReleasedCheckpoint, TensorEntry, check_float
+from qwenvl_jax.released_slices import Named
 
 Path = tuple[str, ...]
 
@@ -133,26 +133,16 @@ def packed_paths(path: Path) -> dict[str, Path]:
   return {k: path[:-1] + (k,) for k in (Q, SCALE)}
 
 
-def packed_tensors(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLConfig,
-                   gcfg: GptqConfig) -> tuple[Iterator[tuple[TensorEntry, np.ndarray]], dict[Path, dict]]:
-  """(the float tensors, for `read_onto`; float kernel path -> {'q', 'scale'} of every quantized kernel,
-  layers stacked as the float leaf is, for `packed_paths`). The float tensors come as a generator: consume
-  it to fill the kernels."""
-  kernels: dict[Path, dict] = {}
-
-  def floats():
-    for item in _layers(tensors, config, gcfg):
-      if len(item) == 2:
-        yield item
-        continue
-      _, rule, packed = item
-      one = to_kernel(rule, packed)
-      if rule.path not in kernels:
-        # aligned: on the CPU the device arrays adopt these buffers (`orbax_leaves.to_device`)
-        kernels[rule.path] = {k: aligned_empty((rule.num_layers,) + v.shape, v.dtype) for k, v in one.items()}
-      for k, v in one.items():
-        kernels[rule.path][k][rule.layer] = v
-  return floats(), kernels
+def packed_tensors(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLConfig, gcfg: GptqConfig
+                   ) -> Iterator[tuple[TensorEntry | Named, np.ndarray | dict[str, np.ndarray]]]:
+  """The tensors for `released_slices.read_onto`: the float ones as they come, each quantized layer once
+  complete as (an entry named as its float weight, {'q', 'scale'} of one layer in the kernel's layout)."""
+  for item in _layers(tensors, config, gcfg):
+    if len(item) == 2:
+      yield item
+      continue
+    _, rule, packed = item
+    yield Named(rule.hf_name), to_kernel(rule, packed)
 
 
 def _int4_order(config: QwenVLConfig) -> Iterator[str]:

@@ -61,6 +61,20 @@ class LeafReader:
     return (store[index] if index else store).read().result()
 
 
+class LazyLeaf:
+  """A leaf (or `leaf[index]`, e.g. one layer) whose `[slices]` reads only that block, as stored: a
+  memory-mapped tensor's stand-in for `released_slices.read_onto`."""
+
+  def __init__(self, reader: LeafReader, path: Path, index: Index = ()):
+    self.reader, self.path, self.index = reader, path, index
+    self.shape = tuple(reader.metadata[path].shape)[len(index):]
+    self.ndim = len(self.shape)
+
+  def __getitem__(self, block: Index) -> np.ndarray:
+    block = block if isinstance(block, tuple) else (block,)
+    return self.reader.read(self.path, (*self.index, *block))
+
+
 def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
   """An uninitialised C-order host array whose data starts on an _ALIGN-byte boundary."""
   dtype = np.dtype(dtype)

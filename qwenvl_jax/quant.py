@@ -19,15 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenvl_jax import param_layout
+from qwenvl_jax import param_layout, sharding
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.kernel_math import GROUPS_AXIS, dequantize, quant_groups
 from qwenvl_jax.params import set_path
+from qwenvl_jax.quant_blocks import QUANTIZED_NAMES
 
 Path = tuple[str, ...]
 MODES = ('int8', 'int4')
 Q_MAX = {'int8': 127, 'int4': 7}  # symmetric: int4 leaves -8 unused, as absmax rounding never reaches it
-KERNELS = {'kernel': 'q', 'kernel_t': 'q_t'}
+KERNELS = QUANTIZED_NAMES  # float kernel leaf -> its quantized values' leaf
 
 
 def quantized_config(config: QwenVLConfig, mode: str) -> QwenVLConfig:
@@ -80,18 +81,15 @@ def dequantize_kernel(q, scale, path: Path, dtype=jnp.float32) -> jax.Array:
                     ''.join(letters[n] for n in kept), dtype)
 
 
-def quantize(params: dict, config: QwenVLConfig, mode: str, *, consume: bool = False) -> dict:
+def quantize(params: dict, config: QwenVLConfig, mode: str) -> dict:
   """A float params tree (any form) with the kernels under `config.quantized_roots` quantized to `mode`, for
-  `QwenVL(quantized_config(config, mode))`. Other leaves are the same arrays. consume=True empties
-  `params` leaf by leaf, so that (with no other reference to them) each float kernel is freed once
-  quantized: the peak stays near the quantized tree plus one float kernel."""
+  `QwenVL(quantized_config(config, mode))`. Other leaves are the same arrays. (A checkpoint is quantized
+  as it is read instead, never whole: `load`.)"""
   check_mode(mode)
   if config.weights != 'float':
     raise ValueError(f'the params are {config.weights} already; quantize a float tree')
   out: dict = {}
-  paths = list(param_layout.flatten(params))
-  for path in paths:
-    leaf = param_layout.pop_leaf(params, path) if consume else param_layout.get_leaf(params, path)
+  for path, leaf in param_layout.flatten(params).items():
     if path[0] in config.quantized_roots and path[-1] in KERNELS:
       q, scale = quantize_kernel(leaf, path, mode, config.group_size)
       set_path(out, path[:-1] + (KERNELS[path[-1]],), q)
@@ -120,25 +118,45 @@ def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
   return out
 
 
-def at_load(params: dict, config: QwenVLConfig, mode: str) -> tuple[dict, QwenVLConfig]:
-  """(params, config) of a loaded float checkpoint for `--weights mode`: as they are for 'float', else
-  quantized (consuming `params`)."""
-  if mode == 'float':
-    return params, config
-  return quantize(params, config, mode, consume=True), quantized_config(config, mode)
+def _packed(path, mode: str):
+  """The GPTQ config of `path` when `--weights mode` reads it packed as released (mode int4 over a
+  released Int4 checkpoint), else None."""
+  from qwenvl_jax.gptq import read_config
+  if mode == 'int4' and (pathlib.Path(path) / 'config.json').is_file():
+    return read_config(path)
+  return None
 
 
 def load(path, mode: str, dtype, **kw) -> tuple[dict, QwenVLConfig]:
   """(params, config) of a checkpoint directory for `--weights mode` (chat, serve, qwenvl-eval): a
   released GPTQ Int4 checkpoint with 'int4' read packed as it is (its groups, lm_head float: the released
-  values, nothing quantized again); else the float weights (`kw` to load_pretrained), quantized at load."""
+  values, nothing quantized again); else the float weights (`kw` to load_pretrained, e.g. `shardings`),
+  quantized kernel by kernel as they are read (onto `shardings`): the float base is never held whole.
+  A quantized tree comes with its layers stacked (`split_layers` applies to float weights only)."""
   from qwenvl_jax.checkpoint import load_pretrained
-  from qwenvl_jax.gptq import read_config
-  if mode == 'int4' and (pathlib.Path(path) / 'config.json').is_file() and read_config(path) is not None:
-    model, params = load_pretrained(path, dtype=dtype, keep_packed=True)
+  if _packed(path, mode) is not None:
+    kw.pop('split_layers', None)
+    model, params = load_pretrained(path, dtype=dtype, keep_packed=True, **kw)
     return params, model.config.replace(dtype=dtype)
+  if mode != 'float':
+    check_mode(mode)
+    kw.pop('split_layers', None)
+    kw.update(weights=mode, quantize=quantize_kernel)
   model, params = load_pretrained(path, dtype=dtype, **kw)
-  return at_load(params, model.config.replace(dtype=dtype), mode)
+  return params, model.config.replace(dtype=dtype)
+
+
+def load_onto(path, mode: str, dtype, mesh: jax.sharding.Mesh, rules) -> tuple[dict, QwenVLConfig]:
+  """`load` straight onto `mesh`, each leaf on its logical axes' sharding under `rules`: each host reads
+  (and quantizes) only its devices' blocks, so no device holds the whole model, float or quantized."""
+  from qwenvl_jax.gptq_checkpoint import packed_config
+  from qwenvl_jax.model import QwenVL, param_shapes
+  if not (pathlib.Path(path) / 'config.json').is_file():
+    return load(path, mode, dtype)  # not a checkpoint: its error, naming what the directory is
+  config, gptq_config = QwenVLConfig.from_json(path), _packed(path, mode)
+  config = quantized_config(config, mode) if gptq_config is None else packed_config(config, gptq_config)
+  shardings = sharding.param_shardings(mesh, param_shapes(QwenVL(config)), rules)
+  return load(path, mode, dtype, shardings=shardings)
 
 
 def is_quantized(params: dict) -> bool:

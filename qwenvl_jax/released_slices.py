@@ -8,17 +8,24 @@ no copy) and only the blocks of this process's devices are copied out of it, cas
 buffer per device. A leaf goes onto its devices once its last tensor is read (a stacked leaf after its
 last layer), so the host holds at most its devices' share of the parameters plus the pages of one
 tensor; on the CPU the devices adopt those buffers without a copy.
+
+With `config.weights` int8 or int4 the decoder's kernels are quantized on the way (`quant_blocks`): each
+kernel leaf becomes its `q` and `scale`, their blocks quantized from the float tensor's rows, so the host
+holds its devices' share of the quantized base plus one float tensor, never the float base.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import functools
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import numpy as np
 
+from qwenvl_jax import param_layout
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.orbax_leaves import aligned_empty, to_device
 from qwenvl_jax.params import Path, Rule, rules, set_path
+from qwenvl_jax.quant_blocks import QUANTIZED_NAMES, Quantize, QuantizedKernel, quantized_paths
 
 
 class _Leaf:
@@ -62,25 +69,56 @@ def _key(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
   return tuple(out)
 
 
-def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.sharding.Sharding], dtype) -> dict:
+class Named(NamedTuple):
+  """An entry as `read_onto` needs it: the released name of its tensor."""
+  name: str
+
+
+def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.sharding.Sharding], dtype,
+              quantize: Callable | None = None, table: Mapping[str, Rule] | None = None) -> dict:
   """The params tree in `dtype` on `shardings` (Flax path -> Sharding, every leaf), from `tensors`:
-  (entry with `.name`, array) pairs as `ReleasedCheckpoint.tensors()` yields them, names already checked.
-  Only this process's blocks are copied; every process passes the same shardings."""
-  table = rules(config)
+  (entry with `.name`, array) pairs as `ReleasedCheckpoint.tensors()` yields them, names already checked
+  against `table` (default: the released layout's `params.rules`). Only this process's blocks are
+  copied; every process passes the same shardings. With `config.weights` int8|int4, the kernels under
+  `config.quantized_roots` come quantized by `quantize` (`quant.quantize_kernel`) to its mode and group
+  size, `q` int8 and `scale` float32, as `quant.quantize` would make them of the `dtype` tree."""
+  table = rules(config) if table is None else table
   counts: dict[Path, int] = {}
   for rule in table.values():
     counts[rule.path] = counts.get(rule.path, 0) + 1
+  quantized = config.weights != 'float'
+  shapes = param_layout.leaf_shapes(config) if quantized else {}
+  bound: Quantize | None = (functools.partial(quantize, mode=config.weights, group_size=config.group_size)
+                            if quantized and quantize is not None else None)
   leaves: dict[Path, _Leaf] = {}
   params: dict = {}
   for entry, array in tensors:
     rule = table[entry.name]
-    leaf = leaves.get(rule.path)
-    if leaf is None:
-      leaf = leaves[rule.path] = _Leaf(rule.leaf_shape, shardings[rule.path], dtype, counts[rule.path])
-    leaf.fill(rule, rule.to_flax(array))
-    if not leaf.pending:
-      set_path(params, rule.path, leaves.pop(rule.path).to_devices())
+    if isinstance(array, Mapping):
+      parts = [(path, array[k], array[k].dtype) for path, k in zip(quantized_paths(rule.path), ('q', 'scale'))]
+    elif quantized and rule.path[0] in config.quantized_roots and rule.path[-1] in QUANTIZED_NAMES:
+      if bound is None:
+        raise ValueError(f'weights={config.weights} needs the quantizer (quant.quantize_kernel)')
+      kernel = QuantizedKernel(rule.to_flax(array), _one_layer(rule), dtype, bound)
+      parts = zip(quantized_paths(rule.path), (kernel.q, kernel.scale), (np.int8, np.float32))
+    else:
+      parts = [(rule.path, rule.to_flax(array), dtype)]
+    for path, part, part_dtype in parts:
+      leaf = leaves.get(path)
+      if leaf is None:
+        shape = shapes[path] if quantized else rule.leaf_shape
+        leaf = leaves[path] = _Leaf(shape, shardings[path], part_dtype, counts[rule.path])
+      leaf.fill(rule, part)
+      if not leaf.pending:
+        set_path(params, path, leaves.pop(path).to_devices())
   if leaves:  # names were checked against the config: unreachable unless a tensor is listed twice
     raise ValueError(f'leaves left incomplete: {sorted("/".join(p) for p in leaves)}')
   return params
 
+
+def _one_layer(rule: Rule) -> Path:
+  """The path of the slice a rule fills: layer i of a stacked leaf as 'layers_i' (`param_layout`)."""
+  if rule.layer is None:
+    return rule.path
+  at = rule.path.index('layers')
+  return rule.path[:at] + (f'layers_{rule.layer}',) + rule.path[at + 1:]

@@ -1,5 +1,5 @@
 """Command-line options that set up JAX before it starts: the weights' dtype (with the low-precision CPU
-options it needs), their quantization at load (`quant.at_load`) and the persistent compilation cache. Shared by `qwenvl-jax chat` and `qwenvl-jax serve`.
+options it needs), their quantization at load (`quant.load`) and the persistent compilation cache. Shared by `qwenvl-jax chat` and `qwenvl-jax serve`.
 """
 from __future__ import annotations
 

@@ -193,18 +193,6 @@ def test_quantized_roots_leave_lm_head_float(tiny):
     model.config.replace(quantized_roots=('visual',))
 
 
-def test_at_load_quantizes_consuming_the_float_tree(tiny):
-  """What `--weights` does in chat, serve and qwenvl-eval: float leaves freed as they are quantized."""
-  from qwenvl_jax.quant import at_load
-  model, params = tiny
-  same, config = at_load(params, model.config, 'float')
-  assert same is params and config == model.config
-  source = jax.tree.map(lambda x: x, params)  # a tree of its own (the leaves shared) to consume
-  quantized, config = at_load(source, model.config, 'int8')
-  assert config.weights == 'int8' and not jax.tree.leaves(source)
-  assert ('lm_head', 'q') in param_layout.flatten(quantized)
-
-
 def test_plan_counts_the_quantized_base(golden_dir):
   """`qwenvl-jax plan --lora --weights int8`: the frozen base's bytes as Q-LoRA holds it; --weights without
   --lora is refused by name."""

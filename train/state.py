@@ -44,7 +44,8 @@ def int4_source(cfg: TrainConfig) -> gptq.GptqConfig | None:
 def base_config(cfg: TrainConfig, config: QwenVLConfig) -> QwenVLConfig:
   """The config of the params the state holds: `config` (float), or under cfg.weights (Q-LoRA) the
   frozen quantized base's: an Int4 init_from kept packed with weights=int4 (its groups, lm_head float),
-  else the float weights quantized when the state is made."""
+  else the float weights quantized (as they are read, `quant.load`; params given float, when the state
+  is made)."""
   if cfg.weights == 'float':
     return config
   source = int4_source(cfg)

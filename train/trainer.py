@@ -18,6 +18,7 @@ from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.params import params_to_hf
+from qwenvl_jax import quant
 from qwenvl_jax.quant import is_quantized
 from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, find_vocab
 from train.checkpointing import Checkpointer
@@ -27,7 +28,7 @@ from train.lora import merge_lora
 from train.metrics import MetricsLog, measure_peak_flops, step_flops
 from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, SKIPPED_FILE, TrainError, check_resume, is_run_dir,
                            run_weights, write_configs)
-from train.state import MASTER_DTYPE, create, int4_source, make_layout, run_optimizer
+from train.state import MASTER_DTYPE, create, make_layout, run_optimizer
 from train.step import make_train_step
 
 
@@ -87,15 +88,14 @@ def initial_weights(cfg: TrainConfig, params: Any, shardings: Any) -> Any:
 
 
 def quantized_base_weights(cfg: TrainConfig, shardings: Any) -> Any:
-  """cfg.init_from for a LoRA run over a quantized base: an Int4 checkpoint with weights=int4 packed
-  as released, placed on `shardings`; else the float weights on this process's first device, quantized
-  when the state is made (`state.from_params`), which puts them on the state's shardings."""
+  """cfg.init_from for a LoRA run over a quantized base, on `shardings` (the quantized base's): an Int4
+  checkpoint with weights=int4 packed as released (`quant.load`); else the float weights quantized as they are read
+  onto the shardings (`quant.load`), each host reading and quantizing only its devices' blocks, one
+  kernel at a time: neither a host nor a device holds the float base."""
   if is_run_dir(cfg.init_from):
     raise TrainError(f'weights={cfg.weights} with init_from={cfg.init_from} (a training out_dir): start from '
                      'a checkpoint; export that run (export_dir) and use the export as init_from')
-  if cfg.weights == 'int4' and int4_source(cfg) is not None:
-    return sharding.put(load_pretrained(cfg.init_from, dtype=MASTER_DTYPE, keep_packed=True)[1], shardings)
-  return load_pretrained(cfg.init_from, dtype=MASTER_DTYPE)[1]
+  return quant.load(cfg.init_from, cfg.weights, MASTER_DTYPE, shardings=shardings)[0]
 
 
 def vocab_path(cfg: TrainConfig) -> pathlib.Path:
