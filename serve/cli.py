@@ -96,20 +96,23 @@ def build(args: argparse.Namespace, limits: Limits):
   from serve.batch_engine import BatchEngine
   from serve.prompt import Preparer
   generation_config = GenerationConfig.from_pretrained(ckpt)
-  from qwenvl_jax.quant import load
-  params, config = load(ckpt, args.weights, args.dtype, split_layers=True)
-  params = decode_params(params, consume=True)
-  model = QwenVL(config)
-  tokenizer = QwenVLTokenizer.from_pretrained(ckpt if args.vocab is None else args.vocab,
-                                              image_span_length=model.config.vision.n_queries)
-  check_tokenizer(tokenizer, model.config)
+  from qwenvl_jax.quant import load, load_onto
   mesh = rules = None
   if args.mesh:
     import jax
     from qwenvl_jax import sharding
     mesh = sharding.make_mesh(args.mesh, devices=jax.local_devices())
     rules = args.rules or sharding.default_rules(dict(mesh.shape))
-    params = sharding.shard_params(mesh, params, rules)
+    # read straight onto the mesh (no device holds the whole model), then into the decode layout there
+    params, config = load_onto(ckpt, args.weights, args.dtype, mesh, rules)
+    params = sharding.shard_params(mesh, decode_params(params, consume=True), rules)
+  else:
+    params, config = load(ckpt, args.weights, args.dtype, split_layers=True)
+    params = decode_params(params, consume=True)
+  model = QwenVL(config)
+  tokenizer = QwenVLTokenizer.from_pretrained(ckpt if args.vocab is None else args.vocab,
+                                              image_span_length=model.config.vision.n_queries)
+  check_tokenizer(tokenizer, model.config)
   engine = BatchEngine(model, params, max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len,
                        mesh=mesh, rules=rules)
   preparer = Preparer(model, params, tokenizer, limits, args.image_root, args.allow_urls, fits=engine.check)
