@@ -214,14 +214,14 @@ def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
 
 def scanned(block: type[nn.Module], policy: str, length: int, n_broadcast: int, n_scanned: int = 0):
   """`block` stacked `length` times with nn.scan over one set of stacked parameters (leading axis
-  'layers').
+  'layers'), LoRA factors (collection 'lora') stacked the same way.
 
   The block is called as `block(carry, *scanned_args, *broadcast_args)` and returns `(carry, ys)`. Only one
   block is traced and compiled, whatever the depth.
   """
   return nn.scan(
-      remat(block, policy), variable_axes={'params': 0, 'lora': 0}, split_rngs={'params': True, 'dropout': True},
-      length=length,
+      remat(block, policy), variable_axes={'params': 0, 'lora': 0}, length=length,
+      split_rngs={'params': True, 'dropout': True},  # LoRA's dropout: masks of their own in each layer
       in_axes=(0,) * n_scanned + (nn.broadcast,) * n_broadcast,
       metadata_params={nn.PARTITION_NAME: 'layers'})
 

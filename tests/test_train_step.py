@@ -168,7 +168,8 @@ def test_lora_at_init_is_the_base_model_exactly(golden_model):
   boxed = lambda x: isinstance(x, nn.Partitioned)
   assert jax.tree.map(lambda x: x.value.shape, declared, is_leaf=boxed) == jax.tree.map(jnp.shape, lora)
   names = jax.tree.map(lambda x: x.names, declared, is_leaf=boxed)['decoder']['layers']['attn']['c_attn']
-  assert names == {'a': ('layers', 'embed', 'lora_rank'), 'b': ('layers', 'lora_rank', 'qkv', 'heads', 'head_dim')}
+  assert names == {'a': ('layers', 'embed', 'lora_rank'),
+                   'b': ('layers', 'lora_rank', 'qkv', 'heads', 'head_dim')}
 
 
 def test_lora_dropout_is_drawn_per_token():

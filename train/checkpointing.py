@@ -146,8 +146,9 @@ def _check_lora_layout(directory: pathlib.Path, step: int, tree: Any = None) -> 
       tree = ocp.PyTreeCheckpointer().metadata(directory / str(step) / 'state').item_metadata.tree
     except Exception:  # damaged: the restore reports it
       return
+  lora = tree.get('lora') if isinstance(tree, Mapping) else None
   try:
-    check_layout(tree.get('lora') if isinstance(tree, Mapping) else None, f'checkpoint step {step} in {directory}')
+    check_layout(lora, f'checkpoint step {step} in {directory}')
   except ValueError as e:
     raise CheckpointError(str(e)) from None
 

@@ -91,7 +91,8 @@ def transient_bytes(setup, counts: Mapping[str, int]) -> tuple[str, dict[str, in
     weights = layer
   else:
     acts = t.num_layers * text + (v.layers * vis if vit_trains else 0)
-    saved = 0 if setup.weights != 'float' else counts['decoder_local']  # layers.Einsum: q, not its float
+    # a quantized base's layers are dequantized again in the backward pass (layers.Einsum): none saved
+    saved = 0 if setup.weights != 'float' else counts['decoder_local']
     weights = layer + c * (saved + (counts['vit_local'] if vit_trains else 0))
   grads = F32 * counts['trainable_local']
   # The lm_head's gradient is computed whole (float32, as its dot's output and summed over the devices)
