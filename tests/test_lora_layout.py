@@ -25,3 +25,15 @@ def test_earlier_lora_layout_is_refused_by_name(tmp_path):
     checkpointer.close()
   with pytest.raises(CheckpointError, match='layout of an earlier version'):
     restore_weights(tmp_path / 'checkpoints', {'w': None})
+
+
+def test_factors_shard_by_their_declared_axes():
+  """On a mesh the state's LoRA factors split as their logical axes say (FSDP: A's embed dim), the rank
+  dim never; plan and trainer read the same specs (`sharding.state_specs`)."""
+  from jax.sharding import PartitionSpec as P
+  from qwenvl_jax import sharding as sh
+  lora = {'decoder': {'layers': {'attn': {'c_attn': {'a': jnp.zeros((2, 8, 4)), 'b': jnp.zeros((2, 4, 3, 2, 4))}},
+                                 'mlp': {'w1': {'a': jnp.zeros((2, 8, 4)), 'b': jnp.zeros((2, 4, 6))}}}}}
+  specs = sh.state_specs(_state(lora), {'data': 1, 'fsdp': 2, 'tensor': 2}, 'fsdp_tp').lora['decoder']['layers']
+  assert specs['attn']['c_attn'] == {'a': P(None, 'fsdp', None), 'b': P(None, None, None, 'tensor', None)}
+  assert specs['mlp']['w1'] == {'a': P(None, 'fsdp', None), 'b': P(None, None, 'tensor')}

@@ -27,8 +27,9 @@ from train.lora import merge_lora
 from train.metrics import MetricsLog, measure_peak_flops, step_flops
 from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, SKIPPED_FILE, TrainError, check_resume, is_run_dir,
                            run_weights, write_configs)
-from train.state import MASTER_DTYPE, base_config, create, int4_source, make_layout, run_optimizer
+from train.state import MASTER_DTYPE, create, int4_source, make_layout, run_optimizer
 from train.step import make_train_step
+from train.state import base_config  # the step's model: the base as the state holds it
 
 
 def say(message: str) -> None:
