@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from qwenvl_jax.jsonfile import ConfigFileError, get, read_object
 from qwenvl_jax.kernel_math import WEIGHTS
+from qwenvl_jax.lora import LoraConfig
 
 DICT_SOURCE = '<config dict>'  # the file name in errors about a config given as a dict
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -159,7 +160,8 @@ class QwenVLConfig:
   `param_layout.convert` moves a tree between the forms. `weights` 'int8' / 'int4': the kernels under
   `quantized_roots` (the decoder's and lm_head's unless told) are weight-only quantized (`quant.quantize`;
   int4 in groups of `group_size` inputs, -1: one group per kernel, as GPTQ writes it). The released Int4
-  checkpoint keeps its lm_head float: `quantized_roots=('decoder',)`.
+  checkpoint keeps its lm_head float: `quantized_roots=('decoder',)`. `lora`: LoRA factors on the decoder
+  weights it names, applied where each weight is used (`qwenvl_jax.lora`; the train step sets it).
   """
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()
@@ -171,6 +173,7 @@ class QwenVLConfig:
   weights: str = 'float'
   group_size: int = 128
   quantized_roots: tuple[str, ...] = QUANTIZABLE
+  lora: LoraConfig | None = None
 
   def __post_init__(self):
     object.__setattr__(self, 'dtype', as_dtype(self.dtype))  # one name and one type for each

@@ -11,6 +11,7 @@ from qwenvl_jax import cpu_kernels
 from qwenvl_jax.config import QwenVLConfig, TextConfig
 from qwenvl_jax.kernel_math import attend
 from qwenvl_jax.layers import Einsum, RMSNorm, remat, scanned
+from qwenvl_jax.lora import LoraConfig, lora_of
 from qwenvl_jax.logical import constrain, rules_active
 
 Array = jax.Array
@@ -182,6 +183,7 @@ class Attention(nn.Module):
   weight_major: bool = False  # see Einsum
   weights: str = 'float'
   group_size: int = 128
+  lora: LoraConfig | None = None  # see Einsum
 
   @nn.compact
   def __call__(self, x, cache, rope, q_scale, mask, cache_index):
@@ -189,7 +191,8 @@ class Attention(nn.Module):
               weights=self.weights, group_size=self.group_size)
     d, h, k = self.text.hidden_size, self.text.num_heads, self.text.head_dim
     qkv = Einsum((d, 3, h, k), (3, h, k), kernel_axes=('embed', 'qkv', 'heads', 'head_dim'),
-                 bias_axes=('qkv', 'heads', 'head_dim'), name='c_attn', **kw)('btd,dchk->btchk', x)
+                 bias_axes=('qkv', 'heads', 'head_dim'), name='c_attn', lora=lora_of(self.lora, 'c_attn'),
+                 **kw)('btd,dchk->btchk', x)
     q, key, v = (qkv[:, :, i] for i in range(3))
     q = apply_rotary(q, *rope) * q_scale[:, :, None, None].astype(self.dtype)
     key = apply_rotary(key, *rope)
@@ -199,7 +202,8 @@ class Attention(nn.Module):
       cache = cache.write(key, v, cache_index)
       y = cache.attend(q, mask, self.dtype)
     y = constrain(y, ('batch', 'length', 'act_heads', 'head_dim'))
-    out = Einsum((h, k, d), kernel_axes=('heads', 'head_dim', 'embed'), name='c_proj', **kw)('bthk,hkd->btd', y)
+    out = Einsum((h, k, d), kernel_axes=('heads', 'head_dim', 'embed'), name='c_proj',
+                 lora=lora_of(self.lora, 'attn.c_proj'), **kw)('bthk,hkd->btd', y)
     return out, cache
 
 
@@ -211,14 +215,17 @@ class MLP(nn.Module):
   weight_major: bool = False  # see Einsum
   weights: str = 'float'
   group_size: int = 128
+  lora: LoraConfig | None = None  # see Einsum
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, weight_major=self.weight_major,
               weights=self.weights, group_size=self.group_size)
     d, f = self.text.hidden_size, self.text.mlp_width
-    up = Einsum((d, f), kernel_axes=('embed', 'mlp'), name='w1', **kw)('btd,df->btf', x)
-    gate = Einsum((d, f), kernel_axes=('embed', 'mlp'), name='w2', **kw)('btd,df->btf', x)
+    up = Einsum((d, f), kernel_axes=('embed', 'mlp'), name='w1', lora=lora_of(self.lora, 'w1'),
+                **kw)('btd,df->btf', x)
+    gate = Einsum((d, f), kernel_axes=('embed', 'mlp'), name='w2', lora=lora_of(self.lora, 'w2'),
+                  **kw)('btd,df->btf', x)
     hidden = constrain(up * nn.silu(gate), ('batch', 'length', 'act_mlp'))
     return Einsum((f, d), kernel_axes=('mlp', 'embed'), name='c_proj', **kw)('btf,fd->btd', hidden)
 
@@ -231,12 +238,14 @@ class DecoderBlock(nn.Module):
   weight_major: bool = False
   weights: str = 'float'
   group_size: int = 128
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: Array, cache: KVCache | None, rope: tuple[Array, Array], q_scale: Array,
                mask: Array, cache_index: Array):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qw = dict(weight_major=self.weight_major, weights=self.weights, group_size=self.group_size)
+    qw = dict(weight_major=self.weight_major, weights=self.weights, group_size=self.group_size,
+              lora=self.lora)
     eps = self.text.layer_norm_eps
     x = x_in = constrain(x, ('batch', 'length', 'act_embed'))
     y, cache = Attention(self.text, name='attn', **qw, **kw)(
@@ -263,7 +272,8 @@ class Decoder(nn.Module):
                cache=None, cache_index: Array | int = 0, collect_hidden: bool = False):
     c, t = self.config, self.config.text
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, weight_major=c.weight_major,
-              weights=c.weights_of('decoder'), group_size=c.group_size, collect_hidden=collect_hidden)
+              weights=c.weights_of('decoder'), group_size=c.group_size, lora=c.lora,
+              collect_hidden=collect_hidden)
     rope = rotary_tables(positions, alpha, t)
     q_scale = logn_scale(positions, t.seq_length) if use_logn else jnp.ones(positions.shape, jnp.float32)
     cache_index = jnp.asarray(cache_index, jnp.int32)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenvl_jax import cpu_kernels
+from qwenvl_jax import cpu_kernels, lora as lora_math
 from qwenvl_jax.kernel_math import GROUPS_AXIS, dequantize, quant_groups
 
 Array = jax.Array
@@ -60,7 +60,11 @@ class Einsum(nn.Module):
   weights 'int8' / 'int4' (weight-only quantization, see `quant`): the kernel is `q` (`q_t` weight-major),
   int8 values shaped as the kernel, and `scale` [groups, *kept dims] (`quant_groups`); w = scale * q.
   Decode steps on the CPU multiply by q directly (`cpu_kernels.qmatmul`: a quarter of fp32's bytes read);
-  elsewhere the kernel is dequantized where it is used.
+  elsewhere the kernel is dequantized where it is used, and a differentiated product keeps q and scale
+  for the backward pass, which dequantizes again: never the float kernel (Q-LoRA's memory).
+
+  lora (the training layout only): factors A, B of collection 'lora' add (alpha / r) * (dropout(x) @ A) @ B
+  to the output (`qwenvl_jax.lora`); dropout when the call has a 'dropout' rng.
   """
   shape: Sequence[int]
   bias_shape: Sequence[int] | None = None
@@ -73,9 +77,12 @@ class Einsum(nn.Module):
   out_chunks: int = 1
   weights: str = 'float'
   group_size: int = 128
+  lora: lora_math.LoraConfig | None = None
 
   @nn.compact
   def __call__(self, eqn: str, x: Array) -> Array:
+    if self.lora is not None and self.weight_major:
+      raise ValueError('LoRA applies in the training layout only (weight_major=False)')
     x_dims, rest = eqn.split(',')
     w_dims, out = rest.split('->')
     order = weight_major_order(w_dims, out) if self.weight_major else w_dims
@@ -113,7 +120,12 @@ class Einsum(nn.Module):
         if y is not None:
           return add_bias(y.astype(self.dtype))
     if not self.weight_major:
-      y = jnp.einsum(eqn, x, load(*parts))
+      product = lambda x, *parts: jnp.einsum(eqn, x, load(*parts))
+      if self.weights != 'float':  # see the class doc: the backward pass dequantizes again
+        product = jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+      y = product(x, *parts)
+      if self.lora is not None:
+        return add_bias(y) + self._lora_update(eqn, x, w_dims, axes)
     elif self.out_chunks == 1:
       y = weight_major_einsum(f'{x_dims},{order}->{out}', x, load(*parts))
     else:
@@ -127,6 +139,26 @@ class Einsum(nn.Module):
       y = jnp.moveaxis(parts, 0, at)
       y = y.reshape(y.shape[:at] + (-1,) + y.shape[at + 2:])
     return add_bias(y)
+
+  def _lora_update(self, eqn: str, x: Array, w_dims: str, axes: Sequence[str] | None) -> Array:
+    """(alpha / r) * (dropout(x) @ A) @ B, the factors declared here with their logical axes."""
+    c = self.lora
+    contracted, kept, _ = lora_math.dims(eqn)
+
+    def declare(name: str, own: str, rank_at: int, init: Callable) -> Array:
+      shape = [self.shape[w_dims.index(ch)] for ch in own]
+      shape.insert(rank_at, c.rank)
+      make = lambda: init(self.make_rng('params'), tuple(shape))
+      if axes is not None:
+        names = [axes[w_dims.index(ch)] for ch in own]
+        names.insert(rank_at, lora_math.RANK_AXIS)
+        make = with_axes(make, *names)
+      return self.variable('lora', name, make).value
+
+    a = declare('a', contracted, len(contracted), lambda k, s: lora_math.init_a(k, s, len(contracted)))
+    b = declare('b', kept, 0, lora_math.init_b)
+    rng = self.make_rng('dropout') if c.dropout > 0 and self.has_rng('dropout') else None
+    return lora_math.update(eqn, x, a, b, c.scale, c.dropout, rng)
 
 
 class LayerNorm(nn.Module):
@@ -182,13 +214,14 @@ def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
 
 def scanned(block: type[nn.Module], policy: str, length: int, n_broadcast: int, n_scanned: int = 0):
   """`block` stacked `length` times with nn.scan over one set of stacked parameters (leading axis
-  'layers').
+  'layers'), LoRA factors (collection 'lora') stacked the same way.
 
   The block is called as `block(carry, *scanned_args, *broadcast_args)` and returns `(carry, ys)`. Only one
   block is traced and compiled, whatever the depth.
   """
   return nn.scan(
-      remat(block, policy), variable_axes={'params': 0}, split_rngs={'params': True}, length=length,
+      remat(block, policy), variable_axes={'params': 0, 'lora': 0}, length=length,
+      split_rngs={'params': True, 'dropout': True},  # LoRA's dropout: masks of their own in each layer
       in_axes=(0,) * n_scanned + (nn.broadcast,) * n_broadcast,
       metadata_params={nn.PARTITION_NAME: 'layers'})
 

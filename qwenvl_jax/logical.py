@@ -28,7 +28,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 Rules = Mapping[str, Any]  # logical name -> mesh axis, tuple of mesh axes, or None
 
 PARAM_NAMES = ('vocab', 'embed', 'layers', 'norm', 'qkv', 'heads', 'head_dim', 'mlp', 'patch', 'channel',
-               'vit_embed', 'position', 'vit_heads', 'vit_mlp', 'queries', 'quant_groups')
+               'vit_embed', 'position', 'vit_heads', 'vit_mlp', 'queries', 'quant_groups', 'lora_rank')
 # Activation names; the 'act_' ones are kept apart from the parameter names so that FSDP can split a
 # weight's 'embed' while the activation's embed stays whole.
 ACTIVATION_AXES = ('batch', 'length', 'act_embed', 'act_heads', 'act_mlp', 'act_vocab', 'head_dim')

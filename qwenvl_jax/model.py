@@ -181,6 +181,12 @@ def param_shapes(model: QwenVL, boxed: bool = False) -> dict:
   return shapes if boxed else nn.meta.unbox(shapes)
 
 
+def lora_shapes(model: QwenVL) -> dict:
+  """The 'lora' collection of a model with `config.lora`, boxed with its logical axes (see `param_shapes`)."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), ids)['lora'])
+
+
 def lm_loss(logits: Array, labels: Array, loss_mask: Array | None = None) -> Array:
   """Mean next-token cross entropy: logits[:, i] predicts labels[:, i+1] (the original's shift)."""
   logits, labels = logits[:, :-1].astype(jnp.float32), labels[:, 1:]

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from qwenvl_jax.config import QwenVLConfig, TextConfig, VisionConfig
-from qwenvl_jax.model import QwenVL, param_shapes
+from qwenvl_jax.lora import LoraConfig
+from qwenvl_jax.model import QwenVL, lora_shapes, param_shapes
 
 Path = tuple[str, ...]
 
@@ -39,6 +40,7 @@ def flatten(tree) -> dict[Path, Any]:
 
 KERNEL_T = ('kernel_t', 'q_t')  # leaf names of weight-major kernels
 QUANTIZED = ('q', 'q_t')
+LORA_FACTORS = ('a', 'b')  # leaf names of LoRA's factors (collection 'lora')
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,6 +48,13 @@ def axes_table(weight_major: bool = False, quantized: bool = False) -> dict[Path
   """Path (decoder layers stacked, 'layers' first in their names) -> logical names of every leaf."""
   tiny = _TINY.replace(weight_major=weight_major, weights='int8' if quantized else 'float')
   boxed = param_shapes(QwenVL(tiny), boxed=True)
+  return {path: tuple(box.names) for path, box in flatten(boxed).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def lora_axes_table() -> dict[Path, tuple[str, ...]]:
+  """The same for LoRA's factors 'a' and 'b' (the model's 'lora' collection, at their kernel's module)."""
+  boxed = lora_shapes(QwenVL(_TINY.replace(lora=LoraConfig(rank=1))))
   return {path: tuple(box.names) for path, box in flatten(boxed).items()}
 
 
@@ -81,8 +90,10 @@ def leaf_axes(path: Path, shape: tuple[int, ...]) -> tuple[str, ...]:
 
 
 def _table_of(stacked: Path) -> dict[Path, tuple[str, ...]]:
-  """The axes table holding a leaf (stacked path): weight-major or not by its name, quantized for q and for
-  a scale no float table has (the norms' scales are in both)."""
+  """The axes table holding a leaf (stacked path): LoRA's for a factor, weight-major or not by its name,
+  quantized for q and for a scale no float table has (the norms' scales are in both)."""
+  if stacked[-1] in LORA_FACTORS:
+    return lora_axes_table()
   weight_major = stacked[-1] in KERNEL_T
   quantized = stacked[-1] in QUANTIZED or (stacked[-1] == 'scale' and stacked not in axes_table(weight_major))
   return axes_table(weight_major, quantized)

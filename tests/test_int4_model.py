@@ -7,7 +7,7 @@ import pytest
 
 from qwenvl_jax import param_layout, preprocess_images
 from qwenvl_jax.decode import generate
-from qwenvl_jax.model import QwenVL, param_shapes
+from qwenvl_jax.model import param_shapes
 from test_int4 import TOL, _golden_logits, _shapes, dequantized, golden_int4, int4_dir, packed  # noqa: F401 (fixtures)
 
 
@@ -56,11 +56,10 @@ def test_qlora_over_the_packed_base(packed, dequantized, golden, golden_dir):
   from train.optim import make_optimizer
   from train.step import init_state, make_train_step
   model, base = packed
-  float_model = QwenVL(model.config.replace(weights='float'))  # the loss dequantizes the base
-  cfg = _cfg(float_model, lora=True, lora_rank=4, stage=3, peak_lr=1e-2, min_lr=1e-2, warmup_steps=0)
+  cfg = _cfg(model, lora=True, lora_rank=4, stage=3, peak_lr=1e-2, min_lr=1e-2, warmup_steps=0)
   lora = init_lora(base, cfg.lora_targets, cfg.lora_rank, jax.random.key(0))
   optimizer = make_optimizer(cfg, base)
-  step = jax.jit(make_train_step(float_model, optimizer, cfg))
+  step = jax.jit(make_train_step(model, optimizer, cfg))  # the packed model: layers dequantize where used
   state, batch, losses = init_state(cfg, base, optimizer, lora), _golden_batch(golden, golden_dir), []
   for _ in range(3):
     state, metrics = step(state, batch)
@@ -76,6 +75,6 @@ def test_qlora_over_the_packed_base(packed, dequantized, golden, golden_dir):
   c_proj = ('decoder', 'layers', 'mlp', 'c_proj', 'kernel')  # quantized, not a LoRA target
   np.testing.assert_array_equal(merged[c_proj], reference[c_proj])
   w2 = ('decoder', 'layers', 'mlp', 'w2', 'kernel')
-  a, b = state.lora['w2']['a'], state.lora['w2']['b']
+  a, b = (state.lora['decoder']['layers']['mlp']['w2'][k] for k in 'ab')
   np.testing.assert_allclose(merged[w2] - reference[w2], (cfg.lora_alpha / 4) * a @ b, rtol=1e-4, atol=1e-7)
   assert np.any(np.asarray(b))

@@ -149,7 +149,7 @@ def test_qlora_step_lowers_the_loss_and_keeps_the_quantized_base(tiny, golden, g
   """Stage-3 LoRA over an int4 base: the step trains LoRA alone, the int8-stored base stays bit-identical,
   and the merge exports float kernels that compute what the LoRA forward computes."""
   from test_train_step import _cfg, _golden_batch
-  from train.lora import apply_lora, init_lora, merge_lora
+  from train.lora import init_lora, merge_lora
   from train.optim import make_optimizer
   from train.step import init_state, make_train_step
   model, params = tiny
@@ -157,7 +157,7 @@ def test_qlora_step_lowers_the_loss_and_keeps_the_quantized_base(tiny, golden, g
   cfg = _cfg(model, lora=True, lora_rank=4, stage=3, peak_lr=1e-2, min_lr=1e-2, warmup_steps=0)
   lora = init_lora(base, cfg.lora_targets, cfg.lora_rank, jax.random.key(0))
   optimizer = make_optimizer(cfg, base)
-  step = jax.jit(make_train_step(model, optimizer, cfg))  # the float model: the loss dequantizes the base
+  step = jax.jit(make_train_step(q.QwenVL(quantized_config(model.config, 'int4')), optimizer, cfg))
   state = init_state(cfg, base, optimizer, lora)
   batch = _golden_batch(golden, golden_dir)
   state, first = step(state, batch)
@@ -174,7 +174,7 @@ def test_qlora_step_lowers_the_loss_and_keeps_the_quantized_base(tiny, golden, g
                                 dequantize_kernel(before[head + ('q',)], before[head + ('scale',)], head + ('q',)))
   w2 = ('decoder', 'layers', 'mlp', 'w2')  # a target: the dequantized base plus (alpha / r) A @ B
   base_w2 = dequantize_kernel(before[w2 + ('q',)], before[w2 + ('scale',)], w2 + ('q',))
-  a, b = state.lora['w2']['a'], state.lora['w2']['b']
+  a, b = (state.lora['decoder']['layers']['mlp']['w2'][k] for k in 'ab')
   np.testing.assert_allclose(merged[w2 + ('kernel',)] - base_w2, (cfg.lora_alpha / 4) * a @ b, rtol=1e-4, atol=1e-7)
   assert np.any(np.asarray(b))
 

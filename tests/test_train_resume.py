@@ -118,7 +118,7 @@ def test_cli_lora_stop_and_resume(setup):
   _, straight = load_pretrained(root / 'cli_straight' / 'export')
   _assert_bitwise_equal(merged, straight)
   state, _ = _restore(root / 'cli_split' / CHECKPOINT_DIR, 6)
-  assert np.any(np.asarray(state['lora']['w1']['b']))
+  assert np.any(np.asarray(state['lora']['decoder']['layers']['mlp']['w1']['b']))
   # The next stage from this out_dir starts from the same merged weights (merged there under jit).
   from train.trainer import initial_weights, on_one_device
   started = initial_weights(cfg.replace(init_from=str(root / 'cli_split')), None, on_one_device(merged))

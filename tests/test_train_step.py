@@ -2,13 +2,17 @@
 order, LoRA."""
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 
 from qwenvl_jax import load_pretrained, lm_loss, preprocess_images
+from qwenvl_jax.layers import Einsum
+from qwenvl_jax.lora import LoraConfig
+from qwenvl_jax.model import QwenVL
 from qwenvl_jax.params import get_path
 from train.config import stage_config
-from train.lora import apply_lora, init_lora, merge_lora
+from train.lora import init_lora, lora_config, merge_lora
 from train.optim import make_optimizer
 from train.step import image_order, init_state, make_train_step, target_nll
 
@@ -117,8 +121,9 @@ def test_lora_starts_at_base_and_trains_only_lora(golden_model, golden, golden_d
   model, params = golden_model
   cfg = _cfg(model, lora=True, lora_rank=4, stage=3, peak_lr=1e-2, min_lr=1e-2, warmup_steps=0)
   lora = init_lora(params, cfg.lora_targets, cfg.lora_rank, jax.random.key(0))
-  assert lora['c_attn']['a'].shape == (2, 256, 4) and lora['c_attn']['b'].shape == (2, 4, 3 * 256)
-  assert lora['attn.c_proj']['a'].shape == (2, 256, 4)
+  attn, mlp = lora['decoder']['layers']['attn'], lora['decoder']['layers']['mlp']
+  assert attn['c_attn']['a'].shape == (2, 256, 4) and attn['c_attn']['b'].shape == (2, 4, 3, 4, 64)
+  assert attn['c_proj']['a'].shape == (2, 4, 64, 4) and mlp['w1']['b'].shape == (2, 4, 256)
   merged = merge_lora(params, lora, cfg.lora_alpha)
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):  # B = 0: no change yet
     np.testing.assert_array_equal(a, b)
@@ -132,33 +137,55 @@ def test_lora_starts_at_base_and_trains_only_lora(golden_model, golden, golden_d
   assert float(third['loss']) < float(first['loss'])
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-  assert np.any(np.asarray(state.lora['w1']['b']))
+  assert np.any(np.asarray(state.lora['decoder']['layers']['mlp']['w1']['b']))
   # The merged export computes what the LoRA forward (without dropout) computes.
   merged = merge_lora(state.params, state.lora, cfg.lora_alpha)
   ids = batch['input_ids']
-  direct = model.apply({'params': apply_lora(state.params, state.lora, cfg.lora_alpha)}, ids,
-                       batch['pixel_values'][:, 0])
+  with_lora = QwenVL(model.config.replace(lora=lora_config(cfg)))
+  direct = with_lora.apply({'params': state.params, 'lora': state.lora}, ids, batch['pixel_values'][:, 0])
   exported = model.apply({'params': merged}, ids, batch['pixel_values'][:, 0])
-  np.testing.assert_allclose(direct, exported, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(direct, exported, rtol=1e-5, atol=1e-5)
   path = ('decoder', 'layers', 'attn', 'c_proj', 'kernel')
   delta = get_path(merged, path) - get_path(params, path)
-  a, b = state.lora['attn.c_proj']['a'], state.lora['attn.c_proj']['b']
-  np.testing.assert_allclose(delta.reshape(2, 256, 256), (cfg.lora_alpha / 4) * a @ b, rtol=1e-4, atol=1e-7)
+  a, b = (state.lora['decoder']['layers']['attn']['c_proj'][k] for k in 'ab')
+  np.testing.assert_allclose(delta, (cfg.lora_alpha / 4) * np.einsum('lhkr,lrd->lhkd', a, b), rtol=1e-4,
+                             atol=1e-7)
 
 
-def test_lora_dropout_is_one_mask_per_step(golden_model):
+def test_lora_at_init_is_the_base_model_exactly(golden_model):
+  """B = 0: the LoRA model's logits equal the base model's bit for bit (float32, with dropout drawn too),
+  and the factors init_lora makes are the collection the model declares, with their logical axes."""
   model, params = golden_model
-  lora = init_lora(params, ('w1',), 4, jax.random.key(0))
-  lora['w1']['b'] = jnp.ones_like(lora['w1']['b'])
-  k = jax.random.key(3)
-  a = apply_lora(params, lora, 16.0, 0.5, k)['decoder']['layers']['mlp']['w1']['kernel']
-  b = apply_lora(params, lora, 16.0, 0.5, k)['decoder']['layers']['mlp']['w1']['kernel']
-  c = apply_lora(params, lora, 16.0, 0.5, jax.random.key(4))['decoder']['layers']['mlp']['w1']['kernel']
-  base = params['decoder']['layers']['mlp']['w1']['kernel']
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
-  dropped_rows = np.all(np.isclose(a, base), axis=-1)  # a dropped input feature leaves its row as base
-  assert 0.3 < dropped_rows.mean() < 0.7
+  cfg = _cfg(model, lora=True, lora_rank=4, stage=3)
+  lora = init_lora(params, cfg.lora_targets, cfg.lora_rank, jax.random.key(0))
+  with_lora = QwenVL(model.config.replace(lora=lora_config(cfg)))
+  ids = np.random.default_rng(0).integers(0, 999, (2, 12)).astype(np.int32)
+  base = model.apply({'params': params}, ids)
+  for rngs in ({}, {'dropout': jax.random.key(1)}):
+    out = with_lora.apply({'params': params, 'lora': lora}, ids, rngs=rngs)
+    assert np.asarray(out).tobytes() == np.asarray(base).tobytes()
+  declared = jax.eval_shape(lambda: with_lora.init(jax.random.key(0), ids)['lora'])
+  boxed = lambda x: isinstance(x, nn.Partitioned)
+  assert jax.tree.map(lambda x: x.value.shape, declared, is_leaf=boxed) == jax.tree.map(jnp.shape, lora)
+  names = jax.tree.map(lambda x: x.names, declared, is_leaf=boxed)['decoder']['layers']['attn']['c_attn']
+  assert names == {'a': ('layers', 'embed', 'lora_rank'),
+                   'b': ('layers', 'lora_rank', 'qkv', 'heads', 'head_dim')}
+
+
+def test_lora_dropout_is_drawn_per_token():
+  """PEFT's B(A(dropout(x))): equal tokens get different LoRA updates under dropout, the same key gives the
+  same masks, and without a 'dropout' rng the update is the exact (alpha / r) x A B."""
+  layer = Einsum((8, 6), lora=LoraConfig(rank=2, alpha=4.0, dropout=0.5))
+  x = jnp.ones((1, 16, 8))
+  variables = layer.init(jax.random.key(0), 'btd,df->btf', x)
+  variables['lora'] = {'a': jnp.ones((8, 2)), 'b': jnp.ones((2, 6))}
+  base = x @ variables['params']['kernel']
+  run = lambda rngs: layer.apply(variables, 'btd,df->btf', x, rngs=rngs) - base
+  np.testing.assert_allclose(run({}), np.full((1, 16, 6), 2.0 * 8 * 2), rtol=1e-6)
+  one, again, other = (run({'dropout': jax.random.key(k)}) for k in (1, 1, 2))
+  np.testing.assert_array_equal(one, again)
+  assert not np.array_equal(one, other)
+  assert len(np.unique(np.asarray(one[0, :, 0]))) > 2  # tokens with equal inputs, different masks
 
 
 def test_unknown_lora_target_is_refused(golden_model):

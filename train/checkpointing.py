@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from train.errors import TrainError
+from train.lora import check_layout
 from train.step import TrainState
 
 
@@ -72,6 +73,7 @@ class Checkpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f'no checkpoint to resume from in {self.directory}')
+    _check_lora_layout(self.directory, steps[0])
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     failures = []
     for step in steps:
@@ -116,6 +118,7 @@ def restore_weights(directory: str | os.PathLike, shardings: Any, say: Callable[
     path = directory / str(step) / 'state'
     try:
       tree = checkpointer.metadata(path).item_metadata.tree
+      _check_lora_layout(directory, step, tree)
       wanted = {'params': _targets(tree['params'], shardings, 'params')}
       if tree.get('lora'):
         whole = _replicated(jax.tree.leaves(shardings)[0])
@@ -124,6 +127,8 @@ def restore_weights(directory: str | os.PathLike, shardings: Any, say: Callable[
       restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
           item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
           partial_restore=True))
+    except CheckpointError:
+      raise
     except Exception as e:  # as in Checkpointer.restore
       failures.append(f'step {step}: {_reason(e)}')
       say(f'checkpoint step {step} in {directory} is damaged and cannot be read ({_reason(e)}); '
@@ -131,6 +136,21 @@ def restore_weights(directory: str | os.PathLike, shardings: Any, say: Callable[
       continue
     return step, restored['params'], restored.get('lora')
   raise CheckpointError(f'no readable checkpoint in {directory}: ' + '; '.join(failures))
+
+
+def _check_lora_layout(directory: pathlib.Path, step: int, tree: Any = None) -> None:
+  """CheckpointError when the step's LoRA factors are in an earlier version's layout (`lora.check_layout`);
+  a step whose metadata cannot be read is left to the restore, which names it."""
+  if tree is None:
+    try:
+      tree = ocp.PyTreeCheckpointer().metadata(directory / str(step) / 'state').item_metadata.tree
+    except Exception:  # damaged: the restore reports it
+      return
+  lora = tree.get('lora') if isinstance(tree, Mapping) else None
+  try:
+    check_layout(lora, f'checkpoint step {step} in {directory}')
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
 
 
 def _targets(metadata: Any, shardings: Any, what: str) -> Any:

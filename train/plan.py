@@ -29,7 +29,6 @@ from qwenvl_jax import sharding as sh
 from qwenvl_jax.config import QwenVLConfig, as_dtype, qwen_vl_7b
 from qwenvl_jax.layers import REMAT_POLICIES
 from train.config import TrainConfig, stage_config
-from train.lora import TARGETS
 from train.stages import STAGES
 
 GiB = 1024 ** 3
@@ -169,10 +168,7 @@ def state_bytes(setup: Setup, state: Any, mask: Any) -> tuple[dict[str, int], di
   tree = trainables(state.params, state.lora)
   tree_specs = trainables(specs.params, specs.lora)
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  lora_paths = {TARGETS[name][0] for name in setup.cfg.lora_targets}
-  lora_paths |= {p[:-1] + ('q',) for p in lora_paths}  # a quantized base's (elements: the kernel's)
-  counts = dict(total_params=0, trainable_params=0, trainable_local=0, decoder_local=0, vit_local=0,
-                lora_targets_local=0)
+  counts = dict(total_params=0, trainable_params=0, trainable_local=0, decoder_local=0, vit_local=0)
   for (path, x), spec, train in zip(flat, _specs(tree_specs), jax.tree.leaves(mask), strict=True):
     keys = path_keys(path)
     local = _local(x, spec, setup.sizes)
@@ -181,12 +177,10 @@ def state_bytes(setup: Setup, state: Any, mask: Any) -> tuple[dict[str, int], di
     if train:
       counts['trainable_params'] += x.size
       counts['trainable_local'] += local
-    if keys[1:3] == ('decoder', 'layers'):
+    if keys[:3] == ('params', 'decoder', 'layers'):  # the base's; LoRA's factors mirror its paths
       counts['decoder_local'] += local
-    if keys[1:3] == ('visual', 'blocks'):
+    if keys[:3] == ('params', 'visual', 'blocks'):
       counts['vit_local'] += local
-    if keys[0] == 'params' and setup.cfg.lora and keys[1:] in lora_paths:
-      counts['lora_targets_local'] += local
   return parts, counts
 
 

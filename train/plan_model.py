@@ -11,10 +11,11 @@ memory peaks in one of three phases; the plan takes the largest:
   update    after the backward pass: the gradients and the lm_head's whole gradient.
 
 Terms:
-  gradients    float32, trainable leaves, sharded like the params (LoRA: also the merged kernels').
+  gradients    float32, trainable leaves, sharded like the params.
   weights      the compute-dtype copy of every stacked layer weight that the backward pass needs (sharded;
-               without remat the scan saves each layer's cast), one layer gathered whole in float32 and in
-               the compute dtype, and with LoRA the float32 merged kernels (base + A @ B).
+               without remat the scan saves each layer's cast; a quantized base saves none: the backward
+               pass dequantizes each layer again), one layer gathered whole in float32 and in the compute
+               dtype. LoRA applies inside the model, one layer at a time: no merged kernel exists.
   tables       the lm_head gathered whole in the compute dtype for the logits; its gradient is computed
                whole in float32 (the dot's output and its sum over the devices) and reduced to the shard
                only by the update.
@@ -90,10 +91,10 @@ def transient_bytes(setup, counts: Mapping[str, int]) -> tuple[str, dict[str, in
     weights = layer
   else:
     acts = t.num_layers * text + (v.layers * vis if vit_trains else 0)
-    weights = layer + c * (counts['decoder_local'] + (counts['vit_local'] if vit_trains else 0))
-  merged = F32 * counts['lora_targets_local']  # LoRA: base + A @ B of each target kernel, float32
-  weights += merged
-  grads = F32 * counts['trainable_local'] + merged  # LoRA: the merged kernels' gradients, then A's and B's
+    # a quantized base's layers are dequantized again in the backward pass (layers.Einsum): none saved
+    saved = 0 if setup.weights != 'float' else counts['decoder_local']
+    weights = layer + c * (saved + (counts['vit_local'] if vit_trains else 0))
+  grads = F32 * counts['trainable_local']
   # The lm_head's gradient is computed whole (float32, as its dot's output and summed over the devices)
   # and reduced to its shard only when the update needs it.
   head_grad = 2 * F32 * table if tables_train else 0

@@ -51,7 +51,7 @@ def mesh_spec(sizes) -> str:
 def compile_step(setup) -> dict[str, Any]:
   """XLA's per-device memory of the trainer's step: arguments, outputs, temporaries, aliasing counted once."""
   from qwenvl_jax.model import QwenVL
-  from train.state import make_layout, run_optimizer
+  from train.state import base_config, make_layout, run_optimizer
   from train.step import make_train_step
   need, have = math.prod(setup.sizes.values()), jax.device_count()
   if need != have:  # the trainer's mesh spans every device
@@ -61,7 +61,7 @@ def compile_step(setup) -> dict[str, Any]:
   model = QwenVL(setup.model_config)
   optimizer = run_optimizer(setup.cfg, model)
   layout = make_layout(setup.cfg, model, optimizer, mesh_spec(setup.sizes), setup.rules)
-  step = layout.jit(make_train_step(model, optimizer, setup.cfg))
+  step = layout.jit(make_train_step(QwenVL(base_config(setup.cfg, model.config)), optimizer, setup.cfg))
   m = step.lower(layout.abstract, abstract_batch(setup, layout)).compile().memory_analysis()
   fields = ('argument', 'output', 'alias', 'temp', 'generated_code')
   out = {f'{k}_bytes': int(getattr(m, f'{k}_size_in_bytes')) for k in fields}

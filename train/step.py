@@ -20,8 +20,9 @@ import optax
 
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.preprocess import normalize_on_device
+from qwenvl_jax.quant import is_quantized
 from train.config import TrainConfig
-from train.lora import apply_lora
+from train.lora import lora_config
 from train.optim import combine, lr_schedule, partition, trainables
 
 Batch = dict[str, jax.Array]
@@ -70,16 +71,18 @@ def _micro_batches(batch: Batch, n: int) -> Batch:
 
 def make_train_step(model: QwenVL, optimizer: optax.GradientTransformation,
                     cfg: TrainConfig) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """`cfg` gives the stage mask, LoRA settings, grad_accum and the lr schedule of the metrics."""
+  """`cfg` gives the stage mask, LoRA settings, grad_accum and the lr schedule of the metrics. `model`
+  describes the params as the state holds them (a quantized base: its weights mode); with cfg.lora the
+  step runs it with LoRA applied inside (`train/lora.py`), dropout drawn per step and micro-batch."""
   start_id = model.config.vision.image_start_id
   schedule = lr_schedule(cfg)
+  if cfg.lora:
+    model = QwenVL(model.config.replace(lora=lora_config(cfg)))
+  rngs = lambda rng: {'dropout': rng} if cfg.lora and cfg.lora_dropout > 0 else {}
 
   def loss_sum(trained, frozen, mb: Batch, rng: jax.Array) -> jax.Array:
     tree = combine(trained, frozen)
-    params = tree['params']
-    if cfg.lora:
-      params = apply_lora(params, tree['lora'], cfg.lora_alpha, cfg.lora_dropout, rng)
-    variables = {'params': params}
+    variables = {'params': tree['params'], **({'lora': tree['lora']} if cfg.lora else {})}
     ids, pixels = mb['input_ids'], mb['pixel_values']
     if pixels.dtype == jnp.uint8:  # the loader ships bytes: a quarter of float32's transfer
       pixels = normalize_on_device(pixels)
@@ -90,19 +93,24 @@ def make_train_step(model: QwenVL, optimizer: optax.GradientTransformation,
                              method=QwenVL.encode_images)  # [b*slots, q, d]
       features = features[image_order(ids, start_id, slots)]
     logits = model.apply(variables, ids, image_features=features, attention_mask=mb['attention_mask'],
-                         logits_at=mb['targets'], train=True)  # [b, n, vocab]
+                         logits_at=mb['targets'], train=True, rngs=rngs(rng))  # [b, n, vocab]
     return (target_nll(logits, ids, mb['targets']) * mb['target_mask']).sum()
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    if is_quantized(state.params) and model.config.weights == 'float':
+      raise ValueError('the state holds a quantized base but the step was made for a float model: make it '
+                       'with the base\'s config (train/state.py base_config, or the loaded quantized model)')
     trained, frozen = partition(cfg, trainables(state.params, state.lora))
-    rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)  # LoRA dropout, fixed per step
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)  # LoRA dropout: one key per step
 
-    def accumulate(carry, mb):
-      loss, grads = jax.value_and_grad(loss_sum)(trained, frozen, mb, rng)
+    def accumulate(carry, indexed):
+      i, mb = indexed
+      loss, grads = jax.value_and_grad(loss_sum)(trained, frozen, mb, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trained))
-    (total_loss, grads), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, cfg.grad_accum))
+    micro = (jnp.arange(cfg.grad_accum), _micro_batches(batch, cfg.grad_accum))
+    (total_loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
     count = batch['target_mask'].astype(jnp.float32).sum()
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)

@@ -30,6 +30,7 @@ from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, SKIPPED_FILE, TrainErro
                            run_weights, write_configs)
 from train.state import MASTER_DTYPE, create, make_layout, run_optimizer
 from train.step import make_train_step
+from train.state import base_config  # the step's model: the base as the state holds it
 
 
 def say(message: str) -> None:
@@ -266,7 +267,7 @@ def _loop(cfg, model, model_config, optimizer, state, loader, checkpointer, plac
           progress, desc, logged):
   """Steps first+1 .. last; a batch that fails to load stops the run with the last step saved."""
   out_dir = pathlib.Path(cfg.out_dir)
-  train_step = jit(make_train_step(model, optimizer, cfg))
+  train_step = jit(make_train_step(QwenVL(base_config(cfg, model.config)), optimizer, cfg))
   main = jax.process_index() == 0  # one metrics file and one progress bar per pod
   log = MetricsLog(out_dir / METRICS_FILE) if main else None
   bar = tqdm(total=cfg.steps, initial=first, desc=desc or f'stage {cfg.stage}',
