@@ -13,9 +13,9 @@ import pytest
 
 from processes import FAST_CODEGEN
 
-# Most of the suite's time is XLA compiling small programs, and LLVM's optimisation of the generated CPU
-# code is much of each compile while buying nothing on tiny models (about 40% less CPU time; no buffer
-# changes). Set before any backend starts; worker processes and subprocesses inherit it.
+# Most of the suite's time is XLA compiling small programs, and the CPU backend's code generation is most of
+# each compile while buying nothing on tiny models (processes.FAST_CODEGEN; no buffer changes). Set before
+# any backend starts; worker processes and subprocesses inherit it.
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_CODEGEN}".strip()
 

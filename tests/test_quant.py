@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from processes import xla_flags
+
 import qwenvl_jax as q
 from qwenvl_jax import cpu_kernels, param_layout
 from qwenvl_jax.decode import generate
@@ -136,7 +138,7 @@ def test_quantized_tree_converts_between_forms_bit_exactly(tiny):
 def test_quantized_params_shard_and_restore_on_a_mesh(golden_dir, tmp_path):
   """Quantized params placed on 4 simulated devices by their logical axes give one device's logits, and
   an Orbax checkpoint of them restores onto the mesh bit-identical."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=4'), JAX_PLATFORMS='cpu',
              PYTHONPATH=str(ROOT))
   proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'quant_mesh_check.py'), str(golden_dir),
                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)

@@ -20,7 +20,7 @@ from PIL import Image
 openai = pytest.importorskip('openai', reason='the serve tests need the test extra (openai, fastapi, uvicorn)')
 uvicorn = pytest.importorskip('uvicorn')
 
-from processes import free_port  # noqa: E402
+from processes import free_port, xla_flags  # noqa: E402
 from qwenvl_jax import GenerationConfig, ImageLoader, QwenVL  # noqa: E402
 from qwenvl_jax import chat  # noqa: E402
 from qwenvl_jax.chat_format import DEFAULT_SYSTEM, decode_response, make_context  # noqa: E402
@@ -563,6 +563,6 @@ def test_engine_on_a_mesh():
   """--mesh data=2 on two CPU devices: the cache split by rows, each request's tokens those of generate
   alone (a third request takes a row another left)."""
   env = dict(os.environ, PYTHONPATH=f'{ROOT}:{ROOT / "tests"}', JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'))
   out = subprocess.run([sys.executable, '-c', MESH_CHECK], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and 'mesh ok' in out.stdout, out.stderr[-3000:]

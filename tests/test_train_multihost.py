@@ -32,9 +32,11 @@ def test_two_processes_each_hold_half_the_state(setup, tmp_path):
   (tmp_path / 'model.json').write_text(json.dumps(BIG))
   config = tmp_path / 'train.json'
   # float32 compute: bfloat16 roundings would differ with XLA's fusion choices, which differ between the
-  # one-device and the sharded program, and hide the reduction order being the only difference.
+  # one-device and the sharded program, and hide the reduction order being the only difference. One row
+  # per process and no accumulation: the state's memory is the point, and the time is the steps' compute.
   config.write_text(json.dumps({**cfg.to_dict(), 'model_config': str(tmp_path / 'model.json'), 'steps': 2,
-                                'save_every': 2, 'log_every': 1, 'dtype': 'float32'}))
+                                'save_every': 2, 'log_every': 1, 'dtype': 'float32', 'batch_size': 2,
+                                'grad_accum': 1}))
   env = {k: v for k, v in os.environ.items() if k not in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)}
   env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(), PYTHONPATH=os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')]))
 
