@@ -3,6 +3,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -18,6 +19,18 @@ FAST_CODEGEN = ('--xla_llvm_disable_expensive_passes=true --xla_backend_optimiza
 def xla_flags(*flags: str) -> str:
   """XLA_FLAGS for a test's subprocess: the suite's fast code generation plus `flags`."""
   return ' '.join((FAST_CODEGEN,) + flags)
+
+
+def pytest_on_two_devices(test_file: str, tmp_path: pathlib.Path) -> None:
+  """Runs `test_file`'s tests in a pytest process with 2 simulated CPU devices (its two-device tests run
+  there; its others skip there) and asserts they passed."""
+  tests = pathlib.Path(__file__).resolve().parent
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'), JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get('PYTHONPATH', '')]))
+  result = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
+                           '--basetemp', str(tmp_path), test_file], env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+  assert ' passed' in result.stdout and ' failed' not in result.stdout, result.stdout[-2000:]
 
 
 def free_port() -> int:

@@ -9,14 +9,13 @@ simulated CPU devices, where it is the one test skipped.
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from processes import run_measured, xla_flags
+from processes import pytest_on_two_devices, run_measured
 
 from convert.core import hf_to_orbax
 from qwenvl_jax import load_pretrained, param_layout, quant, quant_blocks, sharding as sh
@@ -72,13 +71,7 @@ def test_quantized_load_equals_quantizing_the_float_tree(sources, mode, layout, 
 @pytest.mark.slow
 @pytest.mark.skipif(TWO, reason='this is the two-device process')
 def test_in_a_two_device_process(tmp_path):
-  tests = pathlib.Path(__file__).resolve().parent
-  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'), JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get('PYTHONPATH', '')]))
-  result = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
-                           '--basetemp', str(tmp_path), __file__], env=env, capture_output=True, text=True)
-  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-  assert ' passed' in result.stdout and ' failed' not in result.stdout, result.stdout[-2000:]
+  pytest_on_two_devices(__file__, tmp_path)
 
 
 @needs_two

@@ -5,16 +5,12 @@ nothing and still equals six straight steps bit for bit.
 The tests need two devices: `test_in_a_two_device_process` runs this file again in a process with two
 simulated CPU devices, where it is the one test skipped.
 """
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from processes import xla_flags
+from processes import pytest_on_two_devices
 
 from qwenvl_jax import load_pretrained, sharding as sh
 from qwenvl_jax.model import QwenVL, param_shapes
@@ -29,13 +25,7 @@ needs_two = pytest.mark.skipif(not TWO, reason='runs inside test_in_a_two_device
 @pytest.mark.slow
 @pytest.mark.skipif(TWO, reason='this is the two-device process')
 def test_in_a_two_device_process(tmp_path):
-  tests = pathlib.Path(__file__).resolve().parent
-  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'), JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get('PYTHONPATH', '')]))
-  result = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
-                           '--basetemp', str(tmp_path), __file__], env=env, capture_output=True, text=True)
-  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-  assert ' passed' in result.stdout and ' failed' not in result.stdout, result.stdout[-2000:]
+  pytest_on_two_devices(__file__, tmp_path)
 
 
 def _shardings(model, mesh_spec, rules='fsdp'):
