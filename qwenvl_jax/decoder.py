@@ -64,15 +64,22 @@ class KVCache:
 
   def put_rows(self, rows: 'KVCache', index: Array | int) -> 'KVCache':
     """This layer's cache with `rows` (a cache of the same layout for as many rows or fewer, with as many
-    slots or fewer) written over rows index.. from slot 0: a prompt prefilled on its own moved into one
-    row of a batch's cache, or a step run on the first rows put back. The rest keeps what it held; the
+    slots or fewer) written from slot 0 over rows index.. (a scalar), or over rows index[i] (an array [k]:
+    one row each; an index past the last row writes nothing): prompts prefilled together put into their
+    rows of a batch's cache, or a step run on the first rows put back. The rest keeps what it held; the
     key mask decides what is seen."""
     def put(cache: Array, new: Array) -> Array:
       if self.slots_last:  # a batch of one may be stored without its b axis (see the class doc)
         full, new = cache.reshape((-1,) + cache.shape[-3:]), new.reshape((-1,) + new.shape[-3:])
       else:
         full = cache
-      full = jax.lax.dynamic_update_slice(full, new.astype(cache.dtype), (index, 0, 0, 0))
+      new = new.astype(cache.dtype)
+      if jnp.ndim(index) == 0:
+        full = jax.lax.dynamic_update_slice(full, new, (index, 0, 0, 0))
+      elif self.slots_last:
+        full = full.at[index, :, :, :new.shape[3]].set(new, mode='drop')
+      else:
+        full = full.at[index, :new.shape[1]].set(new, mode='drop')
       return full.reshape(cache.shape)
     return self.replace(k=put(self.k, rows.k), v=put(self.v, rows.v))
 

@@ -52,7 +52,12 @@ class Engine(BatchEngine):
     self.gate.set()
     self.script = None
     self.most = 0  # the most rows busy at once
+    self.prefills = []  # the number of requests of each prefill
     super().__init__(*args, **kw)
+
+  def _start(self, group):
+    self.prefills.append(len(group))
+    super()._start(group)
 
   def _token(self, row, token):
     return self.script[row.generated] if self.script else token
@@ -157,7 +162,8 @@ def test_boxes_and_stop_strings(server, client):
 
 def test_concurrent_requests_equal_solo(server, client, golden_dir):
   """8 requests at once (different prompts, with and without images, one sampled with a seed) over 4
-  rows: each gets chat()'s answer for it alone; requests wait, then take rows while others decode."""
+  rows: each gets chat()'s answer for it alone; requests wait, then take rows while others decode, those
+  that arrive together prefilled together."""
   model, params, tok, engine = server['model'], server['params'], server['tok'], server['engine']
   poster = golden_dir / 'img' / 'poster.jpg'
   part = {'type': 'image_url', 'image_url': {'url': _data_url(poster)}}
@@ -180,7 +186,7 @@ def test_concurrent_requests_equal_solo(server, client, golden_dir):
   def ask(i):
     kw = sampled if i == 3 else dict(temperature=0)
     together[i] = _ask(client, asks[i], **kw).choices[0].message.content
-  engine.most = 0
+  engine.most, engine.prefills = 0, []
   engine.gate.clear()  # held until all 8 are in: the first decodes, the others wait in the queue
   threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
   try:
@@ -193,7 +199,7 @@ def test_concurrent_requests_equal_solo(server, client, golden_dir):
   for t in threads:
     t.join(120)
   assert together == solo and len(set(solo)) > 1
-  assert engine.most == ROWS and engine.stats()['active'] == 0
+  assert engine.most == ROWS and engine.stats()['active'] == 0 and max(engine.prefills) > 1, engine.prefills
 
 
 def test_sampling_settings():
