@@ -126,6 +126,21 @@ class Slots:
       self.alpha[r] = alpha[i]
     return logits, p
 
+  def warm(self, n_tokens: int) -> list[Array]:
+    """Runs once (compiling them) the programs serving prompts of n_tokens: the prefill of each power of
+    two of prompts up to the rows (padding prompts, written nowhere) and the step over each power of two
+    of rows; returns the logits of each, for the token choice to compile on. Call it with every row free."""
+    p, logits = self.prompt_slots(n_tokens), []
+    features = image_features(self.params, None, self.config, 0)
+    for n in (1 << i for i in range(Buckets.count(self.rows).bit_length())):
+      ids, mask = np.zeros((n, p), np.int32), np.ones((n, p), bool)
+      self.cache, prefilled, _ = self._prefill(self.params, self.cache, np.full((n,), self.rows, np.int32), ids,
+                                               mask, features, config=self.config)
+      logits.append(prefilled)
+      # free rows attend to slot 0 only, and are written there
+      logits.append(self.step(np.zeros((self.rows,), np.int32), np.zeros((self.rows,), np.int32), min(n, self.rows)))
+    return logits
+
   def free(self, row: int) -> None:
     self.key_mask[row] = False
     self.key_mask[row, 0] = True

@@ -504,34 +504,48 @@ def small_vocab_config():
 
 @pytest.mark.slow
 def test_engine_compiles_once_per_bucket(compiles):
-  """The engine alone: the prefill compiles once per length bucket, the step once per power of two of
-  busy rows; prompts of other lengths in the bucket, other token budgets and rows taken again after others
-  left compile nothing new; greedy rows equal `generate` alone."""
+  """The engine alone, warmed for a prompt-length bucket: the prefill compiles once per power of two of
+  prompts prefilled together, the step once per power of two of rows, the token choice once per row
+  count. Then prompts of other lengths in the bucket, token budgets, temperatures, top_k, top_p, stop
+  lists and seeds, arriving alone or together, compile nothing; another bucket compiles its prefills
+  only. Each answer equals `generate` alone (greedy, and sampled with its seed)."""
   import asyncio
   import numpy as np
   from qwenvl_jax.decode import generate
   from serve.engine import EngineRequest
   cfg = small_vocab_config()
   model, params = QwenVL(cfg), decode_params(random_params(cfg, seed=1))
-  engine = BatchEngine(model, params, max_batch=2, max_queue=8, max_len=128)
+  engine = BatchEngine(model, params, max_batch=4, max_queue=8, max_len=160)
   rng = np.random.default_rng(0)
+  kinds = [dict(do_sample=False), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=5),
+           dict(temperature=0.5, top_p=0.8, top_k=300)]
+  done = []
 
-  async def run(lengths, budgets):
-    prompts = [tuple(int(t) for t in rng.integers(0, 500, n)) for n in lengths]
-    handles = [engine.submit(EngineRequest(p, None, BASE.replace(max_new_tokens=b, stop_ids=()), 0))
-               for p, b in zip(prompts, budgets)]
-    return prompts, [[t async for t in h] for h in handles]
+  async def wave(n, lengths):
+    asks = []
+    for _ in range(n):
+      g = BASE.replace(max_new_tokens=int(rng.integers(2, 10)), stop_ids=tuple(int(t) for t in rng.integers(0, 500, 3)),
+                       **kinds[int(rng.integers(0, 4))])
+      asks.append((tuple(int(t) for t in rng.integers(0, 500, int(rng.integers(*lengths)))), g, int(rng.integers(2**32))))
+    handles = [engine.submit(EngineRequest(p, None, g, seed)) for p, g, seed in asks]
+    done.extend(zip(asks, [[t async for t in h] for h in handles]))
+  ours = lambda: sorted(c for c in compiles if c in ('jit(_prefill_rows)', 'jit(_step)', 'jit(_choose)'))
   try:
-    prompts, answers = asyncio.run(run([40, 50, 33], [9, 3, 2]))  # both rows busy, then row 0 alone
-    first = sorted(compiles)
-    assert first.count('jit(_prefill_row)') == 1 and first.count('jit(_step)') == 2, first  # 2 rows, 1 row
+    engine.warm(40)
+    assert ours() == ['jit(_choose)'] * 3 + ['jit(_prefill_rows)'] * 3 + ['jit(_step)'] * 3, ours()  # 1, 2, 4
     compiles.clear()
-    asyncio.run(run([60, 35, 64, 41], [2, 7, 4, 6]))
+    for n in (1, 3, 2):
+      asyncio.run(wave(n, (33, 65)))
+    assert compiles == [], compiles
+    engine.warm(100)
+    assert ours() == ['jit(_prefill_rows)'] * 3, ours()
+    compiles.clear()
+    asyncio.run(wave(3, (65, 129)))
     assert compiles == [], compiles
   finally:
     engine.close()
-  for prompt, answer in zip(prompts, answers):
-    alone = generate(model, params, [prompt], generation_config=BASE.replace(max_new_tokens=len(answer), stop_ids=()))
+  for (prompt, g, seed), answer in done:
+    alone = generate(model, params, [prompt], generation_config=g, seed=seed)
     assert answer == alone[0, len(prompt):].tolist()
 
 
