@@ -41,19 +41,10 @@ def _prefill_rows(params, cache, rows, ids, mask, features, *, config: QwenVLCon
 
 def _step(params, cache, tokens, key_mask, alpha, index, *, config: QwenVLConfig):
   """One token for each of the first n = len(tokens) rows (the busy ones all lie there): a step over n
-  rows costs a batch of n, not of every row, at the price of copying those rows of the cache."""
-  n, whole = tokens.shape[0], _rows(cache) == tokens.shape[0]
-  part = cache if whole else tuple(c.first_rows(n) for c in cache)
+  rows costs a batch of n, not of every row; the cache's rows are written and read where they lie."""
   out = decoding_model(config).apply({'params': params}, tokens[:, None], attention_mask=key_mask, alpha=alpha,
-                                     cache=part, cache_index=index)
-  if whole:
-    return out['cache'], out['logits'][:, 0]
-  return tuple(c.put_rows(p, 0) for c, p in zip(cache, out['cache'])), out['logits'][:, 0]
-
-
-def _rows(cache: tuple[KVCache, ...]) -> int:
-  """Rows of a batch's cache (one row may be stored without its b axis)."""
-  return cache[0].k.shape[0] if cache[0].k.ndim == 4 else 1
+                                     cache=cache, cache_index=index)
+  return out['cache'], out['logits'][:, 0]
 
 
 _JIT = dict(static_argnames='config', donate_argnums=1)  # the cache is updated in place
