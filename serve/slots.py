@@ -10,7 +10,8 @@ to its own, and those past the prompt were written by this request's own steps. 
 the ones `generate` gives the same request alone.
 
 A step runs over the first rows only, up to the last busy one rounded up to a power of two (new requests
-take the lowest free row), so a server of many rows serving few requests pays for few.
+take the lowest free row), so a server of many rows serving few requests pays for few; it writes and reads
+those rows where they lie in the whole cache (no copy of them out and back).
 
 Compiles: the prefill once per prompt-length bucket, count of prompts (a power of two) and image-count
 bucket, the step once per power of two of rows (the token choice: `serve/choice.py`).
