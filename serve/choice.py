@@ -42,8 +42,8 @@ class Choices:
     """The row takes a new request's settings; greedy rows skip the warpers, as `Sampler.of` does."""
     sample = not g.greedy
     self.do_sample[row] = sample
-    self.temperature[row], self.top_k[row], self.top_p[row] = (g.temperature, g.top_k, g.top_p) if sample else \
-        (1.0, 0, 1.0)
+    self.temperature[row], self.top_k[row], self.top_p[row] = \
+        (g.temperature, min(g.top_k, _NO_LIMIT), g.top_p) if sample else (1.0, 0, 1.0)
     stops = g.stop_ids
     if len(stops) > self.stop_ids.shape[1]:  # widened for good: one more program per width, never per value
       wider = np.full((len(self.min_new), Buckets.count(len(stops))), -1, np.int32)

@@ -58,7 +58,8 @@ def test_settings_compile_nothing():
   size = choice._choose._cache_size()
   rng = np.random.default_rng(0)
   for i in range(6):
-    table.set(i % 4, GenerationConfig(temperature=float(rng.uniform(0.1, 2)), top_k=int(rng.integers(0, 500)),
+    table.set(i % 4, GenerationConfig(temperature=float(rng.uniform(0.1, 2)),
+                                      top_k=10**12 if i == 1 else int(rng.integers(0, 500)),
                                       top_p=float(rng.uniform(0.1, 1)), stop_ids=tuple(rng.integers(0, V, i)),
                                       min_new_tokens=i, do_sample=bool(i % 3)), seed=i)
     table.choose(logits, np.arange(4), steps + i)
