@@ -3,9 +3,10 @@ one background thread.
 
 Each turn of the loop takes waiting requests into free rows (those of one prompt-length bucket
 prefilled together in one program, their first tokens chosen at once), drops the rows whose client is
-gone, then advances every busy row by one token in one step. A row is freed the moment its request ends (a stop id, its max_new_tokens, a cancel), and the next
-waiting request takes it at the next turn while the others go on decoding. Requests come from the event
-loop through `submit` (a locked queue); tokens go back through each request's `Handle`.
+gone, then advances every busy row by one token in one step. A row is freed the moment its request ends
+(a stop id, its max_new_tokens, a cancel), and the next waiting request takes it at the next turn while
+the others go on decoding. Requests come from the event loop through `submit` (a locked queue); tokens
+go back through each request's `Handle`.
 
 Each row keeps its own sampling settings (temperature, top_p, top_k), seed, stop ids and token budget
 (`choice.Choices`: arrays, so no setting a client sends compiles anything): a greedy request gets the
