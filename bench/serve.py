@@ -5,7 +5,8 @@ Two servers on 127.0.0.1 over one set of weights: `--max-batch` rows, and one ro
 are answered one after another). For each client count, every client sends one streamed greedy request
 for `--new` tokens (a different prompt each) at the same moment; reported: output tokens/s over the
 whole wave, and time to first token (from sending to the first text) p50/p99. The language model is
-bench.generate's (random weights, fp32) with the real vocabulary and tokenizer.
+bench.generate's (random weights, fp32) with the real vocabulary and tokenizer. Each server compiles its
+programs for the prompts' length buckets first (`BatchEngine.warm`), so no compile falls inside a wave.
 
   python -m bench.serve [--clients 1 4 16 --new 64 --layers 24 --hidden 1024 --vocab-file qwen.tiktoken]
 """
