@@ -86,19 +86,19 @@ def warp_logits(logits: Array, temperature, top_k, top_p) -> Array:
   temperature, top_p = column(temperature), column(top_p)
   if _rows(temperature) or temperature != 1.0:
     logits = logits / temperature
-  candidates = None
-  if _rows(top_k):
-    k = jnp.reshape(jnp.asarray(top_k), (b,))
+  candidates = None  # the best logits, descending: top-k's and then top-p's (top_k over a -inf tail is slow)
+  if _rows(top_k) or 0 < top_k <= _CANDIDATES:
+    k = jnp.broadcast_to(jnp.reshape(jnp.asarray(top_k, jnp.int32), (-1,)), (b,))
     candidates = jax.lax.top_k(logits, min(_CANDIDATES, v))[0]
     kth = _kth(candidates, k)
-    if v > _CANDIDATES:  # rows keeping more than the candidates sort every token
+    if _rows(top_k) and v > _CANDIDATES:  # rows keeping more than the candidates sort every token
       everything = logits
       kth = jax.lax.cond((k > _CANDIDATES).any(),
                          lambda: jnp.where(k[:, None] > _CANDIDATES, _kth(-jnp.sort(-everything, axis=-1), k), kth),
                          lambda: kth)
     kth = jnp.where(k[:, None] > 0, kth, -jnp.inf)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-    candidates = jnp.where(candidates < kth, -jnp.inf, candidates)  # the best of the warped logits
+    candidates = jnp.where(candidates < kth, -jnp.inf, candidates)
   elif top_k > 0:
     kth = jax.lax.top_k(logits, min(top_k, v))[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
