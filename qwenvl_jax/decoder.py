@@ -55,10 +55,10 @@ class KVCache:
       new = new.astype(cache.dtype)
       if jnp.ndim(index) == 0:
         full = jax.lax.dynamic_update_slice_in_dim(full, new, index, axis=axis)
-      elif full.shape[0] > b:  # written in place, the other rows untouched
-        rows, slots = jnp.arange(b)[:, None], index[:, None] + jnp.arange(t)
-        full = full.at[rows, :, :, slots].set(jnp.einsum('bhkt->bthk', new)) if self.slots_last else \
-            full.at[rows, slots].set(new)
+      elif full.shape[0] > b:  # row by row, in place (a scatter into the whole cache costs with its size)
+        for i in range(b):
+          at = (i, 0, 0, index[i]) if self.slots_last else (i, index[i], 0, 0)
+          full = jax.lax.dynamic_update_slice(full, new[i:i + 1], at)
       else:
         full = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=axis - 1))(
             full, new, index)
