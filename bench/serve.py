@@ -5,7 +5,8 @@ Two servers on 127.0.0.1 over one set of weights: `--max-batch` rows, and one ro
 are answered one after another). For each client count, every client sends one streamed greedy request
 for `--new` tokens (a different prompt each) at the same moment; reported: output tokens/s over the
 whole wave, and time to first token (from sending to the first text) p50/p99. The language model is
-bench.generate's (random weights, fp32) with the real vocabulary and tokenizer.
+bench.generate's (random weights, fp32) with the real vocabulary and tokenizer. Each server compiles its
+programs for the prompts' length buckets first (`BatchEngine.warm`), so no compile falls inside a wave.
 
   python -m bench.serve [--clients 1 4 16 --new 64 --layers 24 --hidden 1024 --vocab-file qwen.tiktoken]
 """
@@ -27,6 +28,8 @@ import numpy as np
 
 import qwenvl_jax as q
 from bench.generate import add_lm_args, lm_config, random_params
+from qwenvl_jax.batching import Buckets
+from qwenvl_jax.chat_format import DEFAULT_SYSTEM, make_context
 from qwenvl_jax.decode import decode_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -34,14 +37,16 @@ TOPICS = ['the sea', 'a lighthouse', 'bread', 'a red bicycle', 'winter', 'an old
           'the moon', 'a small robot', 'rain in a city', 'chess', 'a garden', 'trains', 'a kite', 'tea']
 
 
-def start_server(model, params, tok, max_batch: int, max_len: int, max_queue: int):
-  """A live server on a free port: (url, stop)."""
+def start_server(model, params, tok, max_batch: int, max_len: int, max_queue: int, prompt_tokens: list[int]):
+  """A live server on a free port, its programs for prompts of these lengths compiled: (url, stop)."""
   import uvicorn
   from serve.app import Service, create_app
   from serve.batch_engine import BatchEngine
   from serve.limits import Limits
   from serve.prompt import Preparer
   engine = BatchEngine(model, params, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
+  for n in prompt_tokens:
+    engine.warm(n)
   limits = Limits()
   service = Service('bench', tok, q.GenerationConfig(do_sample=False), Preparer(
       model, params, tok, limits, fits=engine.check), engine, limits)
@@ -80,9 +85,13 @@ def ask(url: str, prompt: str, new: int) -> tuple[float, int]:
   return (time.perf_counter() - t0 if first is None else first), tokens
 
 
+def prompt(i: int) -> str:
+  return f'Client {i}: write a short story about {TOPICS[i % len(TOPICS)]}.'
+
+
 def wave(url: str, clients: int, new: int) -> dict[str, float]:
   """`clients` requests sent at once; tokens/s over the wave and TTFT percentiles."""
-  prompts = [f'Client {i}: write a short story about {TOPICS[i % len(TOPICS)]}.' for i in range(clients)]
+  prompts = [prompt(i) for i in range(clients)]
   t0 = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
     results = list(pool.map(lambda p: ask(url, p, new), prompts))
@@ -109,13 +118,15 @@ def main(argv=None) -> None:
   model = q.QwenVL(cfg)
   tok = q.QwenVLTokenizer(args.vocab_file, image_span_length=cfg.vision.n_queries)
   rows = args.max_batch or max(args.clients)
-  max_len = 128 + args.new  # the prompts take one 64-token bucket
-  servers = {'one at a time': start_server(model, params, tok, 1, max_len, max(args.clients)),
-             f'batched ({rows} rows)': start_server(model, params, tok, rows, max_len, max(args.clients))}
+  max_len = 128 + args.new  # the prompts take 32 or 64 slots
+  lengths = {len(make_context(tok, prompt(i), system=DEFAULT_SYSTEM)[1]) for i in range(max(args.clients))}
+  warm = sorted({Buckets().length(n): n for n in lengths}.values())  # one length of each bucket
+  servers = {'one at a time': start_server(model, params, tok, 1, max_len, max(args.clients), warm),
+             f'batched ({rows} rows)': start_server(model, params, tok, rows, max_len, max(args.clients), warm)}
   results = {}
   try:
     for name, (url, _) in servers.items():
-      wave(url, 2, 2)  # compiles: prefill bucket, step, token choice
+      wave(url, 2, 2)  # the first requests through the server
       for n in args.clients:
         results[name, n] = wave(url, n, args.new)
         print(f'{name}, {n} clients: {results[name, n]}', flush=True)

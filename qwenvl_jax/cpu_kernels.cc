@@ -64,7 +64,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
 }
 
 // One query per (row, head) over a slots-last cache, softmax in float32:
-//   q [b, h, d], k and v [b, h, d, s], valid [b, s] -> out [b, h, d].
+//   q [b, h, d], k and v [b', h, d, s] (b' >= b: the first b rows are read), valid [b, s] -> out [b, h, d].
 // Only slots between a row's first and last valid slot are read. A row with no valid slot gets the mean
 // of v over every slot, as a softmax over equal (fully masked) logits gives.
 ffi::Error AttendOne(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -72,11 +72,11 @@ ffi::Error AttendOne(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
                      ffi::ResultBuffer<ffi::F32> out, float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = valid.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || md.size() != 2 ||
-      !std::equal(kd.begin(), kd.end(), vd.begin()) || kd[0] != qd[0] || kd[1] != qd[1] ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()) || kd[0] < qd[0] || kd[1] != qd[1] ||
       kd[2] != qd[2] || md[0] != qd[0] || md[1] != kd[3] ||
       !std::equal(qd.begin(), qd.end(), out->dimensions().begin())) {
     return ffi::Error::InvalidArgument(
-        "qwenvl_attend_one wants q [b, h, d], k and v [b, h, d, s], valid [b, s], out [b, h, d]");
+        "qwenvl_attend_one wants q [b, h, d], k and v [b' >= b, h, d, s], valid [b, s], out [b, h, d]");
   }
   const int64_t b = qd[0], h = qd[1], d = qd[2], s = kd[3];
   const bool* mask = valid.typed_data();

@@ -121,13 +121,14 @@ def available() -> bool:
 
 
 def _xla_attend_one(q: Array, k: Array, v: Array, valid: Array) -> Array:
-  keys, values = (jnp.einsum('bhds->bshd', c) for c in (k, v))
+  keys, values = (jnp.einsum('bhds->bshd', c[:q.shape[0]]) for c in (k, v))
   return attend(q[:, None], keys, values, valid[:, None], q.dtype)[:, 0]
 
 
 def attend_one(q: Array, k: Array, v: Array, valid: Array) -> Array:
-  """Softmax attention of one query per (row, head), float32: q [b, h, d], k and v [b, h, d, s] (slots
-  last), valid [b, s] -> [b, h, d]: `kernel_math.attend`, up to float rounding on the CPU."""
+  """Softmax attention of one query per (row, head), float32: q [b, h, d], k and v [b', h, d, s] (slots
+  last; b' >= b, the first b rows attended over, with no copy of them), valid [b, s] -> [b, h, d]:
+  `kernel_math.attend`, up to float rounding on the CPU."""
   if not available() or not all(x.dtype == jnp.float32 for x in (q, k, v)):
     return _xla_attend_one(q, k, v, valid)
   scale = np.float32(1.0 / np.sqrt(q.shape[-1]))

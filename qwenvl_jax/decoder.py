@@ -44,17 +44,22 @@ class KVCache:
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), slots_last)
 
   def write(self, keys: Array, values: Array, index: Array) -> 'KVCache':
-    """This layer's cache with keys and values [b, t, h, k] stored at slots index..index+t; index is an
-    int32 scalar or one slot per row [b] (rows at different lengths)."""
+    """This layer's cache with keys and values [b, t, h, k] stored at slots index..index+t of its first b
+    rows (the cache may hold more: a step over the busy rows of a server's cache); index is an int32
+    scalar or one slot per row [b] (rows at different lengths)."""
     def put(cache: Array, new: Array) -> Array:
-      b = new.shape[0]
+      b, t = new.shape[:2]
       if self.slots_last:
-        full, new, axis = cache.reshape((b,) + cache.shape[-3:]), jnp.einsum('bthk->bhkt', new), 3
+        full, new, axis = cache.reshape((-1,) + cache.shape[-3:]), jnp.einsum('bthk->bhkt', new), 3
       else:
         full, axis = cache, 1
       new = new.astype(cache.dtype)
       if jnp.ndim(index) == 0:
         full = jax.lax.dynamic_update_slice_in_dim(full, new, index, axis=axis)
+      elif full.shape[0] > b:  # row by row, in place (a scatter into the whole cache costs with its size)
+        for i in range(b):
+          at = (i, 0, 0, index[i]) if self.slots_last else (i, index[i], 0, 0)
+          full = jax.lax.dynamic_update_slice(full, new[i:i + 1], at)
       else:
         full = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=axis - 1))(
             full, new, index)
@@ -65,31 +70,35 @@ class KVCache:
 
   def put_rows(self, rows: 'KVCache', index: Array | int) -> 'KVCache':
     """This layer's cache with `rows` (a cache of the same layout for as many rows or fewer, with as many
-    slots or fewer) written over rows index.. from slot 0: a prompt prefilled on its own moved into one
-    row of a batch's cache, or a step run on the first rows put back. The rest keeps what it held; the
-    key mask decides what is seen."""
+    slots or fewer) written from slot 0 over rows index.. (a scalar), or over rows index[i] (an array [k]:
+    one row each; an index past the last row writes nothing): a prompt prefilled on its own, or prompts
+    prefilled together, put into their rows of a batch's cache. The rest keeps what it held; the key mask
+    decides what is seen."""
     def put(cache: Array, new: Array) -> Array:
       if self.slots_last:  # a batch of one may be stored without its b axis (see the class doc)
         full, new = cache.reshape((-1,) + cache.shape[-3:]), new.reshape((-1,) + new.shape[-3:])
       else:
         full = cache
-      full = jax.lax.dynamic_update_slice(full, new.astype(cache.dtype), (index, 0, 0, 0))
+      new = new.astype(cache.dtype)
+      if jnp.ndim(index) == 0:
+        full = jax.lax.dynamic_update_slice(full, new, (index, 0, 0, 0))
+      elif self.slots_last:
+        full = full.at[index, :, :, :new.shape[3]].set(new, mode='drop')
+      else:
+        full = full.at[index, :new.shape[1]].set(new, mode='drop')
       return full.reshape(cache.shape)
     return self.replace(k=put(self.k, rows.k), v=put(self.v, rows.v))
-
-  def first_rows(self, n: int) -> 'KVCache':
-    """The first n rows of this layer's cache (of a batch stored with its b axis)."""
-    return self.replace(k=self.k[:n], v=self.v[:n])
 
   def attend(self, q: Array, mask: Array, dtype) -> Array:
     """`kernel_math.attend` of queries q [b, t, h, k] over this layer's slots. In the slots-last layout one
     query per row goes to the CPU kernel where it applies (`_kernel_attends`)."""
+    b = q.shape[0]  # the cache may hold more rows: the first b are attended over
     if not self.slots_last:
-      return attend(q, self.k, self.v, mask, dtype)
-    k, v = (c.reshape((q.shape[0],) + c.shape[-3:]) for c in (self.k, self.v))  # [b, h, k, slots]
+      return attend(q, self.k[:b], self.v[:b], mask, dtype)
+    k, v = (c.reshape((-1,) + c.shape[-3:]) for c in (self.k, self.v))  # [b', h, k, slots]
     if q.shape[1] == 1 and _kernel_attends(dtype):
-      return cpu_kernels.attend_one(q[:, 0], k, v, mask[:, 0])[:, None]
-    k, v = (jnp.einsum('bhks->bshk', c) for c in (k, v))
+      return cpu_kernels.attend_one(q[:, 0], k, v, mask[:, 0])[:, None]  # reads the rows in place
+    k, v = (jnp.einsum('bhks->bshk', c[:b]) for c in (k, v))
     return attend(q, k, v, mask, dtype)
 
 

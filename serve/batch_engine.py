@@ -1,14 +1,16 @@
 """Continuous batching: `max_batch` decode rows over one preallocated KV cache (`slots.Slots`), driven by
 one background thread.
 
-Each turn of the loop takes waiting requests into free rows (each prefilled on its own, its first token
-chosen at once), drops the rows whose client is gone, then advances every busy row by one token in one
-step. A row is freed the moment its request ends (a stop id, its max_new_tokens, a cancel), and the next
-waiting request takes it at the next turn while the others go on decoding. Requests come from the event
-loop through `submit` (a locked queue); tokens go back through each request's `Handle`.
+Each turn of the loop takes waiting requests into free rows (those of one prompt-length bucket
+prefilled together in one program, their first tokens chosen at once), drops the rows whose client is
+gone, then advances every busy row by one token in one step. A row is freed the moment its request ends
+(a stop id, its max_new_tokens, a cancel), and the next waiting request takes it at the next turn while
+the others go on decoding. Requests come from the event loop through `submit` (a locked queue); tokens
+go back through each request's `Handle`.
 
-Each row keeps its own sampler (temperature, top_p, top_k), seed, stop ids and token budget: a greedy
-request gets the tokens `generate` gives it alone, and a sampled one the same draws for the same seed.
+Each row keeps its own sampling settings (temperature, top_p, top_k), seed, stop ids and token budget
+(`choice.Choices`: arrays, so no setting a client sends compiles anything): a greedy request gets the
+tokens `generate` gives it alone, and a sampled one the same draws for the same seed.
 """
 from __future__ import annotations
 
@@ -18,15 +20,14 @@ import dataclasses
 import logging
 import threading
 
-import jax
 import numpy as np
 
-from qwenvl_jax import QwenVL
+from qwenvl_jax import GenerationConfig, QwenVL
 from qwenvl_jax.batching import Buckets
 from qwenvl_jax.budget import GenerationLimitError, check_memory, estimate
-from qwenvl_jax.sampling import Sampler
+from serve.choice import Choices
 from serve.engine import EngineRequest, Handle, QueueFull
-from serve.slots import Slots, choose
+from serve.slots import Slots
 
 log = logging.getLogger('qwenvl_jax.serve')
 
@@ -36,14 +37,26 @@ class _Row:
   """A request in a row: what its next step needs."""
   request: EngineRequest
   handle: Handle
-  sampler: Sampler
-  key: jax.Array
   index: int  # the slot its last token is written at when fed
   generated: int = 0
   last: int = 0
 
 
 _TAKEN = 'taken'  # a row being prefilled: counted as active, not yet stepped
+
+
+def _parts(group: list) -> list[list]:
+  """Requests prefilled together, split into programs of a power of two of prompts that pad at most a
+  quarter of them: a prefill is compute-bound (a padding prompt costs as much as a real one) while each
+  program reads the weights once. 15 -> 16, 12 -> 16, 9 -> 8 + 1, 5 -> 4 + 1."""
+  parts = []
+  while group:
+    n = Buckets.count(len(group))
+    if 4 * (n - len(group)) > n:
+      n //= 2
+    parts.append(group[:n])
+    group = group[n:]
+  return parts
 
 
 class BatchEngine:
@@ -62,6 +75,7 @@ class BatchEngine:
     except GenerationLimitError as e:
       raise ValueError(f'--max-batch {max_batch} rows of --max-len {max_len} slots: {e}') from None
     self.slots = Slots(model.config, params, max_batch, max_len, buckets, mesh, rules)
+    self.choices = Choices(max_batch)
     self._rows: list[_Row | str | None] = [None] * max_batch
     self._waiting: collections.deque[tuple[EngineRequest, Handle]] = collections.deque()
     self._lock = threading.Condition()
@@ -100,6 +114,18 @@ class BatchEngine:
       return dict(active=self._active(), queued=len(self._waiting), max_batch=self.max_batch,
                   max_queue=self.max_queue, **self._counts)
 
+  def warm(self, prompt_tokens: int) -> None:
+    """Compiles, before serving, what requests with prompts of this many tokens run: the prefill of each
+    power of two of prompts up to max_batch, the step over each power of two of rows, the token choice
+    of each (else the first requests of each size wait for them)."""
+    with self._lock:
+      if self._active() or self._waiting:
+        raise RuntimeError('warm the engine before it serves')
+      self.choices.set(0, GenerationConfig(), 0)  # a row's key is made on the device
+      for logits in self.slots.warm(prompt_tokens):
+        self.choices.choose(logits, np.zeros(len(logits), np.int32), np.zeros(len(logits), np.int32))
+      self.choices.clear(0)
+
   def close(self) -> None:
     with self._lock:
       self._closing = True
@@ -132,8 +158,12 @@ class BatchEngine:
           if self._rows[r] is None and self._waiting:
             self._rows[r] = _TAKEN
             starting.append((r, *self._waiting.popleft()))
+      groups: dict[int, list[tuple[int, EngineRequest, Handle]]] = {}
       for r, request, handle in starting:
-        self._start(r, request, handle)
+        groups.setdefault(self.slots.prompt_slots(len(request.tokens)), []).append((r, request, handle))
+      for group in groups.values():
+        for part in _parts(group):
+          self._start(part)
       for r, row in enumerate(self._rows):
         if isinstance(row, _Row) and row.handle.cancelled.is_set():
           self._end(r, row.handle, 'cancelled')
@@ -141,42 +171,48 @@ class BatchEngine:
         self._advance()
       self._pause()
 
-  def _start(self, r: int, request: EngineRequest, handle: Handle) -> None:
-    if handle.cancelled.is_set():
-      return self._end(r, handle, 'cancelled')
+  def _start(self, group: list[tuple[int, EngineRequest, Handle]]) -> None:
+    """Prefills the group's prompts (one length bucket) together into their rows; each first token."""
+    for r, _, handle in group:
+      if handle.cancelled.is_set():
+        self._end(r, handle, 'cancelled')
+    group = [(r, request, handle) for r, request, handle in group if not handle.cancelled.is_set()]
+    if not group:
+      return
     try:
-      logits, prompt_slots = self.slots.prefill(r, request.tokens, request.pixels)
-      row = _Row(request, handle, Sampler.of(request.config), jax.random.key(request.seed), prompt_slots)
-      token, = choose(logits, [0], [0], [request.config.min_new_tokens], row.sampler, [row.key])
-    except Exception as e:  # handed to the request's handler, which answers with an error
+      for r, request, _ in group:
+        self.choices.set(r, request.config, request.seed)
+      logits, prompt_slots = self.slots.prefill([r for r, _, _ in group],
+                                                [(request.tokens, request.pixels) for _, request, _ in group])
+      rows = np.array([r for r, _, _ in group] + [group[0][0]] * (len(logits) - len(group)))  # padding: repeats
+      tokens = self.choices.choose(logits, rows, np.zeros(len(rows), np.int32))
+    except Exception as e:  # handed to the requests' handlers, which answer with an error
+      if len(group) > 1 and not self.slots.broken():  # one bad request fails alone
+        for member in group:
+          self._start([member])
+        return
       log.exception('prefill failed')
-      return self._fail([(r, handle)], e)
-    with self._lock:
-      self._rows[r] = row
-    self._emit(r, row, token)
+      return self._fail([(r, handle) for r, _, handle in group], e)
+    for (r, request, handle), token in zip(group, tokens):
+      row = _Row(request, handle, prompt_slots)
+      with self._lock:
+        self._rows[r] = row
+      self._emit(r, row, int(token))
 
   def _advance(self) -> None:
     busy = [(r, row) for r, row in enumerate(self._rows) if isinstance(row, _Row)]
-    tokens, index = np.zeros((self.max_batch,), np.int32), np.zeros((self.max_batch,), np.int32)
+    tokens, index, steps = (np.zeros((self.max_batch,), np.int32) for _ in range(3))
     for r, row in busy:
-      tokens[r], index[r] = row.last, row.index
+      tokens[r], index[r], steps[r] = row.last, row.index, row.generated
     try:
       logits = self.slots.step(tokens, index, busy[-1][0] + 1)
-      groups: dict[Sampler, list[tuple[int, _Row]]] = {}
-      for r, row in busy:
-        groups.setdefault(row.sampler, []).append((r, row))
-      chosen = {}
-      for sampler, members in groups.items():
-        picked = choose(logits, [r for r, _ in members], [row.generated for _, row in members],
-                        [row.request.config.min_new_tokens for _, row in members], sampler,
-                        [row.key for _, row in members])
-        chosen.update(zip((r for r, _ in members), picked))
+      chosen = self.choices.choose(logits, np.arange(len(logits)), steps[:len(logits)])
     except Exception as e:
       log.exception('decode step failed')
       return self._fail([(r, row.handle) for r, row in busy], e)
     for r, row in busy:
       row.index += 1
-      self._emit(r, row, chosen[r])
+      self._emit(r, row, int(chosen[r]))
 
   def _emit(self, r: int, row: _Row, token: int) -> None:
     token = self._token(row, token)
@@ -197,6 +233,7 @@ class BatchEngine:
 
   def _end(self, r: int, handle: Handle, outcome: str, error: Exception | None = None) -> None:
     self.slots.free(r)
+    self.choices.clear(r)
     with self._lock:
       self._rows[r] = None
       self._counts[outcome] += 1

@@ -1,6 +1,7 @@
 """The device side of continuous batching: one preallocated KV cache of `rows` decode rows of `length`
-key slots each. A prompt is prefilled on its own (left-padded to its length bucket, images encoded
-once) and put into a free row; one step then advances every row by one token, each at its own slot.
+key slots each. Prompts of one length bucket are prefilled together (each left-padded to the bucket, its
+images encoded once), each into a free row; one step then advances every row by one token, each at its
+own slot.
 
 Each row keeps what `generate` keeps for it: its key mask (the prompt's real tokens, then every slot),
 its dynamic-NTK factor (chosen at its prefill) and the slot its next token is written at; positions
@@ -9,14 +10,13 @@ to its own, and those past the prompt were written by this request's own steps. 
 the ones `generate` gives the same request alone.
 
 A step runs over the first rows only, up to the last busy one rounded up to a power of two (new requests
-take the lowest free row), so a server of many rows serving few requests pays for few.
+take the lowest free row), so a server of many rows serving few requests pays for few; it writes and reads
+those rows where they lie in the whole cache (no copy of them out and back).
 
-Compiles: the prefill once per prompt-length bucket and image-count bucket, the step once per power of
-two of rows, and the token choice (`sampling.select`) once per distinct sampler and shape.
+Compiles: the prefill once per prompt-length bucket, count of prompts (a power of two) and image-count
+bucket, the step once per power of two of rows (the token choice: `serve/choice.py`).
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import numpy as np
@@ -29,48 +29,27 @@ from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.decode import decoding_model, image_features, prompt_forward
 from qwenvl_jax.decoder import KVCache
 from qwenvl_jax.model import check_image_spans
-from qwenvl_jax.sampling import Sampler, select
 
 Array = jax.Array
 
 
-def _prefill_row(params, cache, row, ids, mask, features, *, config: QwenVLConfig):
-  one, logits, _, alpha = prompt_forward(params, ids, mask, features, config=config, slots=ids.shape[1])
-  return tuple(c.put_rows(r, row) for c, r in zip(cache, one)), logits, alpha[0]
+def _prefill_rows(params, cache, rows, ids, mask, features, *, config: QwenVLConfig):
+  """The left-padded prompts ids [k, p] into rows [k] of the cache (an index past the last row: a
+  padding prompt, written nowhere); returns the cache, logits [k, v] at the last tokens, NTK factors [k]."""
+  new, logits, _, alpha = prompt_forward(params, ids, mask, features, config=config, slots=ids.shape[1])
+  return tuple(c.put_rows(n, rows) for c, n in zip(cache, new)), logits, alpha
 
 
 def _step(params, cache, tokens, key_mask, alpha, index, *, config: QwenVLConfig):
   """One token for each of the first n = len(tokens) rows (the busy ones all lie there): a step over n
-  rows costs a batch of n, not of every row, at the price of copying those rows of the cache."""
-  n, whole = tokens.shape[0], _rows(cache) == tokens.shape[0]
-  part = cache if whole else tuple(c.first_rows(n) for c in cache)
+  rows costs a batch of n, not of every row; the cache's rows are written and read where they lie."""
   out = decoding_model(config).apply({'params': params}, tokens[:, None], attention_mask=key_mask, alpha=alpha,
-                                     cache=part, cache_index=index)
-  if whole:
-    return out['cache'], out['logits'][:, 0]
-  return tuple(c.put_rows(p, 0) for c, p in zip(cache, out['cache'])), out['logits'][:, 0]
-
-
-def _rows(cache: tuple[KVCache, ...]) -> int:
-  """Rows of a batch's cache (one row may be stored without its b axis)."""
-  return cache[0].k.shape[0] if cache[0].k.ndim == 4 else 1
+                                     cache=cache, cache_index=index)
+  return out['cache'], out['logits'][:, 0]
 
 
 _JIT = dict(static_argnames='config', donate_argnums=1)  # the cache is updated in place
-_PLAIN = jax.jit(_prefill_row, **_JIT), jax.jit(_step, **_JIT)
-
-
-@functools.partial(jax.jit, static_argnames='sampler')
-def _select_all(logits, step, min_new, key, *, sampler: Sampler):
-  """`select` over every row of logits [b, v], each at its own step and min_new_tokens [b]: one program
-  for all greedy rows (greedy ignores the key)."""
-  return select(logits, step[:, None], min_new[:, None], key, sampler)
-
-
-@functools.partial(jax.jit, static_argnames='sampler')
-def _select_one(logits, row, step, min_new, key, *, sampler: Sampler):
-  """`select` for one sampled row as `generate` samples it alone: logits [1, v], its own key."""
-  return select(jax.lax.dynamic_slice_in_dim(logits, row, 1), step, min_new, key, sampler)[0]
+_PLAIN = jax.jit(_prefill_rows, **_JIT), jax.jit(_step, **_JIT)
 
 
 class Slots:
@@ -86,9 +65,9 @@ class Slots:
     self.config, self.params, self.rows, self.length, self.buckets = config, params, rows, length, buckets
     self.mesh, self.rules = mesh, rules
     if mesh is None:
-      self._prefill_row, self._step = _PLAIN
+      self._prefill, self._step = _PLAIN
     else:
-      self._prefill_row, self._step = (sharding.sharded_jit(f, mesh, rules, **_JIT) for f in (_prefill_row, _step))
+      self._prefill, self._step = (sharding.sharded_jit(f, mesh, rules, **_JIT) for f in (_prefill_rows, _step))
     self.reset()
 
   def reset(self) -> None:
@@ -112,20 +91,47 @@ class Slots:
     """Slots a prompt of n_tokens takes: its length bucket (the new tokens follow it)."""
     return self.buckets.length(n_tokens)
 
-  def prefill(self, row: int, tokens, pixels) -> tuple[Array, int]:
-    """Prefills `tokens` (and the images of their spans) into `row`; returns (logits [1, v] at the last
-    token, the slot of the first new token)."""
-    p = self.prompt_slots(len(tokens))
+  def prefill(self, rows: list[int], prompts: list[tuple[tuple[int, ...], np.ndarray | None]]) -> tuple[Array, int]:
+    """Prefills the prompts (token ids, pixels of their image spans or None; all of one length bucket) into
+    `rows`, one program for all; returns (logits [n, v] at their last tokens, n = len(rows) rounded up to a
+    power of two: past len(rows) padding; the slot of the first new token)."""
+    p = self.prompt_slots(len(prompts[0][0]))
     if p >= self.length:
-      raise ValueError(f'a prompt of {len(tokens)} tokens takes {p} slots, the rows hold {self.length}')
-    ids, mask = np.zeros((1, p), np.int32), np.zeros((1, p), bool)
-    ids[0, p - len(tokens):], mask[0, p - len(tokens):] = tokens, True
-    features = image_features(self.params, pixels, self.config, check_image_spans(ids, self.config))
-    self.cache, logits, alpha = self._prefill_row(self.params, self.cache, np.int32(row), ids, mask, features,
-                                             config=self.config)
-    self.key_mask[row] = np.arange(self.length) >= p - len(tokens)
-    self.alpha[row] = alpha
+      raise ValueError(f'a prompt of {len(prompts[0][0])} tokens takes {p} slots, the rows hold {self.length}')
+    n = Buckets.count(len(rows))
+    ids, mask = np.zeros((n, p), np.int32), np.zeros((n, p), bool)
+    for i, (tokens, _) in enumerate(prompts):
+      if self.prompt_slots(len(tokens)) != p:
+        raise ValueError(f'prompts prefilled together must share a length bucket: {len(tokens)} tokens take '
+                         f'{self.prompt_slots(len(tokens))} slots, the first prompt {p}')
+      ids[i, p - len(tokens):], mask[i, p - len(tokens):] = tokens, True
+    pixels = [x for _, x in prompts if x is not None]
+    features = image_features(self.params, np.concatenate(pixels) if pixels else None, self.config,
+                              check_image_spans(ids, self.config))
+    index = np.full((n,), self.rows, np.int32)  # padding prompts go past the last row: written nowhere
+    index[:len(rows)] = rows
+    self.cache, logits, alpha = self._prefill(self.params, self.cache, index, ids, mask, features,
+                                              config=self.config)
+    alpha = np.asarray(alpha)
+    for i, r in enumerate(rows):
+      self.key_mask[r] = np.arange(self.length) >= p - int(mask[i].sum())
+      self.alpha[r] = alpha[i]
     return logits, p
+
+  def warm(self, n_tokens: int) -> list[Array]:
+    """Runs once (compiling them) the programs serving prompts of n_tokens: the prefill of each power of
+    two of prompts up to the rows (padding prompts, written nowhere) and the step over each power of two
+    of rows; returns the logits of each, for the token choice to compile on. Call it with every row free."""
+    p, logits = self.prompt_slots(n_tokens), []
+    features = image_features(self.params, None, self.config, 0)
+    for n in (1 << i for i in range(Buckets.count(self.rows).bit_length())):
+      ids, mask = np.zeros((n, p), np.int32), np.ones((n, p), bool)
+      self.cache, prefilled, _ = self._prefill(self.params, self.cache, np.full((n,), self.rows, np.int32), ids,
+                                               mask, features, config=self.config)
+      logits.append(prefilled)
+      # free rows attend to slot 0 only, and are written there
+      logits.append(self.step(np.zeros((self.rows,), np.int32), np.zeros((self.rows,), np.int32), min(n, self.rows)))
+    return logits
 
   def free(self, row: int) -> None:
     self.key_mask[row] = False
@@ -139,17 +145,3 @@ class Slots:
     self.cache, logits = self._step(self.params, self.cache, tokens[:n], self.key_mask[:n], self.alpha[:n],
                                     index[:n], config=self.config)
     return logits
-
-
-def choose(logits: Array, rows: list[int], steps: list[int], min_new: list[int], sampler: Sampler,
-           keys: list[Array]) -> list[int]:
-  """The next token of each of `rows` (all with `sampler`) from logits [b, v], as `generate` would pick
-  it: greedy rows in one program, each sampled row with its own key over its own logits."""
-  if not sampler.do_sample:
-    step, least = np.zeros((logits.shape[0],), np.int32), np.zeros((logits.shape[0],), np.int32)
-    step[rows], least[rows] = steps, min_new
-    picked = np.asarray(_select_all(logits, step, least, keys[0], sampler=sampler))
-    return [int(picked[r]) for r in rows]
-  picked = [_select_one(logits, np.int32(r), np.int32(s), np.int32(m), k, sampler=sampler)
-            for r, s, m, k in zip(rows, steps, min_new, keys)]
-  return [int(t) for t in jax.device_get(picked)]

@@ -163,6 +163,19 @@ def test_warpers_match_hugging_face(temperature, top_k, top_p, scale):
   np.testing.assert_allclose(ours, _hf_warp(logits, temperature, top_k, top_p), rtol=1e-6)
 
 
+def test_warpers_per_row_match_hugging_face():
+  """Settings given per row as arrays (the server's rows, traced): each row warped as alone, top_k past
+  the candidates and flat rows (top-p over every token) included."""
+  rows = [(1.0, 0, 0.5, 3.0), (0.6, 0, 0.9, 0.1), (1.3, 40, 0.8, 3.0), (1.0, 300, 1.0, 1.0), (2.0, 0, 1.0, 0.1),
+          (1.0, 5, 0.95, 0.1)]
+  t, k, p, scale = (np.array(x) for x in zip(*rows))
+  logits = np.random.default_rng(0).normal(size=(len(rows), 1000)).astype(np.float32) * scale[:, None].astype(np.float32)
+  ours = np.asarray(jax.jit(warp_logits)(jnp.asarray(logits), t.astype(np.float32), k.astype(np.int32),
+                                         p.astype(np.float32)))
+  for i, (temperature, top_k, top_p, _) in enumerate(rows):
+    np.testing.assert_allclose(ours[i], _hf_warp(logits[i:i + 1], temperature, top_k, top_p)[0], rtol=1e-6)
+
+
 def test_sample_frequencies_follow_temperature():
   logits = jnp.log(jnp.array([[0.6, 0.3, 0.1]]))
   sampler = Sampler(True, 2.0, 0, 1.0, (), 0)

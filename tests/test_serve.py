@@ -52,7 +52,12 @@ class Engine(BatchEngine):
     self.gate.set()
     self.script = None
     self.most = 0  # the most rows busy at once
+    self.prefills = []  # the number of requests of each prefill
     super().__init__(*args, **kw)
+
+  def _start(self, group):
+    self.prefills.append(len(group))
+    super()._start(group)
 
   def _token(self, row, token):
     return self.script[row.generated] if self.script else token
@@ -157,7 +162,8 @@ def test_boxes_and_stop_strings(server, client):
 
 def test_concurrent_requests_equal_solo(server, client, golden_dir):
   """8 requests at once (different prompts, with and without images, one sampled with a seed) over 4
-  rows: each gets chat()'s answer for it alone; requests wait, then take rows while others decode."""
+  rows: each gets chat()'s answer for it alone; requests wait, then take rows while others decode, those
+  that arrive together prefilled together."""
   model, params, tok, engine = server['model'], server['params'], server['tok'], server['engine']
   poster = golden_dir / 'img' / 'poster.jpg'
   part = {'type': 'image_url', 'image_url': {'url': _data_url(poster)}}
@@ -180,7 +186,7 @@ def test_concurrent_requests_equal_solo(server, client, golden_dir):
   def ask(i):
     kw = sampled if i == 3 else dict(temperature=0)
     together[i] = _ask(client, asks[i], **kw).choices[0].message.content
-  engine.most = 0
+  engine.most, engine.prefills = 0, []
   engine.gate.clear()  # held until all 8 are in: the first decodes, the others wait in the queue
   threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
   try:
@@ -193,7 +199,7 @@ def test_concurrent_requests_equal_solo(server, client, golden_dir):
   for t in threads:
     t.join(120)
   assert together == solo and len(set(solo)) > 1
-  assert engine.most == ROWS and engine.stats()['active'] == 0
+  assert engine.most == ROWS and engine.stats()['active'] == 0 and max(engine.prefills) > 1, engine.prefills
 
 
 def test_sampling_settings():
@@ -498,34 +504,48 @@ def small_vocab_config():
 
 @pytest.mark.slow
 def test_engine_compiles_once_per_bucket(compiles):
-  """The engine alone: the prefill compiles once per length bucket, the step once per power of two of
-  busy rows; prompts of other lengths in the bucket, other token budgets and rows taken again after others
-  left compile nothing new; greedy rows equal `generate` alone."""
+  """The engine alone, warmed for a prompt-length bucket: the prefill compiles once per power of two of
+  prompts prefilled together, the step once per power of two of rows, the token choice once per row
+  count. Then prompts of other lengths in the bucket, token budgets, temperatures, top_k, top_p, stop
+  lists and seeds, arriving alone or together, compile nothing; another bucket compiles its prefills
+  only. Each answer equals `generate` alone (greedy, and sampled with its seed)."""
   import asyncio
   import numpy as np
   from qwenvl_jax.decode import generate
   from serve.engine import EngineRequest
   cfg = small_vocab_config()
   model, params = QwenVL(cfg), decode_params(random_params(cfg, seed=1))
-  engine = BatchEngine(model, params, max_batch=2, max_queue=8, max_len=128)
+  engine = BatchEngine(model, params, max_batch=4, max_queue=8, max_len=160)
   rng = np.random.default_rng(0)
+  kinds = [dict(do_sample=False), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=5),
+           dict(temperature=0.5, top_p=0.8, top_k=300)]
+  done = []
 
-  async def run(lengths, budgets):
-    prompts = [tuple(int(t) for t in rng.integers(0, 500, n)) for n in lengths]
-    handles = [engine.submit(EngineRequest(p, None, BASE.replace(max_new_tokens=b, stop_ids=()), 0))
-               for p, b in zip(prompts, budgets)]
-    return prompts, [[t async for t in h] for h in handles]
+  async def wave(n, lengths):
+    asks = []
+    for _ in range(n):
+      g = BASE.replace(max_new_tokens=int(rng.integers(2, 10)), stop_ids=tuple(int(t) for t in rng.integers(0, 500, 3)),
+                       **kinds[int(rng.integers(0, 4))])
+      asks.append((tuple(int(t) for t in rng.integers(0, 500, int(rng.integers(*lengths)))), g, int(rng.integers(2**32))))
+    handles = [engine.submit(EngineRequest(p, None, g, seed)) for p, g, seed in asks]
+    done.extend(zip(asks, [[t async for t in h] for h in handles]))
+  ours = lambda: sorted(c for c in compiles if c in ('jit(_prefill_rows)', 'jit(_step)', 'jit(_choose)'))
   try:
-    prompts, answers = asyncio.run(run([40, 50, 33], [9, 3, 2]))  # both rows busy, then row 0 alone
-    first = sorted(compiles)
-    assert first.count('jit(_prefill_row)') == 1 and first.count('jit(_step)') == 2, first  # 2 rows, 1 row
+    engine.warm(40)
+    assert ours() == ['jit(_choose)'] * 3 + ['jit(_prefill_rows)'] * 3 + ['jit(_step)'] * 3, ours()  # 1, 2, 4
     compiles.clear()
-    asyncio.run(run([60, 35, 64, 41], [2, 7, 4, 6]))
+    for n in (1, 3, 2):
+      asyncio.run(wave(n, (33, 65)))
+    assert compiles == [], compiles
+    engine.warm(100)
+    assert ours() == ['jit(_prefill_rows)'] * 3, ours()
+    compiles.clear()
+    asyncio.run(wave(3, (65, 129)))
     assert compiles == [], compiles
   finally:
     engine.close()
-  for prompt, answer in zip(prompts, answers):
-    alone = generate(model, params, [prompt], generation_config=BASE.replace(max_new_tokens=len(answer), stop_ids=()))
+  for (prompt, g, seed), answer in done:
+    alone = generate(model, params, [prompt], generation_config=g, seed=seed)
     assert answer == alone[0, len(prompt):].tolist()
 
 
