@@ -202,6 +202,45 @@ def test_concurrent_requests_equal_solo(server, client, golden_dir):
   assert engine.most == ROWS and engine.stats()['active'] == 0 and max(engine.prefills) > 1, engine.prefills
 
 
+def test_a_bad_request_in_a_group_fails_alone(server, monkeypatch):
+  """Three requests prefilled together, one of which fails in its prefill: the group is retried one request
+  at a time, so that one alone gets the error and the others their solo answers."""
+  import asyncio
+  from qwenvl_jax.decode import generate
+  from serve.engine import EngineRequest
+  model, params, engine = server['model'], server['params'], server['engine']
+  g = BASE.replace(stop_ids=())
+  prompts = [tuple(range(100 + n, 100 + 2 * n)) for n in (20, 21, 22)]  # one length bucket
+  alone = [generate(model, params, [p], generation_config=g)[0, len(p):].tolist() for p in prompts]
+  real = engine.slots.prefill
+
+  def prefill(rows, prompts_and_pixels):
+    if any(tuple(tokens) == prompts[1] for tokens, _ in prompts_and_pixels):
+      raise ValueError('this prompt cannot be prefilled')
+    return real(rows, prompts_and_pixels)
+  monkeypatch.setattr(engine.slots, 'prefill', prefill)
+
+  async def run():
+    engine.gate.clear()  # a first request holds the engine after its turn: the three then wait together
+    try:
+      first = engine.submit(EngineRequest((7,) * 30, None, g, 0))
+      await asyncio.to_thread(_wait_for, lambda: engine.stats()['active'] == 1, 'the first did not start')
+      handles = [engine.submit(EngineRequest(p, None, g, 0)) for p in prompts]
+      engine.prefills = []
+    finally:
+      engine.gate.set()
+    out = []
+    for h in [first, *handles]:
+      try:
+        out.append([t async for t in h])
+      except ValueError as e:
+        out.append(str(e))
+    return out
+  out = asyncio.run(run())
+  assert out[1:] == [alone[0], 'this prompt cannot be prefilled', alone[2]], out
+  assert engine.prefills[0] > 1 and engine.prefills.count(1) >= 2, engine.prefills  # a group, then alone
+
+
 def test_sampling_settings():
   """Request fields over the checkpoint's settings: temperature 0 is greedy, unset fields keep the file's,
   bad values are refused naming the field."""
