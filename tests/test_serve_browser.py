@@ -116,6 +116,8 @@ def _ask(driver, words: str, files=()) -> None:
   for path in files:
     driver.find_element('id', 'files').send_keys(str(path))
   _until(driver, 'the upload shown', lambda: len(driver.find_elements('css selector', '#pending img')) == len(files))
+  # an answer's last text shows before its stream has closed; Send is enabled again once it has
+  _until(driver, 'Send enabled', lambda: driver.find_element('id', 'send').is_enabled())
   driver.find_element('id', 'text').send_keys(words + Keys.ENTER)
 
 
@@ -232,6 +234,7 @@ def test_history_regenerate_errors_and_clear(page, server, tmp_path):
   engine.replies.append(Reply('word ' * 60, holds=(2,)))
   _ask(page, 'Talk for long.')
   _until(page, 'the long answer started', lambda: _answers(page)[-1:] == ['word word'])
+  assert not page.find_element('id', 'send').is_enabled() and not page.find_element('id', 'regen').is_enabled()
   page.find_element('id', 'clear').click()
   assert _turns(page) == []
   engine.go()
