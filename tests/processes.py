@@ -45,6 +45,18 @@ def run_workers(commands: list[list[str]], env: dict, log_dir: pathlib.Path, tim
   return [output for output, _ in run_measured(commands, env, log_dir, timeout)]
 
 
+# The start of a child script that measures its own resident peak: `hwm()` is its VmHWM in bytes so far,
+# read after JAX's backend has started (what every load pays before reading anything).
+HWM_PREAMBLE = '''
+import json, pathlib, sys
+import jax
+def hwm():
+  return next(int(l.split()[1]) * 1024 for l in pathlib.Path('/proc/self/status').read_text().splitlines()
+              if l.startswith('VmHWM:'))
+jax.numpy.zeros(1).block_until_ready()
+'''
+
+
 def _high_water(pid: int) -> int:
   """Peak resident bytes of a running process so far; 0 once it has exited."""
   try:

@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from convert.core import hf_to_orbax
+from processes import HWM_PREAMBLE
 from qwenvl_jax import load_pretrained
 from qwenvl_jax.decode import decode_params
 
@@ -38,13 +39,7 @@ def test_head_over_vocabulary_chunks_equals_one_product():
 
 # A load in a fresh process; its VmHWM before and after (argv: checkpoint dir, then 'packed' to keep an
 # Int4 checkpoint packed).
-LOAD_PEAK = '''
-import json, pathlib, sys
-import jax
-def hwm():
-  return next(int(l.split()[1]) * 1024 for l in pathlib.Path('/proc/self/status').read_text().splitlines()
-              if l.startswith('VmHWM:'))
-jax.numpy.zeros(1).block_until_ready()
+LOAD_PEAK = HWM_PREAMBLE + '''
 from qwenvl_jax import load_pretrained
 before = hwm()
 _, params = load_pretrained(sys.argv[1], dtype='bfloat16', keep_packed=sys.argv[2:] == ['packed'])

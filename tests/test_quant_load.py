@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from processes import pytest_on_two_devices, run_measured
+from processes import HWM_PREAMBLE, pytest_on_two_devices, run_measured
 
 from convert.core import hf_to_orbax
 from qwenvl_jax import load_pretrained, param_layout, quant, quant_blocks, sharding as sh
@@ -127,13 +127,7 @@ def test_qlora_init_from_a_float_checkpoint_onto_the_mesh(sources):
 
 
 # A quantized load in a fresh process: its VmHWM before and after, and the float base's bytes it read.
-QUANTIZED_PEAK = '''
-import json, pathlib, sys
-import jax
-def hwm():
-  return next(int(l.split()[1]) * 1024 for l in pathlib.Path('/proc/self/status').read_text().splitlines()
-              if l.startswith('VmHWM:'))
-jax.numpy.zeros(1).block_until_ready()
+QUANTIZED_PEAK = HWM_PREAMBLE + '''
 from qwenvl_jax import param_layout, quant
 before = hwm()
 params, config = quant.load(sys.argv[1], sys.argv[2], 'float32')
