@@ -45,13 +45,15 @@ class _Row:
 _TAKEN = 'taken'  # a row being prefilled: counted as active, not yet stepped
 
 
-def _parts(group: list) -> list[list]:
+def _parts(group: list, most: int) -> list[list]:
   """Requests prefilled together, split into programs of a power of two of prompts that pad at most a
   quarter of them: a prefill is compute-bound (a padding prompt costs as much as a real one) while each
-  program reads the weights once. 15 -> 16, 12 -> 16, 9 -> 8 + 1, 5 -> 4 + 1."""
+  program reads the weights once. 15 -> 16, 12 -> 16, 9 -> 8 + 1, 5 -> 4 + 1; at most `most` prompts
+  (rounded down to a power of two) to a program."""
+  most = 1 << (max(most, 1).bit_length() - 1)
   parts = []
   while group:
-    n = Buckets.count(len(group))
+    n = min(Buckets.count(len(group)), most)
     if 4 * (n - len(group)) > n:
       n //= 2
     parts.append(group[:n])
@@ -64,12 +66,16 @@ class BatchEngine:
 
   max_len: key slots per row; a request's prompt (padded to its length bucket) plus max_new_tokens must
   fit (`check`). The cache is allocated once, here: rows x max_len x layers x 2 x hidden.
+  max_prefill_tokens: prompt slots prefilled in one program (prompts of one bucket together). A request
+  is checked against memory as one row; a group's prefill activations grow with its total tokens, so the
+  groups are capped (a prompt longer than the cap is prefilled alone).
   mesh, rules: for parameters sharded on a mesh (see `slots.Slots`).
   """
 
   def __init__(self, model: QwenVL, params, *, max_batch: int = 8, max_queue: int = 16, max_len: int = 2048,
-               buckets: Buckets = Buckets(), mesh=None, rules: str | None = None):
+               max_prefill_tokens: int = 8192, buckets: Buckets = Buckets(), mesh=None, rules: str | None = None):
     self.max_batch, self.max_queue, self.max_len = max_batch, max_queue, max_len
+    self.max_prefill_tokens = max_prefill_tokens
     try:
       check_memory(estimate(model.config, max_batch, 0, max_len, 0))
     except GenerationLimitError as e:
@@ -161,8 +167,8 @@ class BatchEngine:
       groups: dict[int, list[tuple[int, EngineRequest, Handle]]] = {}
       for r, request, handle in starting:
         groups.setdefault(self.slots.prompt_slots(len(request.tokens)), []).append((r, request, handle))
-      for group in groups.values():
-        for part in _parts(group):
+      for slots, group in groups.items():
+        for part in _parts(group, self.max_prefill_tokens // slots):
           self._start(part)
       for r, row in enumerate(self._rows):
         if isinstance(row, _Row) and row.handle.cancelled.is_set():

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--max-batch', type=int, default=8, help='requests decoded at once (rows of the KV cache)')
   p.add_argument('--max-len', type=int, default=2048, help='key slots per row: a prompt (padded to its '
                  'length bucket) plus max_tokens must fit; the cache holds max-batch x max-len tokens')
+  p.add_argument('--max-prefill-tokens', type=int, default=8192, help='prompt tokens prefilled in one '
+                 'program: waiting prompts of one length are prefilled together up to this many')
   p.add_argument('--max-queue', type=int, default=16, help='requests waiting; more get 429 with Retry-After')
   p.add_argument('--image-root', metavar='DIR', help='image paths in requests must lie under DIR '
                  '(default: local paths are refused; send images as data URLs)')
@@ -53,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = Limits(args.max_request_bytes, args.max_image_bytes, args.max_image_pixels, args.max_images,
                     args.url_timeout)
     for flag, value, least in (('--max-batch', args.max_batch, 1), ('--max-queue', args.max_queue, 1),
-                               ('--max-len', args.max_len, 64)):
+                               ('--max-len', args.max_len, 64), ('--max-prefill-tokens', args.max_prefill_tokens, 1)):
       if value < least:
         raise ValueError(f'{flag} must be >= {least}, got {value}')
     if args.image_root is not None and not pathlib.Path(args.image_root).is_dir():
@@ -114,7 +116,7 @@ def build(args: argparse.Namespace, limits: Limits):
                                               image_span_length=model.config.vision.n_queries)
   check_tokenizer(tokenizer, model.config)
   engine = BatchEngine(model, params, max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len,
-                       mesh=mesh, rules=rules)
+                       max_prefill_tokens=args.max_prefill_tokens, mesh=mesh, rules=rules)
   preparer = Preparer(model, params, tokenizer, limits, args.image_root, args.allow_urls, fits=engine.check)
   service = Service(args.model_name or ckpt.resolve().name, tokenizer, generation_config, preparer, engine, limits,
                     args.api_key or os.environ.get(API_KEY_ENV) or None)

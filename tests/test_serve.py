@@ -202,6 +202,15 @@ def test_concurrent_requests_equal_solo(server, client, golden_dir):
   assert engine.most == ROWS and engine.stats()['active'] == 0 and max(engine.prefills) > 1, engine.prefills
 
 
+def test_prefill_groups_pad_little_and_keep_under_the_token_cap():
+  """Powers of two of prompts padding at most a quarter; at most max_prefill_tokens // slots prompts a
+  program (rounded down to a power of two), and one at least, whatever the cap."""
+  from serve.batch_engine import _parts
+  sizes = lambda n, most: [len(p) for p in _parts(list(range(n)), most)]
+  assert sizes(15, 64) == [15] and sizes(9, 64) == [8, 1] and sizes(5, 64) == [4, 1]
+  assert sizes(15, 4) == [4, 4, 4, 3] and sizes(16, 6) == [4, 4, 4, 4] and sizes(3, 0) == [1, 1, 1]
+
+
 def test_a_bad_request_in_a_group_fails_alone(server, monkeypatch):
   """Three requests prefilled together, one of which fails in its prefill: the group is retried one request
   at a time, so that one alone gets the error and the others their solo answers."""
