@@ -209,7 +209,7 @@ class Loader:
     self.skipped_file: str | os.PathLike | None = None  # where skipped records are appended
     self._listed: set[str] = set()  # skipped records a stopped run listed from the resumed batch on
     self.last_truncated = 0  # truncated samples in the batch `__iter__` yielded last (all processes' rows)
-    self.last_skipped = 0  # bad records skipped in that batch (this process's rows)
+    self.last_skipped = 0  # bad records skipped in that batch (all processes' rows, as the metrics count them)
 
   def state(self) -> dict[str, Any]:
     return {'next_batch': self.next_batch, 'seed': self.cfg.seed, 'records': len(self.source),
@@ -277,7 +277,7 @@ class Loader:
                        'in skipped.jsonl)')
     if log:
       self._count(bad, total)
-    self.last_truncated, self.last_skipped = meta['truncated'], len(bad)
+    self.last_truncated, self.last_skipped = meta['truncated'], total
     return element['batch']
 
   def _count(self, bad: list[dict], total: int) -> None:
