@@ -15,7 +15,7 @@ our parameter tree ([*in dims, *out dims]), and `scale`, the stored float16 scal
 each group `group_size` consecutive input channels (the in dims flattened): w = scale[i // group_size] * q[i]
 (`kernel_math.dequantize`).
 In a params tree the two are leaves `q` and `scale` in place of the layer's `kernel`, stacked layers first
-(`gptq_checkpoint.packed_paths`): the parameters of `layers.Einsum` with int4 weights.
+(`quant_blocks.quantized_paths`): the parameters of `layers.Einsum` with int4 weights.
 
 Only what that form can hold exactly is accepted; everything else is refused by name
 (UnsupportedQuantizationError), never guessed: bits other than 4, a `g_idx` that is not

@@ -20,6 +20,7 @@ from qwenvl_jax.gptq import (INT_PARTS, PART_FLOAT, PARTS, QUANTIZED, Q, SCALE, 
 from qwenvl_jax.kernel_math import dequantize
 from qwenvl_jax.params import CheckpointMismatchError, Rule, check_shapes, get_path, rules
 from qwenvl_jax.released_layout import ReleasedCheckpoint, TensorEntry, check_float
+from qwenvl_jax.quant_blocks import quantized_paths
 from qwenvl_jax.released_slices import Named
 
 Path = tuple[str, ...]
@@ -127,12 +128,6 @@ def packed_config(config: QwenVLConfig, gcfg: GptqConfig) -> QwenVLConfig:
   return config.replace(weights='int4', group_size=gcfg.group_size, quantized_roots=('decoder',))
 
 
-def packed_paths(path: Path) -> dict[str, Path]:
-  """Where the packed form of the float kernel at `path` sits in a params tree: `q` and `scale` in place
-  of `kernel`, beside the layer's bias (the parameters of the quantized `layers.Einsum`)."""
-  return {k: path[:-1] + (k,) for k in (Q, SCALE)}
-
-
 def packed_tensors(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLConfig, gcfg: GptqConfig
                    ) -> Iterator[tuple[TensorEntry | Named, np.ndarray | dict[str, np.ndarray]]]:
   """The tensors for `released_slices.read_onto`: the float ones as they come, each quantized layer once
@@ -194,7 +189,8 @@ def int4_tensors(params: Mapping, config: QwenVLConfig, gcfg: GptqConfig, dtype=
     layer, part = split
     if part == PARTS[0]:
       rule = layers[layer]
-      kernel = {k: np.asarray(leaf(p, 'packed')[rule.layer]) for k, p in packed_paths(rule.path).items()}
+      kernel = {k: np.asarray(leaf(p, 'packed')[rule.layer])
+                for k, p in zip((Q, SCALE), quantized_paths(rule.path))}
       unpacked = from_kernel(rule, kernel)
       bias = hf(table[layer + '.bias']).astype(PART_FLOAT) if layer + '.bias' in table else None
       parts = pack(unpacked[Q], unpacked[SCALE].astype(PART_FLOAT, copy=False), bias)

@@ -28,7 +28,6 @@ from qwenvl_jax.quant_blocks import QUANTIZED_NAMES
 Path = tuple[str, ...]
 MODES = ('int8', 'int4')
 Q_MAX = {'int8': 127, 'int4': 7}  # symmetric: int4 leaves -8 unused, as absmax rounding never reaches it
-KERNELS = QUANTIZED_NAMES  # float kernel leaf -> its quantized values' leaf
 
 
 def quantized_config(config: QwenVLConfig, mode: str) -> QwenVLConfig:
@@ -90,11 +89,11 @@ def quantize(params: dict, config: QwenVLConfig, mode: str) -> dict:
     raise ValueError(f'the params are {config.weights} already; quantize a float tree')
   out: dict = {}
   for path, leaf in param_layout.flatten(params).items():
-    if path[0] in config.quantized_roots and path[-1] in KERNELS:
+    if path[0] in config.quantized_roots and path[-1] in QUANTIZED_NAMES:
       q, scale = quantize_kernel(leaf, path, mode, config.group_size)
-      set_path(out, path[:-1] + (KERNELS[path[-1]],), q)
+      set_path(out, path[:-1] + (QUANTIZED_NAMES[path[-1]],), q)
       set_path(out, path[:-1] + ('scale',), scale)
-    elif path[-1] in KERNELS.values():
+    elif path[-1] in QUANTIZED_NAMES.values():
       raise ValueError(f'{"/".join(path)} is quantized already; quantize a float tree')
     else:
       set_path(out, path, leaf)
@@ -107,9 +106,9 @@ def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
   flat = param_layout.flatten(params)
   out: dict = {}
   for path, leaf in flat.items():
-    if path[-1] in KERNELS.values():
+    if path[-1] in QUANTIZED_NAMES.values():
       scale_path = path[:-1] + ('scale',)
-      kernel = {v: k for k, v in KERNELS.items()}[path[-1]]
+      kernel = {v: k for k, v in QUANTIZED_NAMES.items()}[path[-1]]
       set_path(out, path[:-1] + (kernel,), dequantize_kernel(leaf, flat[scale_path], path, dtype))
     elif path[-1] == 'scale' and (path[:-1] + ('q',) in flat or path[:-1] + ('q_t',) in flat):
       continue
@@ -160,4 +159,4 @@ def load_onto(path, mode: str, dtype, mesh: jax.sharding.Mesh, rules) -> tuple[d
 
 
 def is_quantized(params: dict) -> bool:
-  return any(p[-1] in KERNELS.values() for p in param_layout.flatten(params))
+  return any(p[-1] in QUANTIZED_NAMES.values() for p in param_layout.flatten(params))

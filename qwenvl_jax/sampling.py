@@ -92,9 +92,8 @@ def warp_logits(logits: Array, temperature, top_k, top_p) -> Array:
     candidates = jax.lax.top_k(logits, min(_CANDIDATES, v))[0]
     kth = _kth(candidates, k)
     if _rows(top_k) and v > _CANDIDATES:  # rows keeping more than the candidates sort every token
-      everything = logits
       kth = jax.lax.cond((k > _CANDIDATES).any(),
-                         lambda: jnp.where(k[:, None] > _CANDIDATES, _kth(-jnp.sort(-everything, axis=-1), k), kth),
+                         lambda: jnp.where(k[:, None] > _CANDIDATES, _kth(-jnp.sort(-logits, axis=-1), k), kth),
                          lambda: kth)
     kth = jnp.where(k[:, None] > 0, kth, -jnp.inf)
     logits = jnp.where(logits < kth, -jnp.inf, logits)

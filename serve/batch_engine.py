@@ -37,9 +37,14 @@ class _Row:
   """A request in a row: what its next step needs."""
   request: EngineRequest
   handle: Handle
-  index: int  # the slot its last token is written at when fed
+  prompt_slots: int  # its first new token's slot
   generated: int = 0
   last: int = 0
+
+  @property
+  def index(self) -> int:
+    """The slot its last token is written at when fed."""
+    return self.prompt_slots + self.generated - 1
 
 
 _TAKEN = 'taken'  # a row being prefilled: counted as active, not yet stepped
@@ -217,7 +222,6 @@ class BatchEngine:
       log.exception('decode step failed')
       return self._fail([(r, row.handle) for r, row in busy], e)
     for r, row in busy:
-      row.index += 1
       self._emit(r, row, int(chosen[r]))
 
   def _emit(self, r: int, row: _Row, token: int) -> None:

@@ -19,7 +19,6 @@ from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.params import params_to_hf
 from qwenvl_jax import quant
-from qwenvl_jax.quant import is_quantized
 from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, find_vocab
 from train.checkpointing import Checkpointer
 from train.config import TrainConfig
@@ -28,9 +27,8 @@ from train.lora import merge_lora
 from train.metrics import MetricsLog, measure_peak_flops, step_flops
 from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, SKIPPED_FILE, TrainError, check_resume, is_run_dir,
                            run_weights, write_configs)
-from train.state import MASTER_DTYPE, create, make_layout, run_optimizer
+from train.state import MASTER_DTYPE, base_config, create, make_layout, run_optimizer
 from train.step import make_train_step
-from train.state import base_config  # the step's model: the base as the state holds it
 
 
 def say(message: str) -> None:
@@ -76,7 +74,7 @@ def initial_weights(cfg: TrainConfig, params: Any, shardings: Any) -> Any:
   float32, each host reading only its devices' slices; else None (a random init with cfg.seed, made by
   `state.create` on the state's shardings)."""
   if params is not None:
-    if cfg.weights != 'float' and not is_quantized(params):
+    if cfg.weights != 'float' and not quant.is_quantized(params):
       return params  # quantized when the state is made, which places it
     return sharding.put(params, shardings)
   if not cfg.init_from:
