@@ -48,6 +48,13 @@ def decoding_model(config: QwenVLConfig) -> QwenVL:
   return QwenVL(config.replace(scan_layers=scan_layers, weight_major=weight_major))
 
 
+def empty_cache(config: QwenVLConfig, rows: int, slots: int) -> tuple[KVCache, ...]:
+  """A zero KV cache of `rows` rows and `slots` slots per layer, in the layout and dtype decoding uses."""
+  dtype = decoding_model(config).config.dtype
+  return tuple(KVCache.zeros(config.text, rows, slots, dtype, slots_last=decode_form()[1])
+               for _ in range(config.text.num_layers))
+
+
 class DecodeState(NamedTuple):
   """What a decode step carries: the caches and, per row, its key mask and NTK factor."""
   cache: tuple[KVCache, ...]  # per layer
@@ -74,8 +81,7 @@ def prompt_forward(params: dict, ids: Array, mask: Array, features: Array, *, co
   model = decoding_model(config)
   alpha = ntk_alpha_of(mask, config.text)
   key_mask = jnp.concatenate([mask, jnp.ones((b, slots - p), bool)], axis=1)
-  cache = tuple(KVCache.zeros(config.text, b, slots, model.config.dtype, slots_last=decode_form()[1])
-                for _ in range(config.text.num_layers))
+  cache = empty_cache(config, b, slots)
   out = model.apply({'params': params}, ids, image_features=features, attention_mask=key_mask, alpha=alpha,
                     cache=cache, logits_at=jnp.full((b, 1), p - 1, jnp.int32))
   return out['cache'], out['logits'][:, 0], key_mask, alpha

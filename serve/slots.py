@@ -24,10 +24,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qwenvl_jax import sharding
-from qwenvl_jax.batching import Buckets, decode_form
+from qwenvl_jax.batching import Buckets
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.decode import decoding_model, image_features, prompt_forward
-from qwenvl_jax.decoder import KVCache
+from qwenvl_jax.decode import decoding_model, empty_cache, image_features, prompt_forward
 from qwenvl_jax.model import check_image_spans
 
 Array = jax.Array
@@ -72,9 +71,7 @@ class Slots:
 
   def reset(self) -> None:
     """Every row free, the cache allocated afresh."""
-    dtype = decoding_model(self.config).config.dtype
-    self.cache = tuple(KVCache.zeros(self.config.text, self.rows, self.length, dtype, slots_last=decode_form()[1])
-                       for _ in range(self.config.text.num_layers))
+    self.cache = empty_cache(self.config, self.rows, self.length)
     if self.mesh is not None and self.rows > 1:  # (one row may be stored without its row axis)
       self.cache = jax.tree.map(
           lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, x.shape)), self.cache)
