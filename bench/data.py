@@ -108,6 +108,22 @@ def packing(args, demo, model_config, tok, root, world) -> None:
     tokens, padding = _fill(loader, min(args.batches, loader.batches_per_epoch))
     print(f'stage-1 shape, samples_per_row {per_row}: {cfg.batch_size // per_row} rows of {cfg.seq_buckets}, '
           f'real tokens per row {tokens:.1f}, {padding}', flush=True)
+  _packer_time()
+
+
+def _packer_time() -> None:
+  """Seconds to pack one window of stage 1 (bucket_window 8 x batch 30720 samples of 258 image-span and
+  5..60 text tokens, 7 to a row of 2048), and of samples of lengths spread over 1..2047 with 0..7 images."""
+  import numpy as np
+  from train.rows import first_fit
+  rng = np.random.default_rng(0)
+  n = 8 * 30720
+  for what, lengths, images in (('stage 1 window', 258 + rng.integers(5, 61, n), np.ones(n, np.int64)),
+                                ('spread lengths and images', rng.integers(1, 2048, n), rng.integers(0, 8, n))):
+    start = time.perf_counter()
+    _, left = first_fit(lengths, images, n // 7, 2048, 7)
+    print(f'packing {n} samples ({what}) into {n // 7} rows of 2048: {time.perf_counter() - start:.2f} s, '
+          f'{len(left)} found no room', flush=True)
 
 
 def main(argv=None):
