@@ -48,7 +48,7 @@ def _assert_quantized_whole(got, source, mode, dtype='float32', shardings=None):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(want[path]), err_msg='/'.join(path))
     if path in placed:
       assert x.sharding == placed[path], path
-    if path[-1] in quant.KERNELS.values():
+    if path[-1] in quant_blocks.QUANTIZED_NAMES.values():
       names = param_layout.leaf_axes(path, x.shape)
       kept = param_layout.axes_of(path[:-1] + ('scale',))
       block = x.sharding.shard_shape(x.shape)
