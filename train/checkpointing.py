@@ -73,10 +73,10 @@ class Checkpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f'no checkpoint to resume from in {self.directory}')
-    _check_lora_layout(self.directory, steps[0])
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     failures = []
     for step in steps:
+      _check_lora_layout(self.directory, step)  # each step tried: an older one may be the old layout
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
