@@ -20,6 +20,14 @@ the mean length and 10%), with the demo train step's samples/s both ways; then t
 packer's time on one window of stage 1 (245,760 samples).
 
   python -m bench.data --packing [--per-row 4] [--images 512] [--batches 24] [--no-step]
+
+--order instead measures the data order at scale: seconds and peak traced memory (tracemalloc: numpy's
+arrays included) to build one new window (2 batches of 8 caption records made on demand) of a source of N
+records, at each N; a permutation of the dataset per window grows with N, the index shuffle does not. It
+uses only the loader's public API, so the same file measures an older checkout (run it as a script with
+that checkout on PYTHONPATH).
+
+  python -m bench.data --order [--records 1e6 1e8 1.4e9]
 """
 from __future__ import annotations
 
@@ -57,14 +65,61 @@ def _serial_rate(loader, batches: int) -> float:
 
 
 def _fill(loader, batches: int) -> tuple[float, str]:
-  """(mean real tokens per row, the fraction of the batches' token slots that are padding and the samples
-  left out: those that found no room in the packed rows)."""
-  real = slots = rows = left = 0
-  for k in range(batches):
-    mask = loader.batch(k)['attention_mask']
+  """(mean real tokens per row, the fraction of the batches' token slots that are padding, the samples a
+  batch holds and the bad records: packed samples without room were bad records before they were carried
+  to the next window)."""
+  real = slots = rows = bad = samples = 0
+  for _, batch in zip(range(batches), loader):
+    mask = batch['attention_mask']
     real, slots, rows = real + int((mask != 0).sum()), slots + mask.size, rows + mask.shape[0]
-    left += loader.last_skipped
-  return real / rows, f'padding {1 - real / slots:.1%}, {left} sample(s) without room'
+    samples += int(mask.max(1).sum())
+    bad += loader.last_skipped
+  return real / rows, (f'padding {1 - real / slots:.1%}, {samples / batches:.1f} samples a batch, {bad} bad '
+                       'record(s)')
+
+
+class _Records:
+  """N caption records made on demand (a RecordSource without the import: any checkout's loader takes it)."""
+
+  def __init__(self, n: int):
+    self.n, self.name = n, f'{n} fake records'
+
+  def __len__(self):
+    return self.n
+
+  def records(self, indices):
+    return [{'image': f'{i}.png', 'caption': f'record {i}: a red circle left of {i % 7} blue squares'}
+            for i in indices]
+
+  def image(self, i, path):
+    from PIL import Image
+    return Image.new('RGB', (28, 28))
+
+  def where(self, i):
+    return f'record {i}'
+
+
+def order(sizes) -> None:
+  """Seconds and peak traced memory to build a new window (see the module doc) at each source size."""
+  import tracemalloc
+  from qwenvl_jax.tokenizer import QwenVLTokenizer
+  from train.data import Encoder
+  from train.demo import demo_vocab
+  from train.loader import Loader, LoaderConfig
+  tok = QwenVLTokenizer(demo_vocab(), image_span_length=16)
+  cfg = LoaderConfig(batch_size=8, seq_buckets=(64,), target_step=8, max_images=1, image_size=28, seed=0,
+                     window=2)
+  for n in sizes:
+    loader = Loader(_Records(int(n)), Encoder(tok, 'caption'), cfg)
+    loader.batch(0)
+    for k in (2, 4):  # two new windows of epoch 0
+      tracemalloc.start()
+      start = time.perf_counter()
+      loader.batch(k)
+      seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+      tracemalloc.stop()
+    print(f'{int(n):>13,} records: a new window in {seconds:.3f} s, peak traced memory {peak / 2 ** 20:.1f} MiB',
+          flush=True)
 
 
 def packing(args, demo, model_config, tok, root, world) -> None:
@@ -136,7 +191,12 @@ def main(argv=None):
   ap.add_argument('--no-step', action='store_true', help='skip the train step')
   ap.add_argument('--packing', action='store_true', help='measure sequence packing instead (see above)')
   ap.add_argument('--per-row', type=int, default=4, help='samples_per_row of the demo stages with --packing')
+  ap.add_argument('--order', action='store_true', help='measure the data order at scale instead (see above)')
+  ap.add_argument('--records', type=float, nargs='+', default=[1e6, 1e8, 1.4e9],
+                  help='source sizes for --order')
   args = ap.parse_args(argv)
+  if args.order:
+    return order(args.records)
 
   from qwenvl_jax.config import QwenVLConfig
   from qwenvl_jax.tokenizer import QwenVLTokenizer
