@@ -16,8 +16,9 @@ first batches.
 the fraction of padding, without and with packing, on the demo world's stage-1 captions and stage-2
 multitask records (the demo's model, buckets and batches; packed rows have room for `--per-row` samples of
 the mean length and 10%), with the demo train step's samples/s both ways; then the loader alone at stage
-1's real shape (256 image tokens; buckets 256/512 unpacked, 7 samples to rows of 2048 packed), and the
-packer's time on one window of stage 1 (245,760 samples).
+1's real shape (256 image tokens; buckets 256/512 unpacked, 7 samples to rows of 2048 packed), the loader
+at stage 1's caption lengths (~300 tokens a sample: a few percent find no room in their window's rows and
+wait for the next one), and the packer's time on one window of stage 1 (245,760 samples).
 
   python -m bench.data --packing [--per-row 4] [--images 512] [--batches 24] [--no-step]
 
@@ -88,8 +89,8 @@ class _Records:
     return self.n
 
   def records(self, indices):
-    return [{'image': f'{i}.png', 'caption': f'record {i}: a red circle left of {i % 7} blue squares'}
-            for i in indices]
+    return [{'image': f'{i}.png', 'caption': f'record {i}: a red circle left of {i % 7} blue squares'
+             + ' and more' * (i * 2654435761 % 2 ** 32 % 28)} for i in indices]  # 14..70 caption tokens
 
   def image(self, i, path):
     from PIL import Image
@@ -120,6 +121,15 @@ def order(sizes) -> None:
       tracemalloc.stop()
     print(f'{int(n):>13,} records: a new window in {seconds:.3f} s, peak traced memory {peak / 2 ** 20:.1f} MiB',
           flush=True)
+  try:
+    from train.shuffle import index_shuffle
+  except ImportError:  # an older checkout
+    return
+  import numpy as np
+  start = time.perf_counter()
+  index_shuffle(10 ** 9 + np.arange(8 * 30720), 1_400_000_000, (0, 0))
+  print(f'the order of one stage-1 window (245,760 positions of 1.4e9 records): {time.perf_counter() - start:.3f} s',
+        flush=True)
 
 
 def packing(args, demo, model_config, tok, root, world) -> None:
@@ -164,7 +174,24 @@ def packing(args, demo, model_config, tok, root, world) -> None:
     tokens, padding = _fill(loader, min(args.batches, loader.batches_per_epoch))
     print(f'stage-1 shape, samples_per_row {per_row}: {cfg.batch_size // per_row} rows of {cfg.seq_buckets}, '
           f'real tokens per row {tokens:.1f}, {padding}', flush=True)
+  _stage1_lengths(real)
   _packer_time()
+
+
+def _stage1_lengths(tok) -> None:
+  """The loader at stage 1's lengths (256 image tokens and 14..70 caption tokens: ~300 a sample, as the
+  real captions), 7 samples to a row of 2048, batch 56, bucket_window 8: the samples a batch holds and the
+  bad records over 3 windows (the samples without room were bad records before they were carried)."""
+  from train.data import Encoder
+  from train.loader import Loader, LoaderConfig
+  cfg = LoaderConfig(batch_size=56, seq_buckets=(2048,), target_step=256, max_images=1, image_size=28,
+                     seed=0, window=8, on_bad_record='skip', max_bad_fraction=0.5, samples_per_row=7)
+  loader = Loader(_Records(56 * 8 * 20), Encoder(tok, 'caption'), cfg)
+  tokens, padding = _fill(loader, 24)
+  window = getattr(loader.make, '_window', None) or ()
+  carried = f', {len(window[2].carry)} carried into the next window' if len(window) == 3 else ''
+  print(f'stage-1 lengths, samples_per_row 7: 8 rows of (2048,), real tokens per row {tokens:.1f}, '
+        f'{padding}{carried}', flush=True)
 
 
 def _packer_time() -> None:
