@@ -1,16 +1,17 @@
 """Global batch k -> this process's rows: the loader's windows (train/loader.py runs them in grain).
 
 The records flow in one stream: position p is record `index_shuffle(p % R, n, (seed, p // R))` of epoch
-p // R (train/shuffle.py; R = the epoch's records, whole batches of them). Window g holds batches
-[start + g * window, ...) of `window` batches each: the records carried into it from window g - 1 (packed
-rows without room for them, train/rows.py), then the stream's next window * batch_size - carried records.
-Its samples are sorted by length (one a row) or packed (samples_per_row > 1), cut into batches, and the
+p // R (train/shuffle.py; n records, R = the epoch's records, whole batches of them). A window's samples are
+sorted by length (one a row) or packed (samples_per_row > 1, train/rows.py), cut into batches, and the
 batches of the window shuffled. Every process builds the same window (it reads all its texts) but reads and
 decodes the images of its own rows only.
 
-Without packing nothing is carried and window g starts at a position computed from g; with packing each
-window's start (`Start`: its first batch, stream position and carried records) follows from the one before,
-so windows are built in order from a known start: the loader state holds the current one.
+One sample a row: window w of epoch e holds its `window` batches' records (the epoch's last window fewer),
+from a position computed from (e, w); each epoch's batches hold its records once. Packed: a window always
+holds `window` batches of fixed rows, filled with the records carried into it (those without room in the
+window before), then the stream's next window x batch_size - carried records (running on into the next
+epoch). Each window's start (`Start`: its first batch, stream position and carried records) follows from
+the one before, so windows are built in order from a known start: the loader state holds the current one.
 
 Runs saved before this order (the loader state has no 'order') continue the order they began with to the
 end of their epoch, `_legacy_window`: a full permutation per epoch (computed once per epoch here) and packed
