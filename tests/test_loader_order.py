@@ -165,3 +165,18 @@ def test_a_run_saved_with_the_old_order_keeps_it_to_the_epoch_end(tok):
   assert len(set(epoch2)) == 200
   with pytest.raises(ValueError, match="order is 'feistel-v0'.*resume with the version that wrote"):
     loader.restore({**loader.state(), 'order': 'feistel-v0'})
+
+
+def test_a_packed_run_saved_with_the_old_order_keeps_its_windows(tok256):
+  """Packed, the old order also reported samples without room as bad records (nothing carried): its
+  windows are rebuilt so to the epoch's end, each record of them placed or reported once."""
+  n, cfg = 56 * 4 * 3, _cfg(batch_size=56, seq_buckets=(2048,), window=4, samples_per_row=7)
+  loader = Loader(FakeSource(n), Encoder(tok256, 'caption'), cfg)
+  loader.restore({'next_batch': 5, 'seed': 3, 'records': n, 'batch_size': 56, 'samples_per_row': 7})
+  placed, bad = [], []
+  for k in range(4, 8):  # window 1 of epoch 0
+    made = loader.make(k)
+    placed += _records_of(made['batch'], tok256)
+    bad += [int(b['record'].split()[-1]) for b in json.loads(made['meta'])['bad']]
+  assert bad and sorted(placed + bad) == sorted(_old_order(3, 0, n, 224, 448))
+  assert loader.state()['legacy_until'] == 12  # the new order, carrying, from epoch 1 on

@@ -121,17 +121,16 @@ class Loader:
       if state.get(key, 1 if key == 'samples_per_row' else None) != mine[key]:  # 1: saved before packing
         raise ValueError(f'cannot resume the data order: the checkpoint has {key}={state.get(key)}, '
                          f'this run has {key}={mine[key]}')
-    self.next_batch = k = int(state['next_batch'])
-    if 'order' not in state:  # saved before the index shuffle: its order to the end of this epoch
-      epoch = -(-k // self.batches_per_epoch)
-      start, legacy_until = Start(epoch * self.batches_per_epoch, epoch * self.records_per_epoch), \
-          epoch * self.batches_per_epoch
-    elif state['order'] != SCHEME:
+    if state.get('order', SCHEME) != SCHEME:
       raise ValueError(f'cannot resume the data order: the checkpoint\'s order is {state["order"]!r}, this '
                        f'version reads {SCHEME!r} and the order before it; resume with the version that '
                        'wrote the checkpoint')
-    else:
+    self.next_batch = k = int(state['next_batch'])
+    if 'order' in state:
       start, legacy_until = Start.from_json(state['window']), int(state['legacy_until'])
+    else:  # saved before the index shuffle: its old order to the end of this epoch, the new one after
+      legacy_until = -(-k // self.batches_per_epoch) * self.batches_per_epoch
+      start = Start(legacy_until, legacy_until // self.batches_per_epoch * self.records_per_epoch)
     self.make.begin(start, legacy_until)
     self.start = start
     self.bad = list(state.get('bad', [0, 0]))
