@@ -16,10 +16,19 @@ first batches.
 the fraction of padding, without and with packing, on the demo world's stage-1 captions and stage-2
 multitask records (the demo's model, buckets and batches; packed rows have room for `--per-row` samples of
 the mean length and 10%), with the demo train step's samples/s both ways; then the loader alone at stage
-1's real shape (256 image tokens; buckets 256/512 unpacked, 7 samples to rows of 2048 packed), and the
-packer's time on one window of stage 1 (245,760 samples).
+1's real shape (256 image tokens; buckets 256/512 unpacked, 7 samples to rows of 2048 packed), the loader
+at stage 1's caption lengths (~300 tokens a sample: a few percent find no room in their window's rows and
+wait for the next one), and the packer's time on one window of stage 1 (245,760 samples).
 
   python -m bench.data --packing [--per-row 4] [--images 512] [--batches 24] [--no-step]
+
+--order instead measures the data order at scale: seconds and peak traced memory (tracemalloc: numpy's
+arrays included) to build one new window (2 batches of 8 caption records made on demand) of a source of N
+records, at each N; a permutation of the dataset per window grows with N, the index shuffle does not. It
+uses only the loader's public API, so the same file measures an older checkout (run it as a script with
+that checkout on PYTHONPATH).
+
+  python -m bench.data --order [--records 1e6 1e8 1.4e9]
 """
 from __future__ import annotations
 
@@ -57,14 +66,70 @@ def _serial_rate(loader, batches: int) -> float:
 
 
 def _fill(loader, batches: int) -> tuple[float, str]:
-  """(mean real tokens per row, the fraction of the batches' token slots that are padding and the samples
-  left out: those that found no room in the packed rows)."""
-  real = slots = rows = left = 0
-  for k in range(batches):
-    mask = loader.batch(k)['attention_mask']
+  """(mean real tokens per row, the fraction of the batches' token slots that are padding, the samples a
+  batch holds and the bad records: packed samples without room were bad records before they were carried
+  to the next window)."""
+  real = slots = rows = bad = samples = 0
+  for _, batch in zip(range(batches), loader):
+    mask = batch['attention_mask']
     real, slots, rows = real + int((mask != 0).sum()), slots + mask.size, rows + mask.shape[0]
-    left += loader.last_skipped
-  return real / rows, f'padding {1 - real / slots:.1%}, {left} sample(s) without room'
+    samples += int(mask.max(1).sum())
+    bad += loader.last_skipped
+  return real / rows, (f'padding {1 - real / slots:.1%}, {samples / batches:.1f} samples a batch, {bad} bad '
+                       'record(s)')
+
+
+class _Records:
+  """N caption records made on demand (a RecordSource without the import: any checkout's loader takes it)."""
+
+  def __init__(self, n: int):
+    self.n, self.name = n, f'{n} fake records'
+
+  def __len__(self):
+    return self.n
+
+  def records(self, indices):
+    return [{'image': f'{i}.png', 'caption': f'record {i}: a red circle left of {i % 7} blue squares'
+             + ' and more' * (i * 2654435761 % 2 ** 32 % 28)} for i in indices]  # 14..70 caption tokens
+
+  def image(self, i, path):
+    from PIL import Image
+    return Image.new('RGB', (28, 28))
+
+  def where(self, i):
+    return f'record {i}'
+
+
+def order(sizes) -> None:
+  """Seconds and peak traced memory to build a new window (see the module doc) at each source size."""
+  import tracemalloc
+  from qwenvl_jax.tokenizer import QwenVLTokenizer
+  from train.data import Encoder
+  from train.demo import demo_vocab
+  from train.loader import Loader, LoaderConfig
+  tok = QwenVLTokenizer(demo_vocab(), image_span_length=16)
+  cfg = LoaderConfig(batch_size=8, seq_buckets=(64,), target_step=8, max_images=1, image_size=28, seed=0,
+                     window=2)
+  for n in sizes:
+    loader = Loader(_Records(int(n)), Encoder(tok, 'caption'), cfg)
+    loader.batch(0)
+    for k in (2, 4):  # two new windows of epoch 0
+      tracemalloc.start()
+      start = time.perf_counter()
+      loader.batch(k)
+      seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+      tracemalloc.stop()
+    print(f'{int(n):>13,} records: a new window in {seconds:.3f} s, peak traced memory {peak / 2 ** 20:.1f} MiB',
+          flush=True)
+  try:
+    from train.shuffle import index_shuffle
+  except ImportError:  # an older checkout
+    return
+  import numpy as np
+  start = time.perf_counter()
+  index_shuffle(10 ** 9 + np.arange(8 * 30720), 1_400_000_000, (0, 0))
+  print(f'the order of one stage-1 window (245,760 positions of 1.4e9 records): {time.perf_counter() - start:.3f} s',
+        flush=True)
 
 
 def packing(args, demo, model_config, tok, root, world) -> None:
@@ -109,7 +174,24 @@ def packing(args, demo, model_config, tok, root, world) -> None:
     tokens, padding = _fill(loader, min(args.batches, loader.batches_per_epoch))
     print(f'stage-1 shape, samples_per_row {per_row}: {cfg.batch_size // per_row} rows of {cfg.seq_buckets}, '
           f'real tokens per row {tokens:.1f}, {padding}', flush=True)
+  _stage1_lengths(real)
   _packer_time()
+
+
+def _stage1_lengths(tok) -> None:
+  """The loader at stage 1's lengths (256 image tokens and 14..70 caption tokens: ~300 a sample, as the
+  real captions), 7 samples to a row of 2048, batch 56, bucket_window 8: the samples a batch holds and the
+  bad records over 3 windows (the samples without room were bad records before they were carried)."""
+  from train.data import Encoder
+  from train.loader import Loader, LoaderConfig
+  cfg = LoaderConfig(batch_size=56, seq_buckets=(2048,), target_step=256, max_images=1, image_size=28,
+                     seed=0, window=8, on_bad_record='skip', max_bad_fraction=0.5, samples_per_row=7)
+  loader = Loader(_Records(56 * 8 * 20), Encoder(tok, 'caption'), cfg)
+  tokens, padding = _fill(loader, 24)
+  window = getattr(loader.make, '_window', None) or ()
+  carried = f', {len(window[2].carry)} carried into the next window' if len(window) == 3 else ''
+  print(f'stage-1 lengths, samples_per_row 7: 8 rows of (2048,), real tokens per row {tokens:.1f}, '
+        f'{padding}{carried}', flush=True)
 
 
 def _packer_time() -> None:
@@ -136,7 +218,12 @@ def main(argv=None):
   ap.add_argument('--no-step', action='store_true', help='skip the train step')
   ap.add_argument('--packing', action='store_true', help='measure sequence packing instead (see above)')
   ap.add_argument('--per-row', type=int, default=4, help='samples_per_row of the demo stages with --packing')
+  ap.add_argument('--order', action='store_true', help='measure the data order at scale instead (see above)')
+  ap.add_argument('--records', type=float, nargs='+', default=[1e6, 1e8, 1.4e9],
+                  help='source sizes for --order')
   args = ap.parse_args(argv)
+  if args.order:
+    return order(args.records)
 
   from qwenvl_jax.config import QwenVLConfig
   from qwenvl_jax.tokenizer import QwenVLTokenizer

@@ -90,6 +90,26 @@ def test_transients_follow_the_run():
   assert acts(run(stage=1)) < acts(run(stage=1, image_size=448))
 
 
+def test_samples_per_row_reaches_the_plan(capsys):
+  """Sequence packing (--samples-per-row): stage 1's 56 samples as 8 rows of 2048 tokens hold the text of 8
+  rows and the images of 56 samples."""
+  run = lambda **kw: pl.make_plan(qwen_vl_7b(), 'fsdp=8', **{'stage': 1, 'seq': 2048, **kw})
+  acts = lambda p: p.transient['activations']
+  packed, rows, unpacked = run(batch=56, samples_per_row=7), run(batch=8), run(batch=56)
+  assert packed.setup.cfg.samples_per_row == 7
+  assert acts(rows) < acts(packed) < acts(unpacked)
+  assert run(samples_per_row=7).setup.cfg.batch_size == 56  # default: one row per batch shard
+  with pytest.raises(ValueError, match='samples_per_row must be an integer >= 1, got 0'):
+    run(samples_per_row=0)
+  with pytest.raises(ValueError, match='samples_per_row 7'):
+    run(batch=50, samples_per_row=7)
+  assert pl.main(['--mesh', 'fsdp=8', '--stage', '1', '--batch', '56', '--seq', '2048',
+                  '--samples-per-row', '7']) == 0
+  assert '56 samples packed into 8 rows of 2048 tokens' in capsys.readouterr().out
+  assert pl.main(['--mesh', 'fsdp=8', '--batch', '56', '--samples-per-row', '7', '--json']) == 0
+  assert json.loads(capsys.readouterr().out)['samples_per_row'] == 7
+
+
 def test_format_lists_every_accelerator():
   plan = pl.make_plan(qwen_vl_7b(), V4_32, batch=32, seq=2048, remat='full')
   text = pl.format_plan(plan)

@@ -52,14 +52,16 @@ class TrainConfig:
   bucket_window: int = 8  # batches whose samples are sorted by length together
   # Sequence packing: a batch's samples travel in batch_size / samples_per_row rows of up to the longest
   # bucket, each sample with its own positions and attention (train/rows.py); 1: one sample per row.
-  # Rows then hold max_images x samples_per_row image slots. A sample that finds no room in its window's
-  # rows is a bad record (on_bad_record): choose it below longest bucket / mean sample length.
+  # Rows then hold max_images x samples_per_row image slots. Samples that find no room in their window's
+  # rows wait for the next window (nothing is dropped), so a batch holds up to batch_size samples: choose
+  # it at or below longest bucket / mean sample length.
   samples_per_row: int = 1
   worker_count: int = 0  # grain processes decoding and tokenizing ahead of the step; 0: a thread
   # A record that fails when its batch is made (an image that does not decode, a packed record that cannot
   # be encoded): 'error' stops the run (with a checkpoint), naming the record; 'skip' blanks its row (no
   # loss), appends it to out_dir/skipped.jsonl, counts it in the metrics, and stops the run when an epoch
-  # holds more than max_bad_fraction of bad records.
+  # holds more than max_bad_fraction of bad records. On several processes, image failures (known to their
+  # process only) are summed once every bucket_window batches: the stop comes there (train/loader.py).
   on_bad_record: str = 'error'
   max_bad_fraction: float = 0.001
   # Optimisation.

@@ -1,31 +1,40 @@
 """The training loader: a grain pipeline of global batch indices, each turned into this process's rows.
 
-Batch k is a pure function of (seed, k), whatever the source (a JSON/JSONL file's records or a packed
-directory, train/packed.py): epoch e = k // batches_per_epoch shuffles the records with seed (seed, e);
-each window of `window` batches is sorted by length, cut into batches, and the batches of the window
-shuffled. Every process computes the same global batch shape (it reads the texts of the whole window),
-but reads and decodes the images of its own rows only: the processes' rows are disjoint and together
-cover the epoch's records once. Decoding, resizing and tokenizing run in `worker_count` grain worker
-processes (0: a background thread), batches ahead of the step; pixels leave as uint8, normalised on the
-device (train/step.py).
+Batch k is made by train/batches.py, whatever the source (a JSON/JSONL file's records or a packed
+directory, train/packed.py): each epoch's order is an index shuffle of the records keyed by (seed, epoch),
+computed for the positions a window reads (nothing of the size of the dataset); each window of `window`
+batches is sorted by length (or packed, carrying samples without room into the next window), cut into
+batches, and the batches of the window shuffled. Every process computes the same global batch shape (it
+reads the texts of the whole window), but reads and decodes the images of its own rows only: the
+processes' rows are disjoint and together cover the epoch's records once. Decoding, resizing and tokenizing
+run in `worker_count` grain worker processes (0: a background thread), batches ahead of the step; pixels
+leave as uint8, normalised on the device (train/step.py).
 
-The state is the index of the next batch: restarting the pipeline there gives exactly the next batch,
-with any worker_count (grain's own multi-worker state would tie a resume to the same worker count).
+The state is the index of the next batch and the start of its window (what packing carries into it):
+restarting the pipeline there gives exactly the next batch, with any worker_count (grain's own
+multi-worker state would tie a resume to the same worker count). It names the order's scheme: a run saved
+before it continues its old order to the end of that epoch (train/batches.py).
+
+Bad records: those found while building a window (malformed, overlong with on_overlong=skip, nothing to
+train on) are known to every process alike, so the stop decisions on them need no collective and come at
+their batch. Images that fail to decode are known to the process reading them only: their counts are summed
+over the processes every `window` batches (batches k with (k + 1) % window == 0, on every process alike),
+not at every step, and the decision on them (on_bad_record=error, max_bad_fraction) comes there: the run
+stops up to `window` - 1 batches after such a record, trained without it meanwhile.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from qwenvl_jax.preprocess import resize_rgb
-from train.data import Batch, Encoder, Example, truncate
+from train.batches import Batches, Start
+from train.data import Batch, Encoder
 from train.packed import RecordSource
-from train.rows import first_fit
+from train.shuffle import SCHEME
 
 ON_BAD_RECORD = ('error', 'skip')
 _END = 2 ** 50  # batch indices run on until the run stops reading
@@ -57,122 +66,6 @@ class LoaderConfig:
     return self.max_images * self.samples_per_row
 
 
-def round_up(n: int, step: int) -> int:
-  return max(step, int(math.ceil(n / step)) * step)
-
-
-Sample = tuple[int, Example | None, str]  # (record index, example, why it is unusable); None: in no row
-Row = list[Sample]
-
-
-class Batches:
-  """Global batch k -> (this process's rows, their metadata); picklable, as it runs in grain workers.
-
-  A row holds one sample, or several with sequence packing (cfg.samples_per_row > 1, train/rows.py)."""
-
-  def __init__(self, source: RecordSource, encoder: Encoder, cfg: LoaderConfig, rows: slice):
-    self.source, self.encoder, self.cfg, self.rows = source, encoder, cfg, rows
-    self.batches_per_epoch = len(source) // cfg.batch_size
-    self._window: tuple[tuple[int, int], list[list[Row]]] | None = None
-
-  def __getstate__(self):
-    return {**self.__dict__, '_window': None}
-
-  def __call__(self, k: int) -> dict[str, Any]:
-    epoch, b = divmod(int(k), self.batches_per_epoch)
-    w, j = divmod(b, self.cfg.window)
-    return self._collate(k, self._window_batches(epoch, w)[j])
-
-  def _window_batches(self, epoch: int, w: int) -> list[list[Row]]:
-    if self._window is not None and self._window[0] == (epoch, w):
-      return self._window[1]
-    c = self.cfg
-    perm = np.random.default_rng([c.seed, epoch]).permutation(len(self.source))
-    lo = w * c.window * c.batch_size
-    hi = min(lo + c.window * c.batch_size, self.batches_per_epoch * c.batch_size)
-    indices = [int(i) for i in perm[lo:hi]]
-    examples = [(i, *self._encode(r)) for i, r in zip(indices, self.source.records(indices))]
-    rows = self._rows(examples)
-    batches = [rows[j:j + c.rows] for j in range(0, len(rows), c.rows)]
-    shuffle = np.random.default_rng([c.seed, epoch, w, 1]).permutation(len(batches))
-    batches = [batches[i] for i in shuffle]
-    self._window = ((epoch, w), batches)
-    return batches
-
-  def _rows(self, examples: list[Sample]) -> list[Row]:
-    """The window's rows: one sample each in length order, or packed (train/rows.py)."""
-    c, lengths = self.cfg, [len(e.ids) for _, e, _ in examples]
-    if c.samples_per_row == 1:
-      return [[examples[i]] for i in np.argsort(lengths, kind='stable')]
-    n_rows = len(examples) // c.samples_per_row
-    placed, left = first_fit(lengths, [len(e.images) for _, e, _ in examples], n_rows, c.seq_buckets[-1],
-                             c.image_slots)
-    rows = [[examples[i] for i in row] for row in placed]
-    for j, i in enumerate(left):  # reported by the process owning the row, placed nowhere
-      rows[j % n_rows].append((examples[i][0], None, examples[i][2] or (
-          f'{lengths[i]} tokens find no room in the {n_rows} rows of {c.seq_buckets[-1]} tokens of their '
-          f'window (samples_per_row={c.samples_per_row} is too many for these samples: lower it)')))
-    return rows
-
-  def _encode(self, record: Any) -> tuple[Example, str]:
-    """(the example, '') or (a blank, why the record cannot be used); every process decides alike."""
-    tok, max_len = self.encoder.tok, self.cfg.seq_buckets[-1]
-    try:
-      ex = self.encoder(record)
-    except (ValueError, TypeError, KeyError) as e:
-      return self._blank(), str(e)
-    if len(ex.ids) > max_len and self.cfg.on_overlong != 'truncate':
-      return self._blank(), f'{len(ex.ids)} tokens, over the longest bucket ({max_len}) (on_overlong=' \
-                            f'{self.cfg.on_overlong})'
-    cut = truncate(ex, max_len, tok.img_start_id, tok.img_end_id)
-    if not cut.target[1:].any():
-      return self._blank(), 'no token to train on' + (' after truncation' if cut.truncated else '')
-    return cut, ''
-
-  def _blank(self) -> Example:
-    return Example(np.asarray([self.encoder.tok.eod_id], np.int32), np.zeros(1, bool), ())
-
-  def _collate(self, k: int, rows: list[Row]) -> dict[str, Any]:
-    c = self.cfg
-    placed = [[(i, ex, reason) for i, ex, reason in row if ex is not None] for row in rows]
-    longest = max(sum(len(ex.ids) for _, ex, _ in row) for row in placed)
-    t = next(b for b in c.seq_buckets if b >= longest)
-    n = min(t, round_up(max(sum(int(ex.target[1:].sum()) for _, ex, _ in row) for row in placed),
-                        c.target_step))
-    mine = rows[self.rows]
-    batch = {
-        'input_ids': np.full((len(mine), t), self.encoder.tok.eod_id, np.int32),
-        'attention_mask': np.zeros((len(mine), t), np.int32),  # the sample of each token, from 1; 0: padding
-        'targets': np.zeros((len(mine), n), np.int32),
-        'target_mask': np.zeros((len(mine), n), np.float32),
-        'pixel_values': np.zeros((len(mine), c.image_slots, c.image_size, c.image_size, 3), np.uint8),
-    }
-    bad = []
-    for r, row in enumerate(mine):
-      at = slot = targets = 0
-      for segment, (i, ex, reason) in enumerate(row, 1):
-        if ex is not None and not reason:
-          try:
-            pixels = [resize_rgb(self.source.image(i, path), c.image_size) for path in ex.images]
-          except (ValueError, OSError) as e:
-            reason, ex = str(e), self._blank()
-          else:
-            batch['pixel_values'][r, slot:slot + len(pixels)] = pixels
-            slot += len(pixels)
-        if reason:
-          bad.append({'batch': int(k), 'record': self.source.where(i), 'reason': reason})
-        if ex is None:
-          continue
-        batch['input_ids'][r, at:at + len(ex.ids)] = ex.ids
-        batch['attention_mask'][r, at:at + len(ex.ids)] = segment
-        positions = at + np.flatnonzero(ex.target[1:])  # predicting token p+1 from position p
-        batch['targets'][r, targets:targets + len(positions)] = positions
-        batch['target_mask'][r, targets:targets + len(positions)] = 1.0
-        at, targets = at + len(ex.ids), targets + len(positions)
-    meta = {'truncated': sum(ex.truncated for row in placed for _, ex, _ in row), 'bad': bad}
-    return {'batch': batch, 'meta': json.dumps(meta)}
-
-
 def _grain():
   import grain
   from absl import flags
@@ -201,20 +94,26 @@ class Loader:
     rows = slice(process_index * cfg.rows // process_count, (process_index + 1) * cfg.rows // process_count)
     self.make = Batches(source, encoder, cfg, rows)
     self.batches_per_epoch = self.make.batches_per_epoch
-    self.records_per_epoch = self.batches_per_epoch * cfg.batch_size
+    self.records_per_epoch = self.make.records_per_epoch
     self.next_batch = 0
+    self.start = self.make.start  # of the window of next_batch, or of one before it (see state)
     self.bad = [0, 0]  # [epoch, bad records in it, all processes' rows]: every process decides alike
-    # Sums a count over the processes; iterating calls it once per batch on every process.
+    # Sums a count over the processes: a collective, called on every process every `sync_every` batches.
     self.gather: Callable[[int], int] = (lambda n: n) if process_count == 1 else sum_over_processes
+    self.sync_every = 1 if process_count == 1 else cfg.window
+    self._pending: list = [0, None]  # image failures here since the last sum, and the first of them
     self.skipped_file: str | os.PathLike | None = None  # where skipped records are appended
     self._listed: set[str] = set()  # skipped records a stopped run listed from the resumed batch on
     self.last_truncated = 0  # truncated samples in the batch `__iter__` yielded last (all processes' rows)
     self.last_skipped = 0  # bad records skipped in that batch (all processes' rows, as the metrics count them)
 
   def state(self) -> dict[str, Any]:
+    """JSON: the next batch, the start of its window or of an earlier one (a resume builds the windows
+    from there), the order's scheme, the batch before which the order of an older run applies."""
     return {'next_batch': self.next_batch, 'seed': self.cfg.seed, 'records': len(self.source),
             'batch_size': self.cfg.batch_size, 'samples_per_row': self.cfg.samples_per_row,
-            'bad': list(self.bad)}
+            'bad': list(self.bad), 'order': SCHEME, 'window': self.start.to_json(),
+            'legacy_until': self.make.legacy_until}
 
   def restore(self, state: Mapping[str, Any]) -> None:
     mine = self.state()
@@ -222,9 +121,20 @@ class Loader:
       if state.get(key, 1 if key == 'samples_per_row' else None) != mine[key]:  # 1: saved before packing
         raise ValueError(f'cannot resume the data order: the checkpoint has {key}={state.get(key)}, '
                          f'this run has {key}={mine[key]}')
-    self.next_batch = int(state['next_batch'])
+    if state.get('order', SCHEME) != SCHEME:
+      raise ValueError(f'cannot resume the data order: the checkpoint\'s order is {state["order"]!r}, this '
+                       f'version reads {SCHEME!r} and the order before it; resume with the version that '
+                       'wrote the checkpoint')
+    self.next_batch = k = int(state['next_batch'])
+    if 'order' in state:
+      start, legacy_until = Start.from_json(state['window']), int(state['legacy_until'])
+    else:  # saved before the index shuffle: its old order to the end of this epoch, the new one after
+      legacy_until = -(-k // self.batches_per_epoch) * self.batches_per_epoch
+      start = Start(legacy_until, legacy_until // self.batches_per_epoch * self.records_per_epoch)
+    self.make.begin(start, legacy_until)
+    self.start = start
     self.bad = list(state.get('bad', [0, 0]))
-    self._listed = self._listed_from(self.next_batch)
+    self._listed = self._listed_from(k)
 
   def _listed_from(self, k: int) -> set[str]:
     """The skipped.jsonl entries of batches k.. : the stopped run read them after its last checkpoint (or
@@ -264,31 +174,52 @@ class Loader:
       it.close()
 
   def _take(self, element: Mapping[str, Any], log: bool) -> Batch:
-    """The batch, or ValueError for its bad records. While iterating (`log`), the decision rests on the
-    count over all processes, so that all of them stop together (one stopping alone would leave the
+    """The batch, or ValueError for its bad records. While iterating (`log`), every process decides alike:
+    on the records found bad while building the window at their batch, on image failures where their
+    counts are summed (module doc), so that all of them stop together (one stopping alone would leave the
     others waiting in the step's collectives)."""
     meta = json.loads(element['meta'])
-    bad = meta['bad']
-    total = self.gather(len(bad)) if log else len(bad)
-    if total and self.cfg.on_bad_record == 'error':
-      where = (f'{bad[0]["record"]}: {bad[0]["reason"]}' if bad else
-               f'{total} bad record(s) in batch {self.next_batch} of other processes (their logs name them)')
-      raise ValueError(f'{where} (on_bad_record=error; on_bad_record=skip leaves such records out, listed '
-                       'in skipped.jsonl)')
-    if log:
-      self._count(bad, total)
+    bad, failed, shared = meta['bad'], meta['failed'], meta['shared']
+    error = self.cfg.on_bad_record == 'error'
+    if not log:  # this process's rows only
+      if error and (bad or failed):
+        self._stop((bad + failed)[0], 0, '')
+      self.last_truncated, self.last_skipped = meta['truncated'], len(bad) + len(failed)
+      return element['batch']
+    if meta['start'] is not None:
+      self.start = Start.from_json(meta['start'])
+    if error and shared:
+      self._stop(bad[0] if bad else None, shared, f'in batch {self.next_batch} of other processes')
+    self._log(bad + failed)
+    self._pending = [self._pending[0] + len(failed), self._pending[1] or (failed[0] if failed else None)]
+    total = shared
+    if (self.next_batch + 1) % self.sync_every == 0:
+      n, first = self.gather(self._pending[0]), self._pending[1]
+      self._pending = [0, None]
+      if error and n:
+        self._stop(first, n, f'whose images failed in batches up to {self.next_batch} on other processes')
+      total += n
+    self._count(meta['epoch'], total, bad + failed)
     self.last_truncated, self.last_skipped = meta['truncated'], total
     return element['batch']
 
-  def _count(self, bad: list[dict], total: int) -> None:
-    epoch = self.next_batch // self.batches_per_epoch
-    if self.bad[0] != epoch:
-      self.bad = [epoch, 0]
-    self.bad[1] += total
+  @staticmethod
+  def _stop(first: dict | None, n: int, elsewhere: str) -> None:
+    where = f'{first["record"]}: {first["reason"]}' if first else \
+        f'{n} bad record(s) {elsewhere} (their logs name them)'
+    raise ValueError(f'{where} (on_bad_record=error; on_bad_record=skip leaves such records out, listed '
+                     'in skipped.jsonl)')
+
+  def _log(self, bad: list[dict]) -> None:
     new = [b for b in bad if json.dumps(b, sort_keys=True) not in self._listed]
     if new and self.skipped_file:
       with open(self.skipped_file, 'a', encoding='utf-8') as f:
         f.writelines(json.dumps(b) + '\n' for b in new)
+
+  def _count(self, epoch: int, n: int, bad: list[dict]) -> None:
+    if self.bad[0] != epoch:
+      self.bad = [epoch, 0]
+    self.bad[1] += n
     if self.bad[1] > self.cfg.max_bad_fraction * self.records_per_epoch:
       last = f' (last here: {bad[-1]["record"]}: {bad[-1]["reason"]})' if bad else ''
       raise ValueError(f'{self.bad[1]} bad records in epoch {epoch} of {self.source.name}, over '

@@ -72,6 +72,7 @@ class Plan:
     return {'mesh': dict(s.sizes), 'rules': s.rules, 'stage': s.cfg.stage, 'batch': s.cfg.batch_size,
             'seq': s.seq, 'grad_accum': s.cfg.grad_accum, 'dtype': s.cfg.dtype, 'remat': s.cfg.remat,
             'lora': s.cfg.lora, 'weights': s.weights, 'images': s.cfg.max_images, 'image_size': s.cfg.image_size,
+            'samples_per_row': s.cfg.samples_per_row,
             'total_params': self.total_params, 'trainable_params': self.trainable_params,
             'peak_phase': self.phase, 'plan': {**self.state, **self.transient},
             'plan_bytes_per_device': self.total}
@@ -85,12 +86,16 @@ def _check_count(name: str, value: Any, least: int) -> None:
 def make_setup(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: int = 2,
                batch: int | None = None, seq: int | None = None, grad_accum: int = 1, dtype: str = 'bfloat16',
                remat: str = 'none', lora: bool = False, rules: str | None = None, images: int | None = None,
-               image_size: int | None = None, devices: int | None = None, weights: str = 'float') -> Setup:
+               image_size: int | None = None, devices: int | None = None, weights: str = 'float',
+               samples_per_row: int = 1) -> Setup:
   """The run to plan. The stage's packaged config (train/configs) gives the defaults the trainer uses (image
-  size: 224 in stage 1, else 448; images per row); `batch` (None) is one row per batch shard and micro-batch,
-  `seq` the model's seq_length. Given values must be positive: a 0 is refused, never taken for a default."""
+  size: 224 in stage 1, else 448; images per sample); `batch` (None) is one row per batch shard and
+  micro-batch, `seq` the model's seq_length (a row's length), `samples_per_row` the samples packed into a
+  row (the trainer's sequence packing: batch / samples_per_row rows, samples_per_row x images image slots
+  each). Given values must be positive: a 0 is refused, never taken for a default."""
   for name, value, least in (('batch', batch, 1), ('seq', seq, 1), ('devices', devices, 1),
-                             ('images', images, 0), ('grad_accum', grad_accum, 1)):
+                             ('images', images, 0), ('grad_accum', grad_accum, 1),
+                             ('samples_per_row', samples_per_row, 1)):
     if value is not None:
       _check_count(name, value, least)
   if stage not in STAGES:
@@ -114,10 +119,11 @@ def make_setup(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: in
     raise ValueError(f'{e} (plan for another device count with --devices)') from None
   rules = sh.default_rules(sizes) if rules is None else rules
   sh.get_rules(rules)
-  batch = sizes['data'] * sizes['fsdp'] * grad_accum if batch is None else batch
+  batch = sizes['data'] * sizes['fsdp'] * grad_accum * samples_per_row if batch is None else batch
   seq = config.text.seq_length if seq is None else seq
   overrides = dict(batch_size=batch, grad_accum=grad_accum, dtype=as_dtype(dtype).name, remat=remat,
-                   lora=lora, seq_buckets=[seq], target_step=1, weights=weights)
+                   lora=lora, seq_buckets=[seq], target_step=1, weights=weights,
+                   samples_per_row=samples_per_row)
   if images is not None:
     overrides['max_images'] = images
   if image_size is not None:
@@ -131,8 +137,9 @@ def make_setup(config: QwenVLConfig, mesh: str | Mapping[str, int], *, stage: in
 
 def abstract_state(setup: Setup) -> tuple[Any, Any]:
   """(TrainState of ShapeDtypeStructs, trainable mask of the optimiser's tree) as the trainer builds them."""
-  # Batch, sequence and remat shape the step, not the state: plans that differ only there share one.
-  return _abstract_state(setup.cfg.replace(batch_size=1, grad_accum=1, seq_buckets=(2,), remat='none'),
+  # Batch, sequence, packing and remat shape the step, not the state: plans that differ only there share one.
+  return _abstract_state(setup.cfg.replace(batch_size=1, grad_accum=1, seq_buckets=(2,), remat='none',
+                                           samples_per_row=1),
                          setup.model_config.replace(remat='none'))
 
 
@@ -240,8 +247,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--stage', type=int, default=2, choices=sorted(STAGES),
                       help='; '.join(f'{k}: {v}' for k, v in STAGES.items()))
   parser.add_argument('--batch', type=int, default=None,
-                      help='global batch (default: one row per batch shard and micro-batch)')
-  parser.add_argument('--seq', type=int, default=None, help='tokens per sample (default: seq_length)')
+                      help='global batch in samples (default: one row per batch shard and micro-batch)')
+  parser.add_argument('--seq', type=int, default=None, help='tokens per row (default: seq_length)')
+  parser.add_argument('--samples-per-row', type=int, default=1,
+                      help="samples packed into each row (the trainer's samples_per_row): batch / this "
+                           'rows of --seq tokens, this many times --images image slots each')
   parser.add_argument('--grad-accum', type=int, default=1,
                       help='micro-batches per step (the trainer\'s grad_accum); activations are one\'s')
   parser.add_argument('--dtype', default='bfloat16', help='compute dtype (the trainer\'s dtype)')
@@ -279,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(config, args.mesh, stage=args.stage, batch=args.batch, seq=args.seq,
                      grad_accum=args.grad_accum, dtype=args.dtype, remat=args.remat, lora=args.lora,
                      rules=args.rules, images=args.images, image_size=args.image_size,
-                     devices=_devices(args), weights=args.weights)
+                     devices=_devices(args), weights=args.weights, samples_per_row=args.samples_per_row)
     xla = None
     if args.compile:
       from train.plan_xla import compile_step
