@@ -36,7 +36,7 @@ def dequantized_rows(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, quant
               checkpoint.entries[name].nbytes for name, rule in rules(config).items())
 
   def rows() -> Iterator[tuple[TensorEntry, Rows]]:
-    for entry, array in dequantized(checkpoint.tensors(), config, quantized, np.float32):
+    for entry, array in dequantized(checkpoint, config, quantized, np.float32):
       yield entry, source.ArrayRows(array)
   return rows(), total
 

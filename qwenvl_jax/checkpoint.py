@@ -188,9 +188,9 @@ def _read_int4(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, quantized: 
   quantized kernels dequantized into `dtype` or kept packed (`config` the packed one)."""
   gptq_checkpoint.check_int4(checkpoint, config, quantized)
   if keep_packed:
-    tensors = gptq_checkpoint.packed_tensors(checkpoint.tensors(), config, quantized)
+    tensors = gptq_checkpoint.packed_tensors(checkpoint, config, quantized)
   else:
-    tensors = gptq_checkpoint.dequantized(checkpoint.tensors(), config, quantized)
+    tensors = gptq_checkpoint.dequantized(checkpoint, config, quantized)
   return released_slices.read_onto(tensors, config, placement, dtype, quantize)
 
 
