@@ -195,7 +195,32 @@ def int4_tensors(params: Mapping, config: QwenVLConfig, gcfg: GptqConfig, dtype=
       rule = layers[layer]
       kernel = {k: np.asarray(leaf(p, 'packed')[rule.layer])
                 for k, p in zip((Q, SCALE), quantized_paths(rule.path))}
-      unpacked = from_kernel(rule, kernel)
       bias = hf(table[layer + '.bias']).astype(PART_FLOAT) if layer + '.bias' in table else None
-      parts = pack(unpacked[Q], unpacked[SCALE].astype(PART_FLOAT, copy=False), bias)
+      parts = _pack(from_kernel(rule, kernel), bias)
     yield name, parts[part]
+
+
+def _pack(unpacked: Mapping[str, np.ndarray], bias: np.ndarray | None) -> dict[str, np.ndarray]:
+  """A layer's stored parts: scales and bias float16 as the layout keeps them."""
+  return pack(unpacked[Q], unpacked[SCALE].astype(PART_FLOAT, copy=False), bias)
+
+
+def repacked_tensors(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, gcfg: GptqConfig, dtype=np.float16
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+  """The checkpoint's tensors (checked) as `int4_tensors` writes them from its packed load in `dtype`
+  (`load_pretrained(..., dtype, keep_packed=True)`): the same values, read and written on the host a layer
+  at a time, never a whole tree. Float tensors cast to `dtype`; each layer unpacked (every part checked)
+  and packed again; c_attn's bias through `dtype` (as the load holds it) into float16."""
+  layers = quantized_rules(config)
+  bias = None
+  for item in _layers(checkpoint, config, gcfg):
+    if len(item) == 3:
+      _, rule, unpacked = item
+      layer = rule.hf_name[:-len('.weight')]
+      packed = _pack(unpacked, bias)
+      yield from ((f'{layer}.{p}', packed[p]) for p in PARTS)
+      bias = None
+    elif _split(item[0].name, layers) is not None:  # c_attn's bias, a float tensor and a part of its layer
+      bias = item[1].astype(dtype).astype(PART_FLOAT)
+    else:
+      yield item[0].name, item[1].astype(dtype)
