@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     run = json.loads(out.strip().splitlines()[-1])
     print(json.dumps({'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'layers': args.layers,
                       'mode': args.mode, 'stored_gb': stored / 1e9, 'load_s': round(run['seconds'], 2),
-                      'host_grown_gb': round(run['grown'] / 1e9, 3), 'params_gb': round(run['params'] / 1e9, 3),
+                      'host_grown_gb': round(run['grown'] / 1e9, 3),
+                      'params_gb': round(run['params'] / 1e9, 3),
                       'load_avg': os.getloadavg()[0]}, indent=2))
   finally:
     shutil.rmtree(work, ignore_errors=True)

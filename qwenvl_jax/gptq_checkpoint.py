@@ -90,9 +90,9 @@ def _layers(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, gcfg: GptqConf
 
 def dequantized(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, gcfg: GptqConfig,
                 dtype=np.float32) -> Iterator[tuple[TensorEntry, np.ndarray]]:
-  """The float model's (entry, array) pairs of the checkpoint (names checked), each quantized weight dequantized into `dtype` as torch
-  stores it ([out, in]; its entry names the weight and has no `start`), for `released_slices.read_onto`
-  or the converter."""
+  """The float model's (entry, array) pairs of the checkpoint (names checked), each quantized weight
+  dequantized into `dtype` as torch stores it ([out, in]; its entry names the weight and has no `start`),
+  for `released_slices.read_onto` or the converter."""
   for item in _layers(checkpoint, config, gcfg):
     if len(item) == 2:
       yield item

@@ -103,7 +103,8 @@ class QuantizedKernel:
       parts = [q for q, _ in self._of({i: index[i] for i in self.outputs}, devices)]
       cut = tuple(slice(None) if i in self.outputs else s for i, s in enumerate(index))
     else:
-      parts = [s for _, s in self._of({d: s for d, s in zip(self.scale_dims, index) if d is not None}, devices)]
+      ranges = {d: s for d, s in zip(self.scale_dims, index) if d is not None}
+      parts = [s for _, s in self._of(ranges, devices)]
       cut = tuple(s if d is None else slice(None) for d, s in zip(self.scale_dims, index))
     whole = all(c == slice(None) or c.indices(n) == (0, n, 1) for c, n in zip(cut, parts[0].shape))
     return parts if whole else [p[cut] for p in parts]

@@ -10,8 +10,9 @@ last layer), so the host holds at most its devices' share of the parameters plus
 tensor; on the CPU the devices adopt those buffers without a copy.
 
 With `config.weights` int8 or int4 the decoder's kernels are quantized on the way (`quant_blocks`): each
-kernel leaf becomes its `q` and `scale`, their blocks quantized from the float tensor's rows, so the host
-holds its devices' share of the quantized base plus one float tensor, never the float base.
+kernel leaf becomes its `q` and `scale`, their blocks quantized from the float tensor's rows on the devices
+that hold them and assembled there, so the host holds one float tensor's rows, never the float base. A
+block that several of this process's devices hold is read once and copied to each.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from qwenvl_jax import param_layout
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.orbax_leaves import aligned_empty, to_device
 from qwenvl_jax.params import Path, Rule, rules, set_path
-from qwenvl_jax.quant_blocks import QUANTIZED_NAMES, Quantize, QuantizedKernel, QuantizedView, put_along, quantized_paths
+from qwenvl_jax.quant_blocks import (QUANTIZED_NAMES, Quantize, QuantizedKernel, QuantizedView, put_along,
+                                     quantized_paths)
 
 
 class _Leaf:
@@ -113,8 +115,10 @@ def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.shardi
   quantized = config.weights != 'float'
   shapes = param_layout.leaf_shapes(config) if quantized else {}
   # one compiled quantizer per block shape (and layout), run on the devices that hold the block
-  bound: Quantize | None = (jax.jit(functools.partial(quantize, mode=config.weights, group_size=config.group_size),
-                                    static_argnums=1) if quantized and quantize is not None else None)
+  bound: Quantize | None = None
+  if quantized and quantize is not None:
+    bound = jax.jit(functools.partial(quantize, mode=config.weights, group_size=config.group_size),
+                    static_argnums=1)
   leaves: dict[Path, _Leaf] = {}
   params: dict = {}
   for entry, array in tensors:

@@ -102,6 +102,7 @@ def test_a_shard_stored_by_dtype_is_read_a_layer_at_a_time(tmp_path):
   out = subprocess.run([sys.executable, '-c', READ_PEAK, str(root)], cwd=ROOT, check=True,
                        capture_output=True, text=True).stdout
   grown = json.loads(out.strip().splitlines()[-1])['grown']
-  print(f'int32 parts {ints / 1e9:.2f} GB, a layer {layer / 1e9:.2f} GB, reader peak growth {grown / 1e9:.2f} GB')
+  print(f'int32 parts {ints / 1e9:.2f} GB, a layer {layer / 1e9:.2f} GB, '
+        f'reader peak growth {grown / 1e9:.2f} GB')
   # measured: 0.18 GB of a 0.82 GB shard of int32 parts (reading in file order held them all: 0.94 GB)
   assert grown < 4 * layer and grown < ints / 2, (grown, layer, ints)
