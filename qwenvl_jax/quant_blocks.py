@@ -88,8 +88,9 @@ class QuantizedKernel:
           q, scale = self.quantize(jax.device_put(w, d), self.path)
           if hi - lo < extent[first]:  # one of several blocks of rows: into the whole on its device
             if lo == 0:
-              done[d] = (_zeros(tuple(extent), q.dtype, d),
-                         _zeros(scale.shape[:at] + (extent[first],) + scale.shape[at + 1:], scale.dtype, d))
+              whole_scale = scale.shape[:at] + (extent[first],) + scale.shape[at + 1:]
+              done[d] = (jax.numpy.zeros(tuple(extent), q.dtype, device=d),
+                         jax.numpy.zeros(whole_scale, scale.dtype, device=d))
             q = put_along(done[d][0], q, first, lo)
             scale = put_along(done[d][1], scale, at, lo)
           done[d] = (q, scale)
@@ -118,10 +119,6 @@ class QuantizedView:
 
   def blocks(self, index: tuple[slice, ...], devices: list) -> list[jax.Array]:
     return self.kernel.blocks(self.leaf, index, devices)
-
-
-def _zeros(shape: tuple[int, ...], dtype, device) -> jax.Array:
-  return jax.numpy.zeros(shape, dtype, device=device)
 
 
 @functools.partial(jax.jit, static_argnums=2, donate_argnums=0)
