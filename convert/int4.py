@@ -13,10 +13,11 @@ import numpy as np
 from convert import hf, source
 from convert.direct_io import Rows
 from convert.paths import atomic_directory
-from qwenvl_jax.checkpoint import FORMAT_VERSION, ReleasedCheckpoint, TensorEntry, load_pretrained
+from qwenvl_jax.checkpoint import FORMAT_VERSION, ReleasedCheckpoint, TensorEntry
 from qwenvl_jax.config import QwenVLConfig, as_dtype
 from qwenvl_jax.gptq import GptqConfig, read_config
-from qwenvl_jax.gptq_checkpoint import check_int4, dequantized, int4_specs, int4_tensors, quantized_rules
+from qwenvl_jax.gptq_checkpoint import (check_int4, dequantized, int4_specs, int4_tensors, packed_config,
+                                        quantized_rules, repacked_tensors)
 from qwenvl_jax.jsonfile import read_object
 from qwenvl_jax.layout import EXPORT_MARKER, Kind, describe_directory, wrong_kind
 from qwenvl_jax.params import rules
@@ -36,7 +37,7 @@ def dequantized_rows(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, quant
               checkpoint.entries[name].nbytes for name, rule in rules(config).items())
 
   def rows() -> Iterator[tuple[TensorEntry, Rows]]:
-    for entry, array in dequantized(checkpoint.tensors(), config, quantized, np.float32):
+    for entry, array in dequantized(checkpoint, config, quantized, np.float32):
       yield entry, source.ArrayRows(array)
   return rows(), total
 
@@ -58,12 +59,19 @@ def export_int4(params: Mapping, config: QwenVLConfig, dst: str | os.PathLike,
   float16; exact from a float32 tree loaded from float16). `src`: the checkpoint the params came from, if
   any: its config.json keys are kept, its generation config and vocabulary copied, and DST may not overlap
   it. One layer is packed at a time; DST appears only once complete."""
-  dst, src = pathlib.Path(dst), None if src is None else pathlib.Path(src)
   dtype = np.dtype(as_dtype(dtype))
+  tensors = (array for _, array in int4_tensors(params, config, quantized, dtype))
+  return _write_int4(tensors, config, dst, quantized, dtype, shard_size, src, overwrite)
+
+
+def _write_int4(tensors: Iterator[np.ndarray], config: QwenVLConfig, dst: str | os.PathLike,
+                quantized: GptqConfig, dtype: np.dtype, shard_size: int, src: str | os.PathLike | None,
+                overwrite: bool) -> pathlib.Path:
+  """`export_int4` of `tensors`, every tensor of the layout in `int4_specs` order."""
+  dst, src = pathlib.Path(dst), None if src is None else pathlib.Path(src)
   specs = [hf.TensorSpec(name, d, shape) for name, d, shape in int4_specs(config, quantized, dtype)]
   saved = {} if src is None else read_object(src / 'config.json')
   with atomic_directory(src, dst, overwrite) as tmp:
-    tensors = (array for _, array in int4_tensors(params, config, quantized, dtype))
     hf.write_released(tmp, specs, tensors, shard_size)
     merged = _config_json(config, quantized, dtype, saved)
     (tmp / 'config.json').write_text(json.dumps(merged, indent=2) + '\n')
@@ -80,7 +88,8 @@ def rewrite_int4(src: str | os.PathLike, dst: str | os.PathLike, dtype=None,
                  shard_size: int = hf.DEFAULT_SHARD_SIZE, overwrite: bool = False) -> pathlib.Path:
   """`qwenvl-convert SRC DST --to-int4`: an Int4 checkpoint read through the packed form (every tensor
   checked) and written again in the Int4 layout, sharded by `shard_size`; float tensors in `dtype`
-  (default float16, the release's). Holds the model once, packed (int8 q) on this process's device."""
+  (default float16, the release's). Streamed from host to host a layer at a time (no device, never the
+  whole model): the bytes `export_int4` writes of the checkpoint's packed load in `dtype`."""
   src = pathlib.Path(src)
   found = describe_directory(src)
   if found.kind not in (Kind.RELEASED, Kind.EXPORTED):
@@ -89,6 +98,10 @@ def rewrite_int4(src: str | os.PathLike, dst: str | os.PathLike, dtype=None,
   if quantized is None:
     raise ValueError(f'{src}: --to-int4 rewrites a GPTQ Int4 checkpoint, and config.json has no '
                      'quantization_config (a float checkpoint has no packed weights to write)')
-  dtype = dtype or 'float16'
-  model, params = load_pretrained(src, dtype=dtype, keep_packed=True)
-  return export_int4(params, model.config, dst, quantized, dtype, shard_size, src, overwrite)
+  dtype = np.dtype(as_dtype(dtype or 'float16'))
+  # the config a packed load in `dtype` comes with: config.json is written from it
+  config = packed_config(QwenVLConfig.from_json(src, param_dtype=dtype.name), quantized)
+  checkpoint = ReleasedCheckpoint(src)
+  check_int4(checkpoint, config, quantized)
+  tensors = (array for _, array in repacked_tensors(checkpoint, config, quantized, dtype))
+  return _write_int4(tensors, config, dst, quantized, dtype, shard_size, src, overwrite)

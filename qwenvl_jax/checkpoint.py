@@ -87,12 +87,12 @@ def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, sh
   `shardings`: one Sharding for every leaf, or a tree of them matching params (default: this process's
   first device). On one device each leaf is read block by block into its final host buffer and moved there
   (on the CPU the device array adopts that buffer), so the host's peak is the parameters plus one block,
-  where Orbax's restore peaks at twice the parameters. Over several devices Orbax restores, reading only
-  the slices this process's devices hold, so no host materialises the full model.
+  where Orbax's restore peaks at twice the parameters. Over several devices each host reads only the
+  slices its devices hold, each once however many of its devices hold it (`_read_converted`), so no host
+  materialises the full model nor reads a replicated block once per device.
   `split_layers` (one device only): the decoder's layers come one subtree per layer ('layers_0'..), each
   read on its own from the stacked leaves (the form of `config.scan_layers=False`; see `param_layout`).
   """
-  import orbax.checkpoint as ocp
   root = pathlib.Path(path)
   info = read_marker(root)
   reader = orbax_leaves.LeafReader(root / PARAMS_DIR)
@@ -114,9 +114,7 @@ def restore_params(path: str | os.PathLike, config: QwenVLConfig, dtype=None, sh
     return params
   if split_layers:
     raise ValueError('split_layers needs every leaf on one device')
-  for p, m in meta.items():
-    set_path(params, p, jax.ShapeDtypeStruct(m.shape, target_dtype, sharding=placement[p]))
-  return ocp.StandardCheckpointer().restore(root / PARAMS_DIR, params)
+  return _read_converted(reader, config, target_dtype, placement)
 
 
 def load_pretrained(path: str | os.PathLike, dtype=None, shardings=None, split_layers: bool = False,
@@ -190,23 +188,30 @@ def _read_int4(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, quantized: 
   quantized kernels dequantized into `dtype` or kept packed (`config` the packed one)."""
   gptq_checkpoint.check_int4(checkpoint, config, quantized)
   if keep_packed:
-    tensors = gptq_checkpoint.packed_tensors(checkpoint.tensors(), config, quantized)
+    tensors = gptq_checkpoint.packed_tensors(checkpoint, config, quantized)
   else:
-    tensors = gptq_checkpoint.dequantized(checkpoint.tensors(), config, quantized)
+    tensors = gptq_checkpoint.dequantized(checkpoint, config, quantized)
   return released_slices.read_onto(tensors, config, placement, dtype, quantize)
 
 
 def _restore_quantized(root: pathlib.Path, config: QwenVLConfig, dtype, shardings, quantize) -> dict:
   """A converted directory's float params quantized to `config.weights` as they are read onto
-  `shardings` (`released_slices.read_onto` over its leaves, a stacked leaf one layer at a time): each
-  process reads only the float rows its devices' blocks need."""
+  `shardings` (`_read_converted`)."""
   reader = orbax_leaves.LeafReader(root / PARAMS_DIR)
-  meta = reader.metadata
-  check_leaves({p: m.shape for p, m in meta.items()}, config.replace(weights='float'), f'{root / PARAMS_DIR}')
+  check_leaves({p: m.shape for p, m in reader.metadata.items()}, config.replace(weights='float'),
+               f'{root / PARAMS_DIR}')
   placement = _sharding_tree(shardings, list(param_layout.leaf_shapes(config)))
+  return _read_converted(reader, config, dtype, placement, quantize)
+
+
+def _read_converted(reader: orbax_leaves.LeafReader, config: QwenVLConfig, dtype,
+                    placement: dict[Path, jax.sharding.Sharding], quantize=None) -> dict:
+  """The leaves of a converted directory (checked) onto `placement` (`released_slices.read_onto` over
+  them, a stacked leaf one layer at a time, its kernels quantized if `config.weights` says so): each
+  process reads only the rows its devices' blocks need, a block held by several of them once."""
   layers = {r.path: r.num_layers for r in params_rules(config).values() if r.layer is not None}
   table, tensors = {}, []
-  for p, m in meta.items():
+  for p, m in reader.metadata.items():
     shape = tuple(m.shape)
     for i in range(layers[p]) if p in layers else [None]:
       name = '/'.join(p) if i is None else f'{"/".join(p)}[{i}]'

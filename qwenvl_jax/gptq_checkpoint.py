@@ -1,16 +1,17 @@
 """Reading the released Int4 checkpoint (`gptq`'s layout) through the float model's name mapping.
 
 The Int4 names follow from the float ones: each quantized `transformer.h.N.P.weight` is replaced by
-`P.qweight`, `P.qzeros`, `P.scales`, `P.g_idx` and `P.bias` (c_attn's bias is the float model's own). A
-quantized layer is unpacked once all its parts have been read, each copied out of its memory-mapped shard
-as it comes (`ReleasedCheckpoint.tensors` lets the pages go), so the host holds the packed parts of the
-layers not yet complete: one layer where, as in the release, a layer's parts are stored together.
+`P.qweight`, `P.qzeros`, `P.scales`, `P.g_idx` and `P.bias` (c_attn's bias is the float model's own). The
+tensors are read in `int4_names` order, a layer's parts one after another wherever the shards keep them
+(safetensors stores a shard's tensors by dtype, then name: every int32 part of its layers before the first
+float16 scale), each copied out of its memory-mapped shard as it comes (`ReleasedCheckpoint.tensors` lets
+the pages go) and unpacked with its layer's last part: the host holds one layer's packed parts at a time.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -63,13 +64,14 @@ def _split(name: str, layers: Mapping[str, Rule]) -> tuple[str, str] | None:
   return (layer, part) if layer in layers and part in PARTS else None
 
 
-def _layers(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLConfig, gcfg: GptqConfig,
+def _layers(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, gcfg: GptqConfig,
             ) -> Iterator[tuple[TensorEntry, np.ndarray] | tuple[TensorEntry, Rule, dict[str, np.ndarray]]]:
-  """The float tensors as they come (entry, array), and each quantized layer once complete, as (the entry
-  of its last part, its weight's float rule, `unpack`ed {'q', 'scale'} [in, out])."""
+  """The checkpoint's float tensors as they come (entry, array), and each quantized layer once complete,
+  as (the entry of its last part, its weight's float rule, `unpack`ed {'q', 'scale'} [in, out]); read in
+  `int4_names` order."""
   layers, float_names = quantized_rules(config), rules(config)
   pending: dict[str, dict[str, np.ndarray]] = {}
-  for entry, array in tensors:
+  for entry, array in checkpoint.tensors(int4_names(config)):
     split = _split(entry.name, layers)
     if split is None:
       yield entry, array
@@ -82,16 +84,16 @@ def _layers(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLCon
       yield entry, array
     if len(parts) == len(PARTS):
       yield entry, layers[layer], unpack(layer, pending.pop(layer), gcfg)
-  if pending:  # names were checked: unreachable unless a tensor is listed twice
+  if pending:  # names were checked: unreachable
     raise ValueError(f'quantized layers left incomplete: {sorted(pending)}')
 
 
-def dequantized(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLConfig, gcfg: GptqConfig,
+def dequantized(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, gcfg: GptqConfig,
                 dtype=np.float32) -> Iterator[tuple[TensorEntry, np.ndarray]]:
-  """The float model's (entry, array) pairs, each quantized weight dequantized into `dtype` as torch
-  stores it ([out, in]; its entry names the weight and has no `start`), for `released_slices.read_onto`
-  or the converter."""
-  for item in _layers(tensors, config, gcfg):
+  """The float model's (entry, array) pairs of the checkpoint (names checked), each quantized weight
+  dequantized into `dtype` as torch stores it ([out, in]; its entry names the weight and has no `start`),
+  for `released_slices.read_onto` or the converter."""
+  for item in _layers(checkpoint, config, gcfg):
     if len(item) == 2:
       yield item
       continue
@@ -128,11 +130,12 @@ def packed_config(config: QwenVLConfig, gcfg: GptqConfig) -> QwenVLConfig:
   return config.replace(weights='int4', group_size=gcfg.group_size, quantized_roots=('decoder',))
 
 
-def packed_tensors(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: QwenVLConfig, gcfg: GptqConfig
+def packed_tensors(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, gcfg: GptqConfig
                    ) -> Iterator[tuple[TensorEntry | Named, np.ndarray | dict[str, np.ndarray]]]:
-  """The tensors for `released_slices.read_onto`: the float ones as they come, each quantized layer once
-  complete as (an entry named as its float weight, {'q', 'scale'} of one layer in the kernel's layout)."""
-  for item in _layers(tensors, config, gcfg):
+  """The checkpoint's tensors (names checked) for `released_slices.read_onto`: the float ones as they come,
+  each quantized layer once complete as (an entry named as its float weight, {'q', 'scale'} of one layer
+  in the kernel's layout)."""
+  for item in _layers(checkpoint, config, gcfg):
     if len(item) == 2:
       yield item
       continue
@@ -140,8 +143,9 @@ def packed_tensors(tensors: Iterable[tuple[TensorEntry, np.ndarray]], config: Qw
     yield Named(rule.hf_name), to_kernel(rule, packed)
 
 
-def _int4_order(config: QwenVLConfig) -> Iterator[str]:
-  """The Int4 names in `rules` order, a quantized layer's parts (PARTS order) where its weight is."""
+def int4_names(config: QwenVLConfig) -> Iterator[str]:
+  """The Int4 names in `rules` order, a quantized layer's parts (PARTS order) where its weight is: the
+  order the layout is read (`ReleasedCheckpoint.tensors(int4_names(config))`) and written in."""
   layers = quantized_rules(config)
   for name in rules(config):
     layer, _, last = name.rpartition('.')
@@ -159,7 +163,7 @@ def int4_specs(config: QwenVLConfig, gcfg: GptqConfig, dtype=np.float16) -> list
   def kind(name: str) -> np.dtype:
     part = (_split(name, layers) or ('', ''))[1]
     return np.dtype(np.int32 if part in INT_PARTS else PART_FLOAT if part else dtype)
-  return [(n, kind(n), shapes[n]) for n in _int4_order(config)]
+  return [(n, kind(n), shapes[n]) for n in int4_names(config)]
 
 
 def int4_tensors(params: Mapping, config: QwenVLConfig, gcfg: GptqConfig, dtype=np.float16
@@ -181,7 +185,7 @@ def int4_tensors(params: Mapping, config: QwenVLConfig, gcfg: GptqConfig, dtype=
     return rule.to_hf(np.asarray(a if rule.layer is None else a[rule.layer])).astype(dtype, copy=False)
 
   parts: dict[str, np.ndarray] = {}
-  for name in _int4_order(config):
+  for name in int4_names(config):
     split = _split(name, layers)
     if split is None:
       yield name, hf(table[name])
@@ -191,7 +195,32 @@ def int4_tensors(params: Mapping, config: QwenVLConfig, gcfg: GptqConfig, dtype=
       rule = layers[layer]
       kernel = {k: np.asarray(leaf(p, 'packed')[rule.layer])
                 for k, p in zip((Q, SCALE), quantized_paths(rule.path))}
-      unpacked = from_kernel(rule, kernel)
       bias = hf(table[layer + '.bias']).astype(PART_FLOAT) if layer + '.bias' in table else None
-      parts = pack(unpacked[Q], unpacked[SCALE].astype(PART_FLOAT, copy=False), bias)
+      parts = _pack(from_kernel(rule, kernel), bias)
     yield name, parts[part]
+
+
+def _pack(unpacked: Mapping[str, np.ndarray], bias: np.ndarray | None) -> dict[str, np.ndarray]:
+  """A layer's stored parts: scales and bias float16 as the layout keeps them."""
+  return pack(unpacked[Q], unpacked[SCALE].astype(PART_FLOAT, copy=False), bias)
+
+
+def repacked_tensors(checkpoint: ReleasedCheckpoint, config: QwenVLConfig, gcfg: GptqConfig, dtype=np.float16
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+  """The checkpoint's tensors (checked) as `int4_tensors` writes them from its packed load in `dtype`
+  (`load_pretrained(..., dtype, keep_packed=True)`): the same values, read and written on the host a layer
+  at a time, never a whole tree. Float tensors cast to `dtype`; each layer unpacked (every part checked)
+  and packed again; c_attn's bias through `dtype` (as the load holds it) into float16."""
+  layers = quantized_rules(config)
+  bias = None
+  for item in _layers(checkpoint, config, gcfg):
+    if len(item) == 3:
+      _, rule, unpacked = item
+      layer = rule.hf_name[:-len('.weight')]
+      packed = _pack(unpacked, bias)
+      yield from ((f'{layer}.{p}', packed[p]) for p in PARTS)
+      bias = None
+    elif _split(item[0].name, layers) is not None:  # c_attn's bias, a float tensor and a part of its layer
+      bias = item[1].astype(dtype).astype(PART_FLOAT)
+    else:
+      yield item[0].name, item[1].astype(dtype)

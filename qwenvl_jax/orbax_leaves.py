@@ -98,11 +98,11 @@ def read_leaf(reader: LeafReader, path: Path, dtype, index: Index = ()) -> np.nd
   for start in range(0, shape[0], step):
     block = slice(start, min(start + step, shape[0]))
     out[block] = reader.read(path, (*index, block))
-    _release_freed_memory()
+    release_freed_memory()
   return out
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
   """Returns the heap pages TensorStore's reader threads freed to the system: glibc keeps them in each
   thread's arena otherwise, and over a whole checkpoint they add up to ~30% of the parameters."""
   if _libc is not None:

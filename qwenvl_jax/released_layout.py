@@ -196,28 +196,33 @@ class ReleasedCheckpoint:
   def dtypes(self) -> set[np.dtype]:
     return {e.dtype for e in self.entries.values()}
 
-  def tensors(self) -> Iterator[tuple[TensorEntry, np.ndarray]]:
-    """Every tensor as a read-only memory-mapped array, shard by shard in the order of its data.
+  def tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+    """Every tensor as a read-only memory-mapped array, shard by shard in the order of its data, or those
+    of `names` in that order (the shards read at random: a safetensors shard stores its tensors by dtype
+    and name, not as a model uses them).
 
     The kernel reads the next tensor ahead; once the caller asks for the next one, the previous one's
     pages leave this process's memory (the array stays valid: touching it again re-reads the file), so
     about one tensor is resident whatever the shard size (for callers that use each array before asking
     for the next).
     """
-    for file, entries in self.shards.items():
-      if self.kind == 'bin':
-        state = _torch_load(file)
-        for e in entries:
-          yield e, _torch_to_numpy(state.pop(e.name))
-        continue
-      with open(file, 'rb') as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-      mapped.madvise(mmap.MADV_SEQUENTIAL)
-      for i, e in enumerate(entries):
-        if i + 1 < len(entries):
-          _advise(mapped, mmap.MADV_WILLNEED, entries[i + 1].start, entries[i + 1].nbytes)
-        yield e, np.frombuffer(mapped, e.dtype, math.prod(e.shape), e.start).reshape(e.shape)
-        _advise(mapped, mmap.MADV_DONTNEED, e.start, e.nbytes)
+    order = ([e for entries in self.shards.values() for e in entries] if names is None else
+             [self.entries[n] for n in names])
+    if self.kind == 'bin':
+      states = {f: _torch_load(f) for f in dict.fromkeys(e.file for e in order)}  # memory-mapped
+      for e in order:
+        yield e, _torch_to_numpy(states[e.file].pop(e.name))
+      return
+    maps = {}
+    for f in dict.fromkeys(e.file for e in order):
+      with open(f, 'rb') as file:
+        maps[f] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+      maps[f].madvise(mmap.MADV_SEQUENTIAL if names is None else mmap.MADV_NORMAL)
+    for i, e in enumerate(order):
+      if i + 1 < len(order):
+        _advise(maps[order[i + 1].file], mmap.MADV_WILLNEED, order[i + 1].start, order[i + 1].nbytes)
+      yield e, np.frombuffer(maps[e.file], e.dtype, math.prod(e.shape), e.start).reshape(e.shape)
+      _advise(maps[e.file], mmap.MADV_DONTNEED, e.start, e.nbytes)
 
 
 def _advise(mapped: mmap.mmap, advice: int, offset: int, nbytes: int) -> None:

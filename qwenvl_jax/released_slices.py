@@ -10,8 +10,9 @@ last layer), so the host holds at most its devices' share of the parameters plus
 tensor; on the CPU the devices adopt those buffers without a copy.
 
 With `config.weights` int8 or int4 the decoder's kernels are quantized on the way (`quant_blocks`): each
-kernel leaf becomes its `q` and `scale`, their blocks quantized from the float tensor's rows, so the host
-holds its devices' share of the quantized base plus one float tensor, never the float base.
+kernel leaf becomes its `q` and `scale`, their blocks quantized from the float tensor's rows on the devices
+that hold them and assembled there, so the host holds one float tensor's rows, never the float base. A
+block that several of this process's devices hold is read once and copied to each.
 """
 from __future__ import annotations
 
@@ -25,35 +26,60 @@ from qwenvl_jax import param_layout
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.orbax_leaves import aligned_empty, to_device
 from qwenvl_jax.params import Path, Rule, rules, set_path
-from qwenvl_jax.quant_blocks import QUANTIZED_NAMES, Quantize, QuantizedKernel, quantized_paths
+from qwenvl_jax.quant_blocks import (QUANTIZED_NAMES, Quantize, QuantizedKernel, QuantizedView, put_along,
+                                     quantized_paths)
 
 
 class _Leaf:
-  """The per-device blocks of one leaf being filled, and how many source tensors are still to come."""
+  """The per-device blocks of one leaf being filled, and how many source tensors are still to come. Host
+  sources are copied into one host buffer per device; quantized ones (`QuantizedView`) arrive as blocks
+  already on their devices and are assembled there."""
 
-  def __init__(self, shape: tuple[int, ...], sharding: jax.sharding.Sharding, dtype, pending: int):
-    self.shape, self.sharding, self.pending = shape, sharding, pending
-    # One buffer per device, even for replicated blocks: a device array adopts its buffer, and a donated
-    # one may be overwritten in place, so two devices must never share one.
+  def __init__(self, shape: tuple[int, ...], sharding: jax.sharding.Sharding, dtype, pending: int,
+               on_devices: bool = False):
+    self.shape, self.sharding, self.pending, self.dtype = shape, sharding, pending, np.dtype(dtype)
     self.blocks = [(device, _key(index, shape)) for device, index in
                    sharding.addressable_devices_indices_map(shape).items()]
-    self.buffers = [aligned_empty(tuple(b - a for a, b in key), dtype) for _, key in self.blocks]
+    # The devices that hold each distinct block (replicas): a block is read once, however many hold it.
+    self.holders: dict[tuple, list[int]] = {}
+    for i, (_, key) in enumerate(self.blocks):
+      self.holders.setdefault(key, []).append(i)
+    # One buffer per device, even for replicated blocks: a device array adopts its buffer, and a donated
+    # one may be overwritten in place, so two devices must never share one.
+    self.buffers = ([None] * len(self.blocks) if on_devices else
+                    [aligned_empty(tuple(b - a for a, b in key), dtype) for _, key in self.blocks])
 
-  def fill(self, rule: Rule, source: np.ndarray) -> None:
+  def fill(self, rule: Rule, source) -> None:
     """Copies the parts of `source` (one released tensor, already in the leaf's layout) that the blocks
     hold: the whole leaf, or layer `rule.layer` of a stacked one."""
-    for (_, key), block in zip(self.blocks, self.buffers):
+    for key, holders in self.holders.items():
       if rule.layer is None:
-        block[...] = source[tuple(slice(a, b) for a, b in key)]
+        index, layer = key, None
+      elif key[0][0] <= rule.layer < key[0][1]:
+        index, layer = key[1:], rule.layer - key[0][0]
+      else:
         continue
-      (first, last), rest = key[0], key[1:]
-      if first <= rule.layer < last:
-        block[rule.layer - first] = source[tuple(slice(a, b) for a, b in rest)]
+      index = tuple(slice(a, b) for a, b in index)
+      if isinstance(source, QuantizedView):
+        for i, block in zip(holders, source.blocks(index, [self.blocks[i][0] for i in holders])):
+          self._on_device(i, key, layer, block)
+        continue
+      block = source[index]
+      for i in holders:
+        self.buffers[i][... if layer is None else layer] = block
     self.pending -= 1
 
+  def _on_device(self, i: int, key: tuple, layer: int | None, block: jax.Array) -> None:
+    if layer is None:
+      self.buffers[i] = block
+      return
+    if self.buffers[i] is None:
+      self.buffers[i] = jax.numpy.zeros(tuple(b - a for a, b in key), self.dtype, device=self.blocks[i][0])
+    self.buffers[i] = put_along(self.buffers[i], block[None], 0, layer)
+
   def to_devices(self) -> jax.Array:
-    arrays = [to_device(buffer, jax.sharding.SingleDeviceSharding(device))
-              for (device, _), buffer in zip(self.blocks, self.buffers)]
+    arrays = [b if isinstance(b, jax.Array) else to_device(b, jax.sharding.SingleDeviceSharding(device))
+              for (device, _), b in zip(self.blocks, self.buffers)]
     self.buffers.clear()
     return jax.make_array_from_single_device_arrays(self.shape, self.sharding, arrays)
 
@@ -88,8 +114,11 @@ def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.shardi
     counts[rule.path] = counts.get(rule.path, 0) + 1
   quantized = config.weights != 'float'
   shapes = param_layout.leaf_shapes(config) if quantized else {}
-  bound: Quantize | None = (functools.partial(quantize, mode=config.weights, group_size=config.group_size)
-                            if quantized and quantize is not None else None)
+  # one compiled quantizer per block shape (and layout), run on the devices that hold the block
+  bound: Quantize | None = None
+  if quantized and quantize is not None:
+    bound = jax.jit(functools.partial(quantize, mode=config.weights, group_size=config.group_size),
+                    static_argnums=1)
   leaves: dict[Path, _Leaf] = {}
   params: dict = {}
   for entry, array in tensors:
@@ -107,7 +136,8 @@ def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.shardi
       leaf = leaves.get(path)
       if leaf is None:
         shape = shapes[path] if quantized else rule.leaf_shape
-        leaf = leaves[path] = _Leaf(shape, shardings[path], part_dtype, counts[rule.path])
+        leaf = leaves[path] = _Leaf(shape, shardings[path], part_dtype, counts[rule.path],
+                                    isinstance(part, QuantizedView))
       leaf.fill(rule, part)
       if not leaf.pending:
         set_path(params, path, leaves.pop(path).to_devices())
@@ -117,8 +147,9 @@ def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.shardi
 
 
 def _one_layer(rule: Rule) -> Path:
-  """The path of the slice a rule fills: layer i of a stacked leaf as 'layers_i' (`param_layout`)."""
+  """The path of a slice's layout (`param_layout`): one layer of a stacked leaf as 'layers_0', whichever
+  layer it is (every layer's layout is the same: one compiled quantizer serves them all)."""
   if rule.layer is None:
     return rule.path
   at = rule.path.index('layers')
-  return rule.path[:at] + (f'layers_{rule.layer}',) + rule.path[at + 1:]
+  return rule.path[:at] + ('layers_0',) + rule.path[at + 1:]

@@ -11,11 +11,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from convert import cli
-from convert.int4 import export_int4
+from convert.int4 import export_int4, rewrite_int4
 from qwenvl_jax import load_pretrained, param_layout
 from qwenvl_jax.checkpoint import CheckpointFormatError
 from qwenvl_jax.config import qwen_vl_7b
-from qwenvl_jax.gptq import GptqConfig, UnsupportedQuantizationError, pack, unpack
+from qwenvl_jax.gptq import GptqConfig, UnsupportedQuantizationError, pack, read_config, unpack
 from qwenvl_jax.kernel_math import dequantize
 from qwenvl_jax.model import param_shapes
 from qwenvl_jax.quant import dequantize_kernel
@@ -194,6 +194,24 @@ def test_desc_act_in_order_and_one_group(int4_dir, packed, tmp_path):
 def test_cli_rewrites_int4(int4_dir, stored, tmp_path, capsys):
   assert cli.main([str(int4_dir), str(tmp_path / 'out'), '--to-int4', '--quiet']) == 0
   assert_same_int4(tmp_path / 'out', int4_dir, stored)
+
+
+def test_rewrite_streams_the_bytes_of_a_packed_load(int4_dir, tmp_path, monkeypatch):
+  """--to-int4 writes what exporting the checkpoint's packed load in its dtype writes, file for file and
+  byte for byte, read and written on the host without a device (bfloat16: c_attn's float16 bias goes
+  through it as the load holds it; float16 is the golden files' own test)."""
+  dtype = 'bfloat16'
+  model, params = load_pretrained(int4_dir, dtype=dtype, keep_packed=True)
+  want = export_int4(params, model.config, tmp_path / 'want', read_config(int4_dir), dtype, src=int4_dir)
+
+  def on_a_device(*args, **kw):
+    raise AssertionError('put on a device')
+  monkeypatch.setattr(jax, 'device_put', on_a_device)
+  got = rewrite_int4(int4_dir, tmp_path / 'got', dtype)
+  files = sorted(p.name for p in want.iterdir())
+  assert sorted(p.name for p in got.iterdir()) == files and any(f.endswith('.safetensors') for f in files)
+  for name in files:
+    assert (got / name).read_bytes() == (want / name).read_bytes(), name
 
 
 def test_int4_without_its_quantization_config(int4_dir, tmp_path, capsys):
