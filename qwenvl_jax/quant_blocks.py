@@ -79,8 +79,8 @@ class QuantizedKernel:
       w = np.asarray(self.source[tuple(index)]).astype(self.dtype, copy=False)
       q_part, scale_part = (np.asarray(a) for a in self.quantize(w, self.path))
       del w
-      if q is None:
-        q = np.empty(extent, np.int8)
+      if q is None:  # q_part's shape: every input (int4 two per byte along one of them), these rows
+        q = np.empty(q_part.shape[:first] + (extent[first],) + q_part.shape[first + 1:], q_part.dtype)
         scale = np.empty(scale_part.shape[:at] + (extent[first],) + scale_part.shape[at + 1:], scale_part.dtype)
       q[(slice(None),) * first + (slice(lo, hi),)] = q_part
       scale[(slice(None),) * at + (slice(lo, hi),)] = scale_part
