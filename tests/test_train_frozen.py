@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from qwenvl_jax import load_pretrained, param_layout
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.model import QwenVL, init_params
+from qwenvl_jax.model import QwenVL, init_params, param_shapes
 from test_train_resume import MODEL
 from test_train_step import _cfg, _golden_batch
 from train import world
@@ -21,7 +21,7 @@ from train.frozen import held_paths
 from train.optim import make_optimizer
 from train.state import base_config, from_params
 from train.step import make_train_step
-from train.trainer import export, run, run_model_config
+from train.trainer import export, initial_weights, on_one_device, run, run_model_config
 
 
 def test_held_frozen_weights_change_no_bit_of_the_qlora_step(golden_dir, golden):
@@ -93,6 +93,19 @@ def test_export_takes_the_frozen_weights_from_the_source(source_run):
     assert exported[name].dtype == source[name].dtype == np.float32, name
     assert exported[name].tobytes() == source[name].tobytes(), name
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(final))
+  # A LoRA run over the float base: the next stage starting from its out_dir gets the source's frozen
+  # weights, not the bfloat16 ones its checkpoint holds.
+  lora = cfg.replace(weights='float', out_dir=str(root / 'lora'), export_dir='')
+  run(lora, progress=False)
+  model_config = run_model_config(lora, QwenVLConfig.from_json(root / 'lora' / 'config.json'))
+  next_stage = lora.replace(init_from=str(root / 'lora'), out_dir=str(root / 'next'))
+  started = param_layout.flatten(initial_weights(next_stage, None, on_one_device(
+      param_shapes(QwenVL(model_config)))))
+  original = param_layout.flatten(load_pretrained(root / 'source')[1])
+  merged = lambda path: path[-2] in ('c_attn', 'w1', 'w2') or path[-3:-1] == ('attn', 'c_proj')  # LoRA's
+  for path, leaf in original.items():
+    if not merged(path):
+      assert np.asarray(started[path]).tobytes() == np.asarray(leaf).tobytes(), path
   source['transformer.wte.weight'] = source['transformer.wte.weight'] * 1.5
   save_file(source, str(root / 'source' / 'model.safetensors'))
   with pytest.raises(TrainError, match='wte/embedding is not the value the run started from'):
