@@ -29,7 +29,6 @@ from train.run_dir import is_run_dir
 from train.step import TrainState, init_state
 
 
-
 def _lora(cfg: TrainConfig, params: Any) -> Any:
   return init_lora(params, cfg.lora_targets, cfg.lora_rank, jax.random.key(cfg.seed + 1)) if cfg.lora else None
 

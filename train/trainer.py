@@ -251,13 +251,12 @@ def _run(cfg, checkpointer, model_config, params, tokenizer, records, resume, me
   say(report.summary(cfg.seq_buckets[-1], out_dir / SKIPPED_FILE))
   optimizer = run_optimizer(cfg, model)
   layout = make_layout(cfg, model, optimizer, mesh, rules)
+  source = frozen_source(cfg, model, params, layout.abstract.params)  # before the params are donated
   if resuming:  # into the abstract state: nothing is initialised or loaded first
     state, loader_state = checkpointer.restore(layout.abstract, say)
     loader.restore(loader_state)
-    source = frozen_source(cfg, model, params, layout.abstract.params)
   else:
     targets = layout.param_shardings() if layout.mesh else on_one_device(layout.abstract.params)
-    source = frozen_source(cfg, model, params, layout.abstract.params)  # before the params are donated
     state = create(layout, cfg, model, optimizer, initial_weights(cfg, params, targets))
   del params
   place_batch, jit = layout.place_batch, layout.jit
