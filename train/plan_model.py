@@ -5,9 +5,9 @@ jax._src.ad_checkpoint) and checked against `compiled.memory_analysis()` (train/
 memory peaks in one of three phases; the plan takes the largest:
 
   loss      every residual, the lm_head gathered in the compute dtype, the float32 logits at the targets of
-            one micro-batch and their exp, and the lm_head's whole float32 gradient.
-  backward  the start of the backward pass through the layers: every residual, the gradients' buffers and
-            the lm_head's whole gradient.
+            one micro-batch and their exp, and the lm_head's whole float32 gradient (no layer gathered).
+  backward  the start of the backward pass through the layers: every residual, one layer gathered, the
+            gradients' buffers and the lm_head's whole gradient.
   update    after the backward pass: the gradients and the lm_head's whole gradient.
 
 Terms:
