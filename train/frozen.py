@@ -51,6 +51,18 @@ def hold(cfg: Any, params: Any) -> Any:
       lambda path, x: x.astype(dtype) if path_keys(path) in held else x, params)
 
 
+def cast_each(params: Any, paths: set[Path], dtype) -> Any:
+  """params (a fresh tree of loaded weights, e.g. float32) with the leaves at `paths` cast to `dtype` one
+  at a time, each source leaf let go before the next: the state is then made from them without ever holding
+  every frozen weight twice (a float32 base and its cast)."""
+  out = jax.tree.map(lambda x: x, params)
+  for path in sorted(paths & set(param_layout.flatten(params))):
+    leaf = param_layout.get_leaf(out, path)
+    set_path(out, path, leaf.astype(dtype))
+    del leaf
+  return out
+
+
 def restore(cfg: Any, params: Any, source: Source, where: str) -> Any:
   """params with each leaf held in the compute dtype replaced by the source's float32 value, on the same
   device(s). A source that is not what the run started from (its value rounded differs from the held

@@ -257,7 +257,11 @@ def _run(cfg, checkpointer, model_config, params, tokenizer, records, resume, me
     loader.restore(loader_state)
   else:
     targets = layout.param_shardings() if layout.mesh else on_one_device(layout.abstract.params)
-    state = create(layout, cfg, model, optimizer, initial_weights(cfg, params, targets))
+    weights = initial_weights(cfg, params, targets)
+    if weights is not None:  # the leaves the state holds in the compute dtype (read float32), cast one by one
+      weights = frozen.cast_each(weights, frozen.held_paths(cfg, layout.abstract.params), cfg.dtype)
+    state = create(layout, cfg, model, optimizer, weights)
+    del weights
   del params
   place_batch, jit = layout.place_batch, layout.jit
   first = int(state.step)
