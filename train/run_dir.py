@@ -83,6 +83,8 @@ def _source_frozen(path: pathlib.Path, params: Any) -> Any:
   from train import frozen
   from train.trainer import frozen_source, run_model_config
   from qwenvl_jax.model import QwenVL
+  if not (path / RUN_CONFIG).is_file():  # not written by a trainer that holds frozen weights in bfloat16
+    return params
   cfg = TrainConfig.from_json(path / RUN_CONFIG)
   if not frozen.held_paths(cfg, params):
     return params
