@@ -77,30 +77,17 @@ def check_resume(out_dir: pathlib.Path, cfg: TrainConfig, model_config: QwenVLCo
         + f'; to start from its weights with the new settings, use a new out_dir and init_from={out_dir}')
 
 
-def _source_frozen(path: pathlib.Path, params: Any) -> Any:
-  """The run's params with the frozen weights it held in the compute dtype (train/frozen.py) back at
-  their float values, taken from the run's own source (its init_from, or its seed's init)."""
-  from train import frozen
-  from train.trainer import frozen_source, run_model_config
-  from qwenvl_jax.model import QwenVL
-  if not (path / RUN_CONFIG).is_file():  # not written by a trainer that holds frozen weights in bfloat16
-    return params
-  cfg = TrainConfig.from_json(path / RUN_CONFIG)
-  if not frozen.held_paths(cfg, params):
-    return params
-  model = QwenVL(run_model_config(cfg, QwenVLConfig.from_json(path / MODEL_CONFIG)))
-  return frozen.restore(cfg, params, frozen_source(cfg, model, None, params), f'init_from={path}: its source')
-
-
-def run_weights(path: str | os.PathLike, shardings: Any, say: Callable[[str], None]) -> Any:
+def run_weights(path: str | os.PathLike, shardings: Any, say: Callable[[str], None],
+                source_frozen: Callable[[pathlib.Path, Any], Any]) -> Any:
   """The params (LoRA merged, float32) of a training out_dir's latest readable step, restored onto
-  `shardings` (a tree of them matching the params)."""
+  `shardings` (a tree of them matching the params); `source_frozen(path, params)` puts back the float
+  values of the frozen weights the run held in its compute dtype (`trainer.run_dir_frozen`)."""
   import jax  # JAX and Orbax: only when a run starts
   from train.checkpointing import restore_weights
   from train.lora import merge_lora
   path = pathlib.Path(path)
   step, params, lora = restore_weights(path / CHECKPOINT_DIR, shardings, say)
-  params = _source_frozen(path, params)
+  params = source_frozen(path, params)
   if lora is not None:
     alpha = jsonfile.get(jsonfile.read_object(path / RUN_CONFIG), 'lora_alpha', float, path / RUN_CONFIG)
     merge = jax.jit(lambda p, l: merge_lora(p, l, alpha), out_shardings=shardings, donate_argnums=0)

@@ -25,8 +25,8 @@ from train.config import TrainConfig
 from train.inputs import open_data
 from train.lora import merge_lora
 from train.metrics import MetricsLog, measure_peak_flops, step_flops
-from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, SKIPPED_FILE, TrainError, check_resume, is_run_dir,
-                           run_weights, write_configs)
+from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, MODEL_CONFIG, RUN_CONFIG, SKIPPED_FILE, TrainError,
+                           check_resume, is_run_dir, run_weights, write_configs)
 from train import frozen
 from train.frozen import MASTER_DTYPE
 from train.state import base_config, create, make_layout, run_optimizer
@@ -84,7 +84,7 @@ def initial_weights(cfg: TrainConfig, params: Any, shardings: Any) -> Any:
   if cfg.weights != 'float':  # Q-LoRA: `shardings` are the quantized base's
     return quantized_base_weights(cfg, shardings)
   if is_run_dir(cfg.init_from):
-    return run_weights(cfg.init_from, shardings, say)
+    return run_weights(cfg.init_from, shardings, say, run_dir_frozen)
   return load_pretrained(cfg.init_from, dtype=MASTER_DTYPE, shardings=shardings)[1]
 
 
@@ -100,6 +100,18 @@ def frozen_source(cfg: TrainConfig, model: QwenVL, params: Any, abstract: Any) -
     return lambda: param_layout.flatten(initial_weights(cfg, None, jax.tree.map(lambda _: cpu, abstract)))
   init = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=cpu)
   return lambda: param_layout.flatten(init())
+
+
+def run_dir_frozen(path: pathlib.Path, params: Any) -> Any:
+  """A run's restored params with the frozen weights it held in the compute dtype back at their float
+  values, taken from the run's own source (its init_from, or its seed's init)."""
+  if not (path / RUN_CONFIG).is_file():  # not written by a trainer that holds frozen weights in bfloat16
+    return params
+  cfg = TrainConfig.from_json(path / RUN_CONFIG)
+  if not frozen.held_paths(cfg, params):
+    return params
+  model = QwenVL(run_model_config(cfg, QwenVLConfig.from_json(path / MODEL_CONFIG)))
+  return frozen.restore(cfg, params, frozen_source(cfg, model, None, params), f'init_from={path}: its source')
 
 
 def quantized_base_weights(cfg: TrainConfig, shardings: Any) -> Any:
