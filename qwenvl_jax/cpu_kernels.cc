@@ -137,34 +137,48 @@ ffi::Error AttendOne(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
-// Weight-only quantized product for decode steps: out = x @ w.T, w = scale * q, read as int8:
-//   x [n, i] float32, q [o, i] int8 (one output channel per row: the weight-major layout),
+// Weight-only quantized product for decode steps: out = x @ w.T, w = scale * q, read as stored:
+//   x [n, i] float32, q [o, i] int8 (one output channel per row: the weight-major layout) or, kPacked,
+//   q [o, i / 2] uint8 holding int4 values two per byte (value 2j in byte j's low half, kernel_math.pack_int4),
 //   scale [g, o] float32 (g groups of i / g inputs; g = 1 is per channel) -> out [n, o].
 // XLA's CPU backend converts a whole int8 weight to float before its dot (four times the bytes of q read
-// and written again); this loop reads each row of q once per call, converting it in registers (one row)
-// or into a thread-local buffer the n rows of x then share.
-ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                   ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out) {
+// and written again); this loop reads each row of q once per call, converting it in registers (one row of
+// int8) or into a thread-local buffer the n rows of x then share.
+template <bool kPacked, typename Q>
+ffi::Error QMatmulOf(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, Q& q, ffi::Buffer<ffi::F32>& scale,
+                     ffi::ResultBuffer<ffi::F32>& out) {
   const auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), od = out->dimensions();
-  if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2 || od.size() != 2 || xd[1] != qd[1] ||
-      sd[1] != qd[0] || sd[0] < 1 || qd[1] % sd[0] != 0 || od[0] != xd[0] || od[1] != qd[0]) {
+  const int64_t q_in = qd.size() == 2 ? qd[1] * (kPacked ? 2 : 1) : -1;
+  if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2 || od.size() != 2 || xd[1] != q_in ||
+      sd[1] != qd[0] || sd[0] < 1 || q_in % sd[0] != 0 || od[0] != xd[0] || od[1] != qd[0]) {
     return ffi::Error::InvalidArgument(
-        "qwenvl_qmatmul wants x [n, i], q [o, i], scale [g, o] with g dividing i, out [n, o]");
+        "qwenvl_qmatmul wants x [n, i], q [o, i] (int4: [o, i / 2]), scale [g, o] with g dividing i, "
+        "out [n, o]");
   }
   const int64_t n = xd[0], in = xd[1], o = qd[0], g = sd[0], gs = in / g;
   const float* xp = x.typed_data();
-  const int8_t* qp = q.typed_data();
+  const auto* qp = q.typed_data();
   const float* sp = scale.typed_data();
   float* op = out->typed_data();
-  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 15) / in);  // ~32 KiB of q per task
+  const int64_t row_bytes = kPacked ? in / 2 : in;
+  const bool buffered = kPacked || n > 1;  // one row of int8 is read in registers; any other into w
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 15) / row_bytes);  // ~32 KiB of q per task
   ParallelFor(pool, (o + block - 1) / block, [&](int64_t task) {
     thread_local std::vector<float> buffer;
     buffer.resize(in);
     float* w = buffer.data();
     for (int64_t r = task * block, end = std::min(o, r + block); r < end; ++r) {
-      const int8_t* qr = qp + r * in;
-      if (n > 1) {
-        for (int64_t j = 0; j < in; ++j) w[j] = static_cast<float>(qr[j]);
+      const auto* qr = qp + r * row_bytes;
+      if (buffered) {
+        for (int64_t j = 0; j < row_bytes; ++j) {
+          if constexpr (kPacked) {
+            const int8_t byte = static_cast<int8_t>(qr[j]);
+            w[2 * j] = static_cast<float>(static_cast<int8_t>(byte << 4) >> 4);  // sign-extended nibbles
+            w[2 * j + 1] = static_cast<float>(byte >> 4);
+          } else {
+            w[j] = static_cast<float>(qr[j]);
+          }
+        }
       }
       int64_t b = 0;
       for (; n > 1 && b + 4 <= n; b += 4) {  // four rows of x per pass: each weight loaded once for four
@@ -194,7 +208,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
         float total = 0.f;
         for (int64_t k = 0; k < g; ++k) {
           float acc = 0.f;
-          if (n > 1) {
+          if (buffered) {
             for (int64_t j = k * gs; j < (k + 1) * gs; ++j) acc += w[j] * xb[j];
           } else {
             for (int64_t j = k * gs; j < (k + 1) * gs; ++j) acc += static_cast<float>(qr[j]) * xb[j];
@@ -206,6 +220,16 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                   ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out) {
+  return QMatmulOf<false>(pool, x, q, scale, out);
+}
+
+ffi::Error QMatmul4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+                    ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out) {
+  return QMatmulOf<true>(pool, x, q, scale, out);
 }
 
 }  // namespace
@@ -225,5 +249,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenvlQMatmul, QMatmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QwenvlQMatmul4, QMatmul4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

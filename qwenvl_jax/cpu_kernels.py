@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenvl_jax.kernel_math import attend, dequantize
+from qwenvl_jax.kernel_math import PACKED, attend, dequantize
 from qwenvl_jax.logical import rules_active
 
 Array = jax.Array
@@ -40,6 +40,7 @@ Array = jax.Array
 SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
 ATTEND_TARGET = 'qwenvl_attend_one'
 QMATMUL_TARGET = 'qwenvl_qmatmul'
+QMATMUL4_TARGET = 'qwenvl_qmatmul4'  # int4 two per byte (kernel_math.pack_int4)
 # -ffast-math lets the compiler vectorise the float reductions; the code never relies on inf or NaN.
 FLAGS = ('-std=c++17', '-O3', '-march=native', '-ffast-math', '-fPIC', '-shared', '-w')
 
@@ -107,6 +108,7 @@ def _registered() -> bool:
     library = ctypes.CDLL(str(build(compiler, cache_dir())))
     jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(library.QwenvlAttendOne), platform='cpu')
     jax.ffi.register_ffi_target(QMATMUL_TARGET, jax.ffi.pycapsule(library.QwenvlQMatmul), platform='cpu')
+    jax.ffi.register_ffi_target(QMATMUL4_TARGET, jax.ffi.pycapsule(library.QwenvlQMatmul4), platform='cpu')
   except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
     warnings.warn(f'qwenvl_jax: CPU decode kernel unavailable ({e}); running on XLA alone',
                   RuntimeWarning, stacklevel=3)
@@ -157,13 +159,15 @@ def qmatmul_einsum(eqn: str, x: Array, q: Array, scale: Array) -> Array | None:
   rows = int(np.prod([x.shape[x_dims.index(c)] for c in batch]))
   if kept + contracted != q_dims or rows > QMATMUL_MAX_ROWS or rules_active() or not available():
     return None
-  n_in = int(np.prod(q.shape[len(kept):]))
+  packed = q.dtype == PACKED  # int4 two per byte along the last (contracted) dim: a row is whole bytes
+  n_in = int(np.prod(q.shape[len(kept):])) * (2 if packed else 1)
   n_out = int(np.prod(q.shape[:len(kept)]))
   xs = jnp.einsum(f'{x_dims}->{batch}{contracted}', x).astype(jnp.float32).reshape(rows, n_in)
-  q2, s2 = q.reshape(n_out, n_in), scale.astype(jnp.float32).reshape(scale.shape[0], n_out)
+  q2, s2 = q.reshape(n_out, -1), scale.astype(jnp.float32).reshape(scale.shape[0], n_out)
+  target = QMATMUL4_TARGET if packed else QMATMUL_TARGET
 
   def kernel(xs, q2, s2):
-    return jax.ffi.ffi_call(QMATMUL_TARGET, jax.ShapeDtypeStruct((rows, n_out), jnp.float32))(xs, q2, s2)
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n_out), jnp.float32))(xs, q2, s2)
 
   def xla(xs, q2, s2):
     return jnp.einsum('ni,oi->no', xs, dequantize(q2, s2, 'oi', 'o', jnp.float32))

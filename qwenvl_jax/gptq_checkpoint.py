@@ -18,7 +18,7 @@ import numpy as np
 from qwenvl_jax.config import QwenVLConfig
 from qwenvl_jax.gptq import (INT_PARTS, PART_FLOAT, PARTS, QUANTIZED, Q, SCALE, GptqConfig, check_dims, pack,
                              part_shapes, unpack)
-from qwenvl_jax.kernel_math import dequantize
+from qwenvl_jax.kernel_math import dequantize, pack_int4, unpack_int4
 from qwenvl_jax.params import CheckpointMismatchError, Rule, check_shapes, get_path, rules
 from qwenvl_jax.released_layout import ReleasedCheckpoint, TensorEntry, check_float
 from qwenvl_jax.quant_blocks import quantized_paths
@@ -112,16 +112,24 @@ def out_shape(rule: Rule) -> tuple[int, ...]:
   raise ValueError(f'{rule.hf_name}: no output dims in {shape}')
 
 
+def _last_input(rule: Rule) -> int:
+  """The kernel's last input dim (its dims: the inputs, then `out_shape`): where int4 values pair up."""
+  return len(rule.slice_shape) - len(out_shape(rule)) - 1
+
+
 def to_kernel(rule: Rule, packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """{'q' [in, out], 'scale' [groups, out]} -> the packed form laid out as the rule's float kernel."""
+  """{'q' [in, out], 'scale' [groups, out]} -> the packed form laid out as the rule's float kernel, the
+  int4 values two per byte along its last input dim (`kernel_math.pack_int4`, as `layers.Einsum` holds them)."""
   scale = packed[SCALE]
-  return {Q: rule.to_flax(packed[Q].T), SCALE: scale.reshape(scale.shape[:1] + out_shape(rule))}
+  q = pack_int4(rule.to_flax(packed[Q].T), _last_input(rule))
+  return {Q: q, SCALE: scale.reshape(scale.shape[:1] + out_shape(rule))}
 
 
 def from_kernel(rule: Rule, kernel: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The inverse of to_kernel."""
   scale = np.asarray(kernel[SCALE])
-  return {Q: rule.to_hf(np.asarray(kernel[Q])).T, SCALE: scale.reshape(scale.shape[0], -1)}
+  q = unpack_int4(np.asarray(kernel[Q]), _last_input(rule))
+  return {Q: rule.to_hf(q).T, SCALE: scale.reshape(scale.shape[0], -1)}
 
 
 def packed_config(config: QwenVLConfig, gcfg: GptqConfig) -> QwenVLConfig:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwenvl_jax import cpu_kernels, lora as lora_math
-from qwenvl_jax.kernel_math import GROUPS_AXIS, dequantize, quant_groups
+from qwenvl_jax.kernel_math import GROUPS_AXIS, PACKED, dequantize, quant_groups
 
 Array = jax.Array
 Dtype = Any
@@ -58,7 +58,8 @@ class Einsum(nn.Module):
   lm_head to float32 at once (2.5 GB for the released model).
 
   weights 'int8' / 'int4' (weight-only quantization, see `quant`): the kernel is `q` (`q_t` weight-major),
-  int8 values shaped as the kernel, and `scale` [groups, *kept dims] (`quant_groups`); w = scale * q.
+  int8 values shaped as the kernel (int4: uint8, two values per byte along the last input dim, which is
+  half as long: `kernel_math.pack_int4`), and `scale` [groups, *kept dims] (`quant_groups`); w = scale * q.
   Decode steps on the CPU multiply by q directly (`cpu_kernels.qmatmul`: a quarter of fp32's bytes read);
   elsewhere the kernel is dequantized where it is used, and a differentiated product keeps q and scale
   for the backward pass, which dequantizes again: never the float kernel (Q-LoRA's memory).
@@ -110,7 +111,14 @@ class Einsum(nn.Module):
       if axes is not None:
         q_init = with_axes(q_init, *axes)
         s_init = with_axes(s_init, GROUPS_AXIS, *(a for c, a in zip(order, axes) if c in out))
-      q = self.param('q_t' if self.weight_major else 'q', q_init, shape, jnp.int8)
+      q_shape, q_dtype = shape, jnp.int8
+      if self.weights == 'int4':  # two values per byte along the last input dim (kernel_math.pack_int4)
+        at = max(i for i, c in enumerate(order) if c not in out)
+        if shape[at] % 2:
+          raise ValueError(f'an int4 kernel packs two values per byte along its last input dim; kernel '
+                           f'{shape} ({order} -> {out}) has {shape[at]} there')
+        q_shape, q_dtype = shape[:at] + (shape[at] // 2,) + shape[at + 1:], PACKED
+      q = self.param('q_t' if self.weight_major else 'q', q_init, q_shape, q_dtype)
       scale = self.param('scale', s_init, (groups,) + tuple(n for c, n in zip(order, shape) if c in out),
                          self.param_dtype)
       parts = (q, scale)

@@ -1,7 +1,8 @@
 """Weight-only quantization of a params tree: int8 per output channel, int4 in groups along the inputs.
 
 The kernels under `config.quantized_roots` (the decoder's and lm_head's unless told) become `q` (`q_t`
-weight-major: int8 values shaped as the kernel, int4 ones in [-8, 7] one per int8) and `scale` [groups,
+weight-major: int8 values shaped as the kernel; int4 ones in [-8, 7] two per uint8 byte along the kernel's
+last input dim, low nibble first, `kernel_math.pack_int4`) and `scale` [groups,
 *output dims] (stacked layers first), with w = scale * q: the layout GPTQ's Int4 checkpoints import into
 (`layers.Einsum`; the released Int4 keeps lm_head float). The vision tower and the embedding table stay
 float. Post-training, any checkpoint:
@@ -21,7 +22,7 @@ import numpy as np
 
 from qwenvl_jax import param_layout, sharding
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax.kernel_math import GROUPS_AXIS, dequantize, quant_groups
+from qwenvl_jax.kernel_math import GROUPS_AXIS, PACKED, dequantize, pack_int4, quant_groups, unpack_int4
 from qwenvl_jax.params import set_path
 from qwenvl_jax.quant_blocks import QUANTIZED_NAMES
 
@@ -52,8 +53,35 @@ def _layout(path: Path, names: tuple[str, ...]):
   return kept[:at] + inputs + kept[at:], at, len(inputs)
 
 
+def packed_axis(path: Path, shape: tuple[int, ...]) -> int:
+  """The dim of the kernel leaf at `path` (float, or its q of any form) along which int4 values pair up in
+  a byte: its last input dim (`layers.Einsum` declares q so)."""
+  names = param_layout.leaf_axes(path, shape)
+  scale_names = param_layout.axes_of(path[:-1] + ('scale',))
+  return max(i for i, n in enumerate(names) if n not in scale_names)
+
+
+def pack(q, path: Path):
+  """int4 values (int8, shaped as the kernel at `path`) -> the stored form: uint8, two per byte."""
+  return pack_int4(q, packed_axis(path, np.shape(q)))
+
+
+def unpack(q, path: Path):
+  """A quantized leaf's values as int8 shaped as the kernel: packed int4 unpacked, int8 as it is."""
+  return unpack_int4(q, packed_axis(path, np.shape(q))) if q.dtype == PACKED else q
+
+
+def kernel_shape(q, path: Path) -> tuple[int, ...]:
+  """The float kernel's shape of a quantized leaf `q` at `path` (packed int4: twice its last input dim)."""
+  shape = list(np.shape(q))
+  if q.dtype == PACKED:
+    shape[packed_axis(path, tuple(shape))] *= 2
+  return tuple(shape)
+
+
 def quantize_kernel(w, path: Path, mode: str, group_size: int) -> tuple[jax.Array, jax.Array]:
-  """(q int8 shaped as w, scale float32 [.., groups, *output dims]) of one kernel leaf at `path`."""
+  """(q, scale float32 [.., groups, *output dims]) of one kernel leaf at `path`: q int8 shaped as w, or
+  for int4 uint8 with two values per byte along the last input dim (`pack`)."""
   check_mode(mode)
   order, at, n_inputs = _layout(path, param_layout.leaf_axes(path, np.shape(w)))
   wt = jnp.transpose(jnp.asarray(w, jnp.float32), order)
@@ -65,7 +93,7 @@ def quantize_kernel(w, path: Path, mode: str, group_size: int) -> tuple[jax.Arra
   scale = jnp.where(absmax > 0, absmax / Q_MAX[mode], 1.0)  # an all-zero group: q = 0 whatever the scale
   q = jnp.clip(jnp.round(wt / scale), -Q_MAX[mode], Q_MAX[mode]).astype(jnp.int8)
   q = jnp.transpose(q.reshape(wt.shape[:at] + in_shape + wt.shape[at + 2:]), np.argsort(order))
-  return q, jnp.squeeze(scale, at + 1)
+  return (pack(q, path) if mode == 'int4' else q), jnp.squeeze(scale, at + 1)
 
 
 def dequantize_kernel(q, scale, path: Path, dtype=jnp.float32) -> jax.Array:

@@ -89,7 +89,8 @@ class QuantizedKernel:
           if hi - lo < extent[first]:  # one of several blocks of rows: into the whole on its device
             if lo == 0:
               whole_scale = scale.shape[:at] + (extent[first],) + scale.shape[at + 1:]
-              done[d] = (jax.numpy.zeros(tuple(extent), q.dtype, device=d),
+              whole_q = q.shape[:first] + (extent[first],) + q.shape[first + 1:]  # int4: two per byte
+              done[d] = (jax.numpy.zeros(whole_q, q.dtype, device=d),
                          jax.numpy.zeros(whole_scale, scale.dtype, device=d))
             q = put_along(done[d][0], q, first, lo)
             scale = put_along(done[d][1], scale, at, lo)

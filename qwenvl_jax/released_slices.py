@@ -24,6 +24,7 @@ import numpy as np
 
 from qwenvl_jax import param_layout
 from qwenvl_jax.config import QwenVLConfig
+from qwenvl_jax.kernel_math import PACKED
 from qwenvl_jax.orbax_leaves import aligned_empty, to_device
 from qwenvl_jax.params import Path, Rule, rules, set_path
 from qwenvl_jax.quant_blocks import (QUANTIZED_NAMES, Quantize, QuantizedKernel, QuantizedView, put_along,
@@ -107,12 +108,14 @@ def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.shardi
   against `table` (default: the released layout's `params.rules`). Only this process's blocks are
   copied; every process passes the same shardings. With `config.weights` int8|int4, the kernels under
   `config.quantized_roots` come quantized by `quantize` (`quant.quantize_kernel`) to its mode and group
-  size, `q` int8 and `scale` float32, as `quant.quantize` would make them of the `dtype` tree."""
+  size, `q` int8 (int4: uint8, two values per byte) and `scale` float32, as `quant.quantize` would make
+  them of the `dtype` tree."""
   table = rules(config) if table is None else table
   counts: dict[Path, int] = {}
   for rule in table.values():
     counts[rule.path] = counts.get(rule.path, 0) + 1
   quantized = config.weights != 'float'
+  q_dtype = PACKED if config.weights == 'int4' else np.int8
   shapes = param_layout.leaf_shapes(config) if quantized else {}
   # one compiled quantizer per block shape (and layout), run on the devices that hold the block
   bound: Quantize | None = None
@@ -129,7 +132,7 @@ def read_onto(tensors, config: QwenVLConfig, shardings: Mapping[Path, jax.shardi
       if bound is None:
         raise ValueError(f'weights={config.weights} needs the quantizer (quant.quantize_kernel)')
       kernel = QuantizedKernel(rule.to_flax(array), _one_layer(rule), dtype, bound)
-      parts = zip(quantized_paths(rule.path), (kernel.q, kernel.scale), (np.int8, np.float32))
+      parts = zip(quantized_paths(rule.path), (kernel.q, kernel.scale), (q_dtype, np.float32))
     else:
       parts = [(rule.path, rule.to_flax(array), dtype)]
     for path, part, part_dtype in parts:

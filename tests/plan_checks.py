@@ -22,6 +22,9 @@ CASES = {  # 4 devices
     'stage2': ['--stage', '2', '--mesh', 'fsdp=4', '--batch', '4'],
     'stage3': ['--stage', '3', '--mesh', 'fsdp=4', '--batch', '4'],
     'lora': ['--stage', '3', '--mesh', 'fsdp=4', '--batch', '4', '--lora'],
+    'qlora': ['--stage', '3', '--mesh', 'fsdp=4', '--batch', '4', '--lora', '--weights', 'int4'],
+    'qlora_remat': ['--stage', '3', '--mesh', 'fsdp=4', '--batch', '4', '--lora', '--weights', 'int4', '--remat',
+                    'full'],
     # 8 devices
     'fsdp_tp': ['--stage', '2', '--mesh', 'fsdp=4,tensor=2', '--batch', '8', '--rules', 'fsdp_tp'],
     'remat_accum': ['--stage', '2', '--mesh', 'fsdp=8', '--batch', '16', '--remat', 'full',

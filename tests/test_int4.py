@@ -18,7 +18,7 @@ from qwenvl_jax.config import qwen_vl_7b
 from qwenvl_jax.gptq import GptqConfig, UnsupportedQuantizationError, pack, read_config, unpack
 from qwenvl_jax.kernel_math import dequantize
 from qwenvl_jax.model import param_shapes
-from qwenvl_jax.quant import dequantize_kernel
+from qwenvl_jax.quant import dequantize_kernel, kernel_shape
 from qwenvl_jax.gptq_checkpoint import expected_shapes, out_shape, quantized_rules
 from qwenvl_jax.jsonfile import ConfigFileError
 from qwenvl_jax.params import CheckpointMismatchError, get_path
@@ -98,7 +98,7 @@ def test_dequantized_load_reproduces_golden_logits(dequantized, golden, golden_i
 
 
 def _shapes(tree):
-  return {p: (tuple(x.shape), np.dtype(x.dtype) if x.dtype == np.int8 else None)
+  return {p: (tuple(x.shape), np.dtype(x.dtype) if x.dtype in (np.int8, np.uint8) else None)
           for p, x in param_layout.flatten(tree).items()}
 
 
@@ -111,18 +111,20 @@ def _golden_logits(model, params, golden, golden_int4):
 
 
 def test_packed_form_dequantizes_to_the_same_params(packed, dequantized):
-  """Kept packed: `q` (int8, the float kernel's layout) and `scale` (float16 [layers, groups, *out dims])
-  in place of each quantized `kernel`; with `dequantize` exactly the dequantized load (so its logits)."""
+  """Kept packed: `q` (uint8, two values per byte along the float kernel's last input dim) and `scale`
+  (float16 [layers, groups, *out dims]) in place of each quantized `kernel`; with `dequantize` exactly the
+  dequantized load (so its logits)."""
   model, params = packed
   _, reference = dequantized
   quantized = set()
   for rule in quantized_rules(model.config).values():
     quantized.add(rule.path)
     module = get_path(params, rule.path[:-1])
-    assert 'kernel' not in module and module['q'].dtype == np.int8
+    assert 'kernel' not in module and module['q'].dtype == np.uint8
     float_kernel = get_path(reference, rule.path)
     groups = rule.hf_shape[1] // 128
-    assert module['q'].shape == float_kernel.shape and module['scale'].dtype == np.float16
+    assert kernel_shape(module['q'], rule.path[:-1] + ('q',)) == float_kernel.shape
+    assert module['q'].size * 2 == float_kernel.size and module['scale'].dtype == np.float16
     assert module['scale'].shape == (rule.num_layers, groups) + out_shape(rule)
     q_path = rule.path[:-1] + ('q',)
     chex.assert_trees_all_equal(dequantize_kernel(module['q'], module['scale'], q_path), float_kernel)

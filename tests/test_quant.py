@@ -15,8 +15,8 @@ from processes import xla_flags
 import qwenvl_jax as q
 from qwenvl_jax import cpu_kernels, param_layout
 from qwenvl_jax.decode import generate
-from qwenvl_jax.kernel_math import dequantize
-from qwenvl_jax.quant import Q_MAX, dequantize_kernel, dequantize_params, quantize, quantized_config
+from qwenvl_jax.kernel_math import dequantize, pack_int4
+from qwenvl_jax.quant import Q_MAX, dequantize_kernel, dequantize_params, quantize, quantized_config, unpack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Measured on the tiny golden model (README-quant: int8 0.027, int4 0.42); the bounds leave ~1.5x room.
@@ -45,8 +45,12 @@ def test_quantize_is_within_half_a_step_and_deterministic(tiny, mode):
   flat, fq, back = (param_layout.flatten(t) for t in (params, quantized, dequantize_params(quantized)))
   assert _kernels(flat) and not _kernels(fq)
   for path in _kernels(flat):
-    qv, scale = fq[path[:-1] + ('q',)], fq[path[:-1] + ('scale',)]
+    stored, scale = fq[path[:-1] + ('q',)], fq[path[:-1] + ('scale',)]
+    qv = unpack(stored, path[:-1] + ('q',))
     assert qv.dtype == jnp.int8 and qv.shape == flat[path].shape
+    # int4: two values per byte along the last input dim (kernel_math.pack_int4), int8 one
+    assert stored.dtype == (jnp.uint8 if mode == 'int4' else jnp.int8)
+    assert stored.size == flat[path].size // (2 if mode == 'int4' else 1)
     assert int(jnp.max(jnp.abs(qv))) <= Q_MAX[mode]
     outputs = param_layout.axes_of(path[:-1] + ('scale',))
     n_in = int(np.prod([n for n, a in zip(qv.shape, param_layout.axes_of(path)) if a not in outputs]))
@@ -80,10 +84,14 @@ def test_quantize_refuses_a_quantized_tree_and_unknown_modes(tiny):
     ('btd,chkd->btchk', (8, 1, 256), (3, 4, 64, 256), 2),  # batch 8, int4 groups of 128
     ('bthk,dhk->btd', (2, 3, 4, 64), (256, 4, 64), 2),  # two contracted dims (attention's c_proj)
 ])
-def test_cpu_kernel_equals_the_dequantized_product(eqn, x_shape, q_shape, groups):
+@pytest.mark.parametrize('packed', [False, True])
+def test_cpu_kernel_equals_the_dequantized_product(eqn, x_shape, q_shape, groups, packed):
+  """int8 values, and int4 ones two per byte (the int4 kernel's stored form: its own FFI target)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
-  qv = jnp.asarray(rng.integers(-127, 128, q_shape), jnp.int8)
+  qv = jnp.asarray(rng.integers(-8, 8, q_shape) if packed else rng.integers(-127, 128, q_shape), jnp.int8)
+  if packed:
+    qv = pack_int4(qv, len(q_shape) - 1)
   kept = eqn.split('->')[1]
   q_dims = eqn.split(',')[1].split('->')[0]
   out_dims = ''.join(c for c in q_dims if c in kept)
@@ -127,7 +135,7 @@ def test_quantized_tree_converts_between_forms_bit_exactly(tiny):
   decoding = param_layout.convert(quantized, scan_layers=False, weight_major=True)
   flat = param_layout.flatten(decoding)
   assert ('decoder', 'layers_0', 'attn', 'c_attn', 'q_t') in flat
-  assert flat[('lm_head', 'q_t')].shape == (1024, 256)  # [vocab, embed]: output dims first
+  assert flat[('lm_head', 'q_t')].shape == (1024, 128)  # [vocab, embed / 2]: output dims first, 2 per byte
   back = param_layout.flatten(param_layout.convert(decoding, scan_layers=True, weight_major=False))
   original = param_layout.flatten(quantized)
   assert back.keys() == original.keys()

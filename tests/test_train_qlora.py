@@ -45,7 +45,7 @@ def test_int4_init_from_as_the_trainer_builds_it(golden_dir, golden, weights):
   abstract = param_layout.flatten(layout.abstract.params)
   assert {p: (x.shape, x.dtype) for p, x in params.items()} == {p: (x.shape, x.dtype) for p, x in abstract.items()}
   w1 = ('decoder', 'layers', 'mlp', 'w1')
-  assert params[w1 + ('q',)].dtype == np.int8 and ('lm_head', 'q' if weights == 'int8' else 'kernel') in params
+  assert params[w1 + ('q',)].dtype == (np.uint8 if weights == 'int4' else np.int8) and ('lm_head', 'q' if weights == 'int8' else 'kernel') in params
   if weights == 'int4':
     _, packed = load_pretrained(cfg.init_from, keep_packed=True)
     for path, leaf in param_layout.flatten(packed).items():

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from qwenvl_jax.lora import TARGETS as TARGET_NAMES, LoraConfig, init_a, init_b
 from qwenvl_jax.params import get_path, set_path
-from qwenvl_jax.quant import dequantize_kernel, dequantize_params, is_quantized
+from qwenvl_jax.quant import dequantize_kernel, dequantize_params, is_quantized, kernel_shape
 
 Path = tuple[str, ...]
 # target name -> (kernel path, number of input axes after the stacked layer axis); the factors live at the
@@ -61,8 +61,11 @@ def _base(params: Mapping, path: Path) -> jax.Array:
 
 
 def _shape(params: Mapping, path: Path) -> tuple[int, ...]:
+  """The float kernel's shape at `path` (a quantized base: its values', int4 two per byte unpacked)."""
   parent = get_path(params, path[:-1])
-  return tuple(parent['q' if 'q' in parent else path[-1]].shape)
+  if 'q' in parent:
+    return kernel_shape(parent['q'], path[:-1] + ('q',))
+  return tuple(parent[path[-1]].shape)
 
 
 def init_lora(params: Mapping, targets: tuple[str, ...], rank: int, rng: jax.Array) -> dict:

@@ -1,8 +1,9 @@
 """`qwenvl-jax plan`: per-device memory of one training step on a mesh, computed from shapes alone.
 
-The plan describes what the trainer allocates (train/state.py): float32 master weights of every parameter,
-float32 gradients and AdamW's two float32 moments for the trainable leaves (with LoRA only the LoRA leaves
-train), compute in the run's dtype. The state's bytes are exact: `jax.eval_shape` of the trainer's own init
+The plan describes what the trainer allocates (train/state.py): float32 master weights of the trainable
+parameters, the frozen kernels and tables in the compute dtype (train/frozen.py), a quantized base as it is
+held (int4 two values per byte), float32 gradients and AdamW's two float32 moments for the trainable leaves
+(with LoRA only the LoRA leaves train), compute in the run's dtype. The state's bytes are exact: `jax.eval_shape` of the trainer's own init
 and the trainer's shardings (`sharding.state_specs`), no devices needed. The step's transient memory
 (gradients, the compute-dtype weight copies and activations that the backward pass keeps) is a model of
 the compiled program, `transient_bytes`. `--compile` compiles the real step for abstract inputs on the mesh
@@ -27,13 +28,14 @@ from jax.sharding import PartitionSpec
 
 from qwenvl_jax import sharding as sh
 from qwenvl_jax.config import QwenVLConfig, as_dtype, qwen_vl_7b
+from qwenvl_jax.kernel_math import PACKED
 from qwenvl_jax.layers import REMAT_POLICIES
 from train.config import TrainConfig, stage_config
 from train.stages import STAGES
 
 GiB = 1024 ** 3
 # HBM per JAX device. A v4 chip (two TensorCores in megacore mode) and a v5p chip are one device each.
-ACCELERATORS = {'TPU v5e': 16, 'TPU v4': 32, 'H100 80GB': 80, 'TPU v5p': 95, 'H200': 141}
+ACCELERATORS = {'TPU v5e': 16, 'RTX 4090 / L4 24GB': 24, 'TPU v4': 32, 'H100 80GB': 80, 'TPU v5p': 95, 'H200': 141}
 USABLE = 0.9  # XLA needs the rest for collectives' buffers and fragmentation
 REMATS = ('none', *REMAT_POLICIES)
 
@@ -175,17 +177,22 @@ def state_bytes(setup: Setup, state: Any, mask: Any) -> tuple[dict[str, int], di
   tree = trainables(state.params, state.lora)
   tree_specs = trainables(specs.params, specs.lora)
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  counts = dict(total_params=0, trainable_params=0, trainable_local=0, decoder_local=0, vit_local=0)
+  counts = dict(total_params=0, trainable_params=0, trainable_local=0, decoder_local=0, decoder_held_local=0,
+                vit_local=0)
+  compute = as_dtype(setup.cfg.dtype)
   for (path, x), spec, train in zip(flat, _specs(tree_specs), jax.tree.leaves(mask), strict=True):
     keys = path_keys(path)
-    local = _local(x, spec, setup.sizes)
+    per = 2 if x.dtype == PACKED else 1  # values per element: int4 two per byte
+    local = per * _local(x, spec, setup.sizes)
     if keys[0] == 'params':
-      counts['total_params'] += x.size
+      counts['total_params'] += per * x.size
     if train:
       counts['trainable_params'] += x.size
       counts['trainable_local'] += local
     if keys[:3] == ('params', 'decoder', 'layers'):  # the base's; LoRA's factors mirror its paths
       counts['decoder_local'] += local
+      if x.dtype == compute:  # a frozen weight held in the compute dtype (train/frozen.py): never cast
+        counts['decoder_held_local'] += local
     if keys[:3] == ('params', 'visual', 'blocks'):
       counts['vit_local'] += local
   return parts, counts
@@ -210,7 +217,7 @@ def format_plan(plan: Plan, xla: Mapping[str, Any] | None = None) -> str:
       f'stage {cfg.stage}: {STAGES[cfg.stage]}' + (' (LoRA: only the LoRA leaves train)' if cfg.lora else ''),
       f'params {plan.total_params:,} ({plan.trainable_params:,} trainable); '
       + ('' if s.weights == 'float' else f'{s.weights} frozen base (decoder and lm_head), ') + 'float32 master weights, '
-      f'gradients and AdamW moments, {cfg.dtype} compute, remat {cfg.remat}',
+      f'gradients and AdamW moments, {cfg.dtype} compute (frozen kernels and tables held in it), remat {cfg.remat}',
       'global batch ' + (f'{cfg.batch_size} x {s.seq} tokens' if cfg.samples_per_row == 1 else
                          f'{cfg.batch_size} samples packed into {cfg.batch_size // cfg.samples_per_row} rows '
                          f'of {s.seq} tokens') + f' in {cfg.grad_accum} micro-batch(es), '

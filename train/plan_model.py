@@ -5,17 +5,19 @@ jax._src.ad_checkpoint) and checked against `compiled.memory_analysis()` (train/
 memory peaks in one of three phases; the plan takes the largest:
 
   loss      every residual, the lm_head gathered in the compute dtype, the float32 logits at the targets of
-            one micro-batch and their exp, and the lm_head's whole float32 gradient.
-  backward  the start of the backward pass through the layers: every residual, the gradients' buffers and
-            the lm_head's whole gradient.
+            one micro-batch and their exp, and the lm_head's whole float32 gradient (no layer gathered).
+  backward  the start of the backward pass through the layers: every residual, one layer gathered, the
+            gradients' buffers and the lm_head's whole gradient.
   update    after the backward pass: the gradients and the lm_head's whole gradient.
 
 Terms:
   gradients    float32, trainable leaves, sharded like the params.
   weights      the compute-dtype copy of every stacked layer weight that the backward pass needs (sharded;
-               without remat the scan saves each layer's cast; a quantized base saves none: the backward
-               pass dequantizes each layer again), one layer gathered whole in float32 and in the compute
-               dtype. LoRA applies inside the model, one layer at a time: no merged kernel exists.
+               without remat the scan saves each layer's cast, or slice of a weight held in the compute
+               dtype; a quantized base saves none: the backward pass dequantizes each layer again), and
+               in the layers' passes one layer gathered whole in float32 and in the compute dtype (a held
+               weight: in the compute dtype alone; an int4 base counted by its values, two per byte).
+               LoRA applies inside the model, one layer at a time: no merged kernel exists.
   tables       the lm_head gathered whole in the compute dtype for the logits; its gradient is computed
                whole in float32 (the dot's output and its sum over the devices) and reduced to the shard
                only by the update.
@@ -81,7 +83,11 @@ def transient_bytes(setup, counts: Mapping[str, int]) -> tuple[str, dict[str, in
   remat = cfg.remat == 'full'
   table = t.vocab_size * t.hidden_size / _split(setup, 'act_vocab', t.vocab_size)  # gathered over fsdp
   tables_train = not cfg.lora and cfg.stage != 1
-  layer = (c + F32) * counts['decoder_local'] / t.num_layers * _split(setup, 'embed', t.hidden_size)
+  # one layer gathered whole: a float32 master (or a quantized base dequantized in float32) and its cast;
+  # a frozen weight held in the compute dtype (train/frozen.py) as it is
+  held = counts['decoder_held_local']
+  layer = ((c + F32) * (counts['decoder_local'] - held) + c * held) / t.num_layers * _split(setup, 'embed',
+                                                                                            t.hidden_size)
   text = text_layer(setup, tokens, trains=cfg.lora or cfg.stage != 1)
   vis = vision_layer(setup, patches)
   if remat:  # each block's input, and one block's residuals recomputed in the backward pass
@@ -91,7 +97,8 @@ def transient_bytes(setup, counts: Mapping[str, int]) -> tuple[str, dict[str, in
     weights = layer
   else:
     acts = t.num_layers * text + (v.layers * vis if vit_trains else 0)
-    # a quantized base's layers are dequantized again in the backward pass (layers.Einsum): none saved
+    # a quantized base's layers are dequantized again in the backward pass (layers.Einsum): none saved;
+    # a float one's per-layer slices are (a weight held in the compute dtype too: the scan's residual)
     saved = 0 if setup.weights != 'float' else counts['decoder_local']
     weights = layer + c * (saved + (counts['vit_local'] if vit_trains else 0))
   grads = F32 * counts['trainable_local']
@@ -102,7 +109,8 @@ def transient_bytes(setup, counts: Mapping[str, int]) -> tuple[str, dict[str, in
       # The loss: every residual, the lm_head gathered in the compute dtype, the float32 logits at the
       # targets of one micro-batch and their exp (the residual of logsumexp; their gradient takes the
       # logits' place), the lm_head's gradient.
-      'loss': dict(weights=weights, activations=acts, tables=c * table + head_grad,
+      # No layer is gathered there (the forward's scan is over, the backward's not begun).
+      'loss': dict(weights=weights - layer, activations=acts, tables=c * table + head_grad,
                    loss=2 * F32 * rows * setup.seq * t.vocab_size / _split(setup, 'act_vocab', t.vocab_size)),
       # The start of the backward pass through the layers: every residual and the gradients' buffers.
       'backward': dict(weights=weights, activations=acts, gradients=grads, tables=head_grad),

@@ -77,14 +77,17 @@ def check_resume(out_dir: pathlib.Path, cfg: TrainConfig, model_config: QwenVLCo
         + f'; to start from its weights with the new settings, use a new out_dir and init_from={out_dir}')
 
 
-def run_weights(path: str | os.PathLike, shardings: Any, say: Callable[[str], None]) -> Any:
+def run_weights(path: str | os.PathLike, shardings: Any, say: Callable[[str], None],
+                source_frozen: Callable[[pathlib.Path, Any], Any]) -> Any:
   """The params (LoRA merged, float32) of a training out_dir's latest readable step, restored onto
-  `shardings` (a tree of them matching the params)."""
+  `shardings` (a tree of them matching the params); `source_frozen(path, params)` puts back the float
+  values of the frozen weights the run held in its compute dtype (`trainer.run_dir_frozen`)."""
   import jax  # JAX and Orbax: only when a run starts
   from train.checkpointing import restore_weights
   from train.lora import merge_lora
   path = pathlib.Path(path)
   step, params, lora = restore_weights(path / CHECKPOINT_DIR, shardings, say)
+  params = source_frozen(path, params)
   if lora is not None:
     alpha = jsonfile.get(jsonfile.read_object(path / RUN_CONFIG), 'lora_alpha', float, path / RUN_CONFIG)
     merge = jax.jit(lambda p, l: merge_lora(p, l, alpha), out_shardings=shardings, donate_argnums=0)

@@ -22,12 +22,11 @@ from qwenvl_jax.gptq_checkpoint import packed_config
 from qwenvl_jax.model import QwenVL, init_params, param_shapes
 from qwenvl_jax.quant import is_quantized, quantize, quantized_config
 from train.config import TrainConfig
+from train.frozen import MASTER_DTYPE, hold
 from train.lora import init_lora
 from train.optim import make_optimizer
 from train.run_dir import is_run_dir
 from train.step import TrainState, init_state
-
-MASTER_DTYPE = jnp.float32  # master weights, gradients and AdamW moments; compute runs in cfg.dtype
 
 
 def _lora(cfg: TrainConfig, params: Any) -> Any:
@@ -62,7 +61,8 @@ def run_optimizer(cfg: TrainConfig, model: QwenVL) -> optax.GradientTransformati
 
 def from_params(cfg: TrainConfig, optimizer: optax.GradientTransformation, base: QwenVLConfig | None = None
                 ) -> Callable[[Any], TrainState]:
-  """params (any float dtype) -> the initial TrainState: float32 master weights, LoRA, optimizer state.
+  """params (any float dtype) -> the initial TrainState: float32 master weights of the trained leaves,
+  frozen ones the model reads in the compute dtype held in it (train/frozen.py), LoRA, optimizer state.
   `base` (`base_config`) quantized: float params are quantized to it, a quantized tree kept as it is."""
   def build(params):
     # a quantized base's int8 values stay as they are (Q-LoRA: frozen, dequantized in the loss); its
@@ -71,6 +71,7 @@ def from_params(cfg: TrainConfig, optimizer: optax.GradientTransformation, base:
                           params)
     if base is not None and base.weights != 'float' and not is_quantized(params):
       params = quantize(params, base.replace(weights='float'), base.weights)
+    params = hold(cfg, params)
     lora = _lora(cfg, params)
     return init_state(cfg, params, optimizer, lora)
   return build

@@ -33,7 +33,7 @@ __all__ = ['TrainState', 'init_state', 'make_train_step', 'image_order', 'target
 
 class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar: updates applied so far
-  params: Any  # float32 master weights
+  params: Any  # float32 master weights; frozen ones read in the compute dtype held in it (train/frozen.py)
   opt_state: Any
   lora: Any = None  # LoRA tree when training with LoRA
 

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from qwenvl_jax.checkpoint import load_pretrained
 from qwenvl_jax.config import QwenVLConfig
-from qwenvl_jax import sharding
-from qwenvl_jax.model import QwenVL
+from qwenvl_jax import param_layout, sharding
+from qwenvl_jax.model import QwenVL, init_params
 from qwenvl_jax.params import params_to_hf
 from qwenvl_jax import quant
 from qwenvl_jax.tokenizer import QwenVLTokenizer, check_tokenizer, find_vocab
@@ -25,9 +25,11 @@ from train.config import TrainConfig
 from train.inputs import open_data
 from train.lora import merge_lora
 from train.metrics import MetricsLog, measure_peak_flops, step_flops
-from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, SKIPPED_FILE, TrainError, check_resume, is_run_dir,
-                           run_weights, write_configs)
-from train.state import MASTER_DTYPE, base_config, create, make_layout, run_optimizer
+from train.run_dir import (CHECKPOINT_DIR, METRICS_FILE, MODEL_CONFIG, RUN_CONFIG, SKIPPED_FILE, TrainError,
+                           check_resume, is_run_dir, run_weights, write_configs)
+from train import frozen
+from train.frozen import MASTER_DTYPE
+from train.state import base_config, create, make_layout, run_optimizer
 from train.step import make_train_step
 
 
@@ -82,8 +84,34 @@ def initial_weights(cfg: TrainConfig, params: Any, shardings: Any) -> Any:
   if cfg.weights != 'float':  # Q-LoRA: `shardings` are the quantized base's
     return quantized_base_weights(cfg, shardings)
   if is_run_dir(cfg.init_from):
-    return run_weights(cfg.init_from, shardings, say)
+    return run_weights(cfg.init_from, shardings, say, run_dir_frozen)
   return load_pretrained(cfg.init_from, dtype=MASTER_DTYPE, shardings=shardings)[1]
+
+
+def frozen_source(cfg: TrainConfig, model: QwenVL, params: Any, abstract: Any) -> frozen.Source:
+  """Where the frozen weights the state holds in the compute dtype (train/frozen.py) take their float
+  values from when the run ends: `params` given (copied to the host now), else init_from read again onto
+  this host's CPU, else the seed's init made again on it."""
+  held = frozen.held_paths(cfg, abstract)
+  if params is not None:
+    return frozen.kept(params, held & set(param_layout.flatten(params)))
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  if cfg.init_from:
+    return lambda: param_layout.flatten(initial_weights(cfg, None, jax.tree.map(lambda _: cpu, abstract)))
+  init = jax.jit(lambda: init_params(model, jax.random.key(cfg.seed)), out_shardings=cpu)
+  return lambda: param_layout.flatten(init())
+
+
+def run_dir_frozen(path: pathlib.Path, params: Any) -> Any:
+  """A run's restored params with the frozen weights it held in the compute dtype back at their float
+  values, taken from the run's own source (its init_from, or its seed's init)."""
+  if not (path / RUN_CONFIG).is_file():  # not written by a trainer that holds frozen weights in bfloat16
+    return params
+  cfg = TrainConfig.from_json(path / RUN_CONFIG)
+  if not frozen.held_paths(cfg, params):
+    return params
+  model = QwenVL(run_model_config(cfg, QwenVLConfig.from_json(path / MODEL_CONFIG)))
+  return frozen.restore(cfg, params, frozen_source(cfg, model, None, params), f'init_from={path}: its source')
 
 
 def quantized_base_weights(cfg: TrainConfig, shardings: Any) -> Any:
@@ -235,12 +263,17 @@ def _run(cfg, checkpointer, model_config, params, tokenizer, records, resume, me
   say(report.summary(cfg.seq_buckets[-1], out_dir / SKIPPED_FILE))
   optimizer = run_optimizer(cfg, model)
   layout = make_layout(cfg, model, optimizer, mesh, rules)
+  source = frozen_source(cfg, model, params, layout.abstract.params)  # before the params are donated
   if resuming:  # into the abstract state: nothing is initialised or loaded first
     state, loader_state = checkpointer.restore(layout.abstract, say)
     loader.restore(loader_state)
   else:
     targets = layout.param_shardings() if layout.mesh else on_one_device(layout.abstract.params)
-    state = create(layout, cfg, model, optimizer, initial_weights(cfg, params, targets))
+    weights = initial_weights(cfg, params, targets)
+    if weights is not None:  # the leaves the state holds in the compute dtype (read float32), cast one by one
+      weights = frozen.cast_each(weights, frozen.held_paths(cfg, layout.abstract.params), cfg.dtype)
+    state = create(layout, cfg, model, optimizer, weights)
+    del weights
   del params
   place_batch, jit = layout.place_batch, layout.jit
   first = int(state.step)
@@ -250,7 +283,8 @@ def _run(cfg, checkpointer, model_config, params, tokenizer, records, resume, me
   else:
     state = _loop(cfg, model, model_config, optimizer, state, loader, checkpointer, place_batch, jit,
                   first, last, progress, desc, logged)
-  final = merge_lora(state.params, state.lora, cfg.lora_alpha) if cfg.lora else state.params
+  params = frozen.restore(cfg, state.params, source, f'the source of {out_dir}')  # float, as the user gave
+  final = merge_lora(params, state.lora, cfg.lora_alpha) if cfg.lora else params
   if cfg.export_dir:
     export(final, model_config, cfg.export_dir, tokenizer.vocab_file)
   return model_config, final, logged
