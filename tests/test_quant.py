@@ -213,7 +213,8 @@ def test_plan_counts_the_quantized_base(golden_dir):
   shapes = param_layout.leaf_shapes(config)
   quantized = sum(np.prod(s) for p, s in shapes.items() if p[0] in ('decoder', 'lm_head') and p[-1] == 'kernel')
   saved = plans['float'].state['params'] - plans['int8'].state['params']
-  assert 0 < saved <= 3 * quantized  # 4 bytes become 1, plus the scales
-  assert saved > 2.9 * quantized
+  # a frozen kernel is held in the compute dtype (bfloat16: train/frozen.py): 2 bytes become 1, plus scales
+  assert 0 < saved <= quantized
+  assert saved > 0.95 * quantized
   with pytest.raises(ValueError, match='--lora'):
     make_plan(config, 'data=1', weights='int8', stage=3, batch=1, seq=32, images=1, image_size=112)
