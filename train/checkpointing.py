@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train.earlier_int4 import earlier_int4, packed, read_as_stored
 from train.errors import TrainError
 from train.lora import check_layout
 from train.step import TrainState
@@ -76,10 +77,12 @@ class Checkpointer:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     failures = []
     for step in steps:
-      _check_lora_layout(self.directory, step)  # each step tried: an older one may be the old layout
+      saved = _metadata(self.directory, step)
+      _check_lora_layout(self.directory, step, saved)  # each step tried: an older one may be the old layout
+      upgrade = earlier_int4(saved, abstract) if saved is not None else {}
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(read_as_stored(abstract, upgrade)), loader=ocp.args.JsonRestore()))
       except Exception as e:  # TensorStore, JSON and file errors alike: this step cannot be read
         failures.append(f'step {step}: {_reason(e)}')
         self.damaged.add(step)
@@ -89,7 +92,10 @@ class Checkpointer:
       if failures:
         say(f'resuming from step {step}, the latest readable checkpoint; the damaged step(s) '
             f'{sorted(self.damaged)} stay on disk until this run saves them again')
-      return restored.state, dict(restored.loader)
+      if upgrade:
+        say(f'checkpoint step {step}: its int4 values, one per byte (an earlier version), are packed two per '
+            'byte as the run now holds them')
+      return packed(restored.state, abstract, upgrade), dict(restored.loader)
     raise CheckpointError(f'no readable checkpoint in {self.directory}: ' + '; '.join(failures)
                           + '. Start again in a new out_dir (or with init_from=<a good checkpoint>)')
 
@@ -138,14 +144,18 @@ def restore_weights(directory: str | os.PathLike, shardings: Any, say: Callable[
   raise CheckpointError(f'no readable checkpoint in {directory}: ' + '; '.join(failures))
 
 
-def _check_lora_layout(directory: pathlib.Path, step: int, tree: Any = None) -> None:
+def _metadata(directory: pathlib.Path, step: int) -> Any:
+  """The tree of a step's saved state (shapes and dtypes), or None when it cannot be read (damaged: the
+  restore reports it)."""
+  try:
+    return ocp.PyTreeCheckpointer().metadata(directory / str(step) / 'state').item_metadata.tree
+  except Exception:
+    return None
+
+
+def _check_lora_layout(directory: pathlib.Path, step: int, tree: Any) -> None:
   """CheckpointError when the step's LoRA factors are in an earlier version's layout (`lora.check_layout`);
-  a step whose metadata cannot be read is left to the restore, which names it."""
-  if tree is None:
-    try:
-      tree = ocp.PyTreeCheckpointer().metadata(directory / str(step) / 'state').item_metadata.tree
-    except Exception:  # damaged: the restore reports it
-      return
+  a step whose metadata cannot be read (None) is left to the restore, which names it."""
   lora = tree.get('lora') if isinstance(tree, Mapping) else None
   try:
     check_layout(lora, f'checkpoint step {step} in {directory}')
