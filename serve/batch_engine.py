@@ -96,6 +96,7 @@ class BatchEngine:
     self._lock = threading.Condition()
     self._closing = False
     self._counts = {'finished': 0, 'cancelled': 0, 'failed': 0}
+    self._warming = threading.Event()  # set while `start_warming`'s thread compiles: requests are refused
     self._state = None  # the rows' state on the device; None once a row started or ended
     self._outbox: list[tuple[Handle, object]] = []  # tokens and ends for the handles, sent once a turn
     self.uploads = 0  # transfers of the row state to the device
@@ -117,6 +118,8 @@ class BatchEngine:
     with self._lock:
       if self._closing:
         raise QueueFull('the server is shutting down', retry_after=5)
+      if self._warming.is_set():
+        raise QueueFull('the server is compiling its programs (--warm); retry later', retry_after=30)
       if len(self._waiting) >= self.max_queue:
         raise QueueFull(f'the queue is full ({self.max_queue} requests waiting, {self._active()} running); '
                         'retry later')
@@ -132,6 +135,34 @@ class BatchEngine:
       return dict(active=self._active(), queued=len(self._waiting), max_batch=self.max_batch,
                   max_queue=self.max_queue, **self._counts)
 
+  def ready(self) -> bool:
+    """False while `start_warming`'s compiles run."""
+    return not self._warming.is_set()
+
+  def start_warming(self, prompt_tokens: tuple[int, ...]) -> threading.Thread:
+    """Warms (`warm`) for each prompt length in a thread of its own; until it is done `ready()` is False
+    and requests are refused (QueueFull), while the server answers /health."""
+    for n in prompt_tokens:
+      self.check(n, 1)  # GenerationLimitError (a ValueError) when its prompt bucket leaves no slot
+    with self._lock:
+      if self._active() or self._waiting:
+        raise RuntimeError('warm the engine before it serves')
+      self._warming.set()
+
+    def run():
+      try:
+        for n in prompt_tokens:
+          log.info('warming: compiling the programs of %d-token prompts', n)
+          self.warm(n)
+      except Exception:  # a failed compile leaves it to the first requests, which report it
+        log.exception('warming failed')
+      finally:
+        self._warming.clear()
+      log.info('warm: ready')
+    thread = threading.Thread(target=run, name='qwenvl-serve-warm', daemon=True)
+    thread.start()
+    return thread
+
   def warm(self, prompt_tokens: int) -> None:
     """Compiles, before serving, what requests with prompts of this many tokens run: the prefill of each
     power of two of prompts up to max_batch, the step over each power of two of rows and slot bucket,
@@ -139,13 +170,15 @@ class BatchEngine:
     with self._lock:
       if self._active() or self._waiting:
         raise RuntimeError('warm the engine before it serves')
-      self.choices.set(0, GenerationConfig(), 0)  # a row's key is made on the device
-      free = self.slots.state(*(np.zeros((self.max_batch,), np.int32) for _ in range(4)))
-      for logits in self.slots.warm(prompt_tokens):
-        self.choices.choose(logits, np.zeros(len(logits), np.int32), np.zeros(len(logits), np.int32))
-        if len(logits) <= self.max_batch:
-          self.choices.choose_step(logits, free)
-      self.choices.clear(0)
+    # Compiled outside the lock (/health reads the stats meanwhile): no request takes a row meanwhile,
+    # none being submitted while warming (or before serving).
+    self.choices.set(0, GenerationConfig(), 0)  # a row's key is made on the device
+    free = self.slots.state(*(np.zeros((self.max_batch,), np.int32) for _ in range(4)))
+    for logits in self.slots.warm(prompt_tokens):
+      self.choices.choose(logits, np.zeros(len(logits), np.int32), np.zeros(len(logits), np.int32))
+      if len(logits) <= self.max_batch:
+        self.choices.choose_step(logits, free)
+    self.choices.clear(0)
 
   def close(self) -> None:
     with self._lock:

@@ -75,6 +75,12 @@ _PLAIN = tuple(jax.jit(f, static_argnames=names, **_JIT) for f, names in _STATIC
 MIN_SLOTS = 64  # the smallest slot bucket of a step
 
 
+def step_bucket(busy: int, last_slot: int, rows: int, length: int, min_slots: int = MIN_SLOTS) -> tuple[int, int]:
+  """(rows, slots) of a step over a cache of rows x length when row busy - 1 is the last busy one and
+  last_slot the furthest slot a row writes: powers of two (slots at least min_slots), capped at the cache's."""
+  return min(Buckets.count(busy), rows), min(max(Buckets.count(last_slot + 1), min_slots), length)
+
+
 class Slots:
   """The cache, per-row key-mask starts and NTK factors, and the compiled prefill and step over them.
 
@@ -114,8 +120,8 @@ class Slots:
 
   def bucket(self, busy: int, last_slot: int) -> tuple[int, int]:
     """(rows, slots) a step reads when row busy - 1 is the last busy one and last_slot the furthest slot
-    a row writes: powers of two (at least min_slots), capped at the cache's."""
-    return min(Buckets.count(busy), self.rows), min(max(Buckets.count(last_slot + 1), self.min_slots), self.length)
+    a row writes (`step_bucket`)."""
+    return step_bucket(busy, last_slot, self.rows, self.length, self.min_slots)
 
   def prefill(self, rows: list[int], prompts: list[tuple[tuple[int, ...], np.ndarray | None]]) -> tuple[Array, int]:
     """Prefills the prompts (token ids, pixels of their image spans or None; all of one length bucket) into

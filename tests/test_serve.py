@@ -535,7 +535,8 @@ def test_serve_command_errors(tmp_path, capsys):
   with pytest.raises(SystemExit):
     main(['--ckpt', str(tmp_path), '--image-root', str(tmp_path / 'nope')])
   assert 'not a directory' in capsys.readouterr().err
-  for flags, words in ((['--max-len', '8'], '--max-len must be >= 64'), (['--mesh', 'rows=2'], 'unknown axes')):
+  for flags, words in ((['--max-len', '8'], '--max-len must be >= 64'), (['--mesh', 'rows=2'], 'unknown axes'),
+                       (['--warm', '64', '0'], '--warm prompt lengths must be >= 1')):
     with pytest.raises(SystemExit) as e:
       main(['--ckpt', str(tmp_path)] + flags)
     assert e.value.code == 2 and words in capsys.readouterr().err

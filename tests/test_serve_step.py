@@ -3,6 +3,7 @@ not every row's whole length; a step in which no row starts or ends sends nothin
 tokens of a step reach the event loop in one call; the stop-string search costs per token what the
 token adds. One engine run (module fixture) over test_serve's small-vocabulary model is recorded."""
 import asyncio
+import threading
 import time
 
 import jax
@@ -123,3 +124,40 @@ def test_stop_string_search_is_per_token(vocab_file):
     return best
   late, early = cost(len(tokens) - 400), cost(0)
   assert late < 3 * early, (late, early)
+
+
+def test_warming_server_is_not_ready(vocab_file):
+  """`serve --warm`: while the engine compiles, /health answers 503 "warming" and a request 503 with
+  Retry-After; once done, /health answers 200 "ok". A --warm length that cannot fit a row is refused
+  first (the flag's own checks: test_serve_command_errors)."""
+  import httpx
+  from qwenvl_jax.tokenizer import QwenVLTokenizer
+  from serve.app import Service, create_app
+  from serve.limits import Limits
+  from serve.prompt import Preparer
+  from serving import live_server
+  gate = threading.Event()
+
+  class Gated(BatchEngine):
+    def warm(self, prompt_tokens):  # the compiles, held until the test lets them end
+      assert gate.wait(30)
+  cfg = small_vocab_config()
+  model, params = QwenVL(cfg), decode_params(random_params(cfg))
+  tok = QwenVLTokenizer(vocab_file)
+  engine = Gated(model, params, max_batch=2, max_len=128)
+  with pytest.raises(ValueError, match='--max-len 128'):
+    engine.start_warming((40, 200))
+  app = create_app(Service('tiny', tok, GenerationConfig(), Preparer(model, params, tok, Limits()), engine))
+  try:
+    with live_server(app) as url:
+      warming = engine.start_warming((40,))
+      health = httpx.get(url + '/health')
+      assert health.status_code == 503 and health.json()['status'] == 'warming'
+      r = httpx.post(url + '/v1/chat/completions', json={'model': 'tiny', 'messages': [{'role': 'user', 'content': 'hi'}]})
+      assert r.status_code == 503 and r.headers['retry-after'] and '--warm' in r.json()['error']['message']
+      gate.set()
+      warming.join(30)
+      assert httpx.get(url + '/health').json()['status'] == 'ok'
+  finally:
+    gate.set()
+    engine.close()
