@@ -163,10 +163,11 @@ class BatchEngine:
     thread.start()
     return thread
 
-  def warm(self, prompt_tokens: int) -> None:
-    """Compiles, before serving, what requests with prompts of this many tokens run: the prefill of each
-    power of two of prompts up to max_batch, the step over each power of two of rows and slot bucket,
-    the token choice of each (else the first requests of each size wait for them)."""
+  def warm(self, prompt_tokens: int, max_new_tokens: int | None = None) -> None:
+    """Compiles, before serving, what requests with prompts of this many tokens (and up to max_new_tokens
+    new ones, default: as many as a row holds) run: the prefill of each power of two of prompts up to
+    max_batch, the step over each power of two of rows and slot bucket, the token choice of each (else
+    the first requests of each size wait for them)."""
     with self._lock:
       if self._active() or self._waiting:
         raise RuntimeError('warm the engine before it serves')
@@ -174,7 +175,7 @@ class BatchEngine:
     # none being submitted while warming (or before serving).
     self.choices.set(0, GenerationConfig(), 0)  # a row's key is made on the device
     free = self.slots.state(*(np.zeros((self.max_batch,), np.int32) for _ in range(4)))
-    for logits in self.slots.warm(prompt_tokens):
+    for logits in self.slots.warm(prompt_tokens, max_new_tokens):
       self.choices.choose(logits, np.zeros(len(logits), np.int32), np.zeros(len(logits), np.int32))
       if len(logits) <= self.max_batch:
         self.choices.choose_step(logits, free)

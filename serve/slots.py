@@ -167,15 +167,17 @@ class Slots:
     self.cache, logits = self._step(self.params, self.cache, rows, config=self.config, n=n, slots=slots)
     return logits
 
-  def warm(self, n_tokens: int) -> list[Array]:
+  def warm(self, n_tokens: int, new_tokens: int | None = None) -> list[Array]:
     """Runs once (compiling them) the programs serving prompts of n_tokens: the prefill of each power of
     two of prompts up to the rows (padding prompts, written nowhere) and the step over each power of two
-    of rows and each slot bucket from the prompt's to the cache's; returns the logits of each, for the
-    token choice to compile on. Call it with every row free."""
+    of rows and each slot bucket from the prompt's to the cache's (or to the one of `new_tokens` tokens
+    after the prompt); returns the logits of each, for the token choice to compile on. Call it with every
+    row free."""
     p, logits = self.prompt_slots(n_tokens), []
     features = image_features(self.params, None, self.config, 0)
     free = self.state(*(np.zeros((self.rows,), np.int32) for _ in range(4)))  # free rows: slot 0 only
-    spans = sorted({self.bucket(1, last)[1] for last in range(p, self.length)})
+    end = self.length if new_tokens is None else min(p + new_tokens, self.length)
+    spans = sorted({self.bucket(1, last)[1] for last in range(p, end)})
     for n in (1 << i for i in range(Buckets.count(self.rows).bit_length())):
       ids, mask = np.zeros((n, p), np.int32), np.ones((n, p), bool)
       self.cache, prefilled, _ = self._prefill(self.params, self.cache, np.full((n,), self.rows, np.int32), ids,
