@@ -37,8 +37,10 @@ TOPICS = ['the sea', 'a lighthouse', 'bread', 'a red bicycle', 'winter', 'an old
           'the moon', 'a small robot', 'rain in a city', 'chess', 'a garden', 'trains', 'a kite', 'tea']
 
 
-def start_server(model, params, tok, max_batch: int, max_len: int, max_queue: int, prompt_tokens: list[int]):
-  """A live server on a free port, its programs for prompts of these lengths compiled: (url, stop)."""
+def start_server(model, params, tok, max_batch: int, max_len: int, max_queue: int, prompt_tokens: list[int],
+                 new: int):
+  """A live server on a free port, its programs for prompts of these lengths and `new` tokens compiled:
+  (url, stop)."""
   import uvicorn
   from serve.app import Service, create_app
   from serve.batch_engine import BatchEngine
@@ -46,7 +48,7 @@ def start_server(model, params, tok, max_batch: int, max_len: int, max_queue: in
   from serve.prompt import Preparer
   engine = BatchEngine(model, params, max_batch=max_batch, max_queue=max_queue, max_len=max_len)
   for n in prompt_tokens:
-    engine.warm(n)
+    engine.warm(n, new)
   limits = Limits()
   service = Service('bench', tok, q.GenerationConfig(do_sample=False), Preparer(
       model, params, tok, limits, fits=engine.check), engine, limits)
@@ -121,8 +123,9 @@ def main(argv=None) -> None:
   max_len = 128 + args.new  # the prompts take 32 or 64 slots
   lengths = {len(make_context(tok, prompt(i), system=DEFAULT_SYSTEM)[1]) for i in range(max(args.clients))}
   warm = sorted({Buckets().length(n): n for n in lengths}.values())  # one length of each bucket
-  servers = {'one at a time': start_server(model, params, tok, 1, max_len, max(args.clients), warm),
-             f'batched ({rows} rows)': start_server(model, params, tok, rows, max_len, max(args.clients), warm)}
+  servers = {'one at a time': start_server(model, params, tok, 1, max_len, max(args.clients), warm, args.new),
+             f'batched ({rows} rows)': start_server(model, params, tok, rows, max_len, max(args.clients), warm,
+                                                    args.new)}
   results = {}
   try:
     for name, (url, _) in servers.items():

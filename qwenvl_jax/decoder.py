@@ -90,15 +90,18 @@ class KVCache:
     return self.replace(k=put(self.k, rows.k), v=put(self.v, rows.v))
 
   def attend(self, q: Array, mask: Array, dtype) -> Array:
-    """`kernel_math.attend` of queries q [b, t, h, k] over this layer's slots. In the slots-last layout one
-    query per row goes to the CPU kernel where it applies (`_kernel_attends`)."""
-    b = q.shape[0]  # the cache may hold more rows: the first b are attended over
+    """`kernel_math.attend` of queries q [b, t, h, k] over the first s slots of this layer's first b rows,
+    mask [b, t, s]: the cache may hold more rows and slots (a server's step reads its busy rows up to a
+    slot bucket covering the longest, not every row's whole length). In the slots-last layout one query
+    per row goes to the CPU kernel where it applies (`_kernel_attends`)."""
+    b, s = q.shape[0], mask.shape[-1]
     if not self.slots_last:
-      return attend(q, self.k[:b], self.v[:b], mask, dtype)
+      return attend(q, self.k[:b, :s], self.v[:b, :s], mask, dtype)
     k, v = (c.reshape((-1,) + c.shape[-3:]) for c in (self.k, self.v))  # [b', h, k, slots]
-    if q.shape[1] == 1 and _kernel_attends(dtype):
-      return cpu_kernels.attend_one(q[:, 0], k, v, mask[:, 0])[:, None]  # reads the rows in place
-    k, v = (jnp.einsum('bhks->bshk', c[:b]) for c in (k, v))
+    if q.shape[1] == 1 and _kernel_attends(dtype):  # reads the rows in place, only their valid slots
+      valid = jnp.pad(mask[:, 0], ((0, 0), (0, k.shape[-1] - s)))
+      return cpu_kernels.attend_one(q[:, 0], k, v, valid)[:, None]
+    k, v = (jnp.einsum('bhks->bshk', c[:b, :, :, :s]) for c in (k, v))
     return attend(q, k, v, mask, dtype)
 
 

@@ -50,6 +50,15 @@ class RowSampling(NamedTuple):
 _CANDIDATES = 256
 
 
+def candidate_width(top_k, vocab: int) -> int:
+  """The best tokens `warp_logits` must look among for rows of these top_k (0: off): the next power of two
+  holding each top_k below the vocabulary, at least 256 (top_k >= vocab keeps every token). A server
+  passes it for the rows it chooses for, so that one request's top_k of 1000 costs a top-1024 of its
+  batch's logits, never a sort of the whole vocabulary."""
+  ks = [int(k) for k in top_k if 0 < k < vocab]
+  return min(vocab, max([_CANDIDATES] + [1 << (k - 1).bit_length() for k in ks]))
+
+
 def _rows(x) -> bool:
   """Whether a setting is given per row (an array) rather than as one Python number for all."""
   return not isinstance(x, (int, float))
@@ -73,27 +82,30 @@ def _kth(descending: Array, k: Array) -> Array:
   return jnp.take_along_axis(descending, jnp.clip(k, 1, descending.shape[-1])[:, None] - 1, axis=-1)
 
 
-def warp_logits(logits: Array, temperature, top_k, top_p) -> Array:
+def warp_logits(logits: Array, temperature, top_k, top_p, candidates: int = _CANDIDATES) -> Array:
   """Hugging Face's TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper in that order; [b, v].
 
   Each setting is a Python number (the same for every row; 1.0, 0 and 1.0 skip their warper) or an array
   of one value per row [b] (traced: temperature 1 changes nothing, top_k 0 and top_p 1 are off). A row's
   result does not depend on the others'. Removed tokens get -inf. Ties at a threshold are all kept (torch
-  keeps an arbitrary subset).
+  keeps an arbitrary subset). candidates: the best tokens looked among first (`candidate_width`); rows of
+  a larger top_k, and rows whose top_p needs more, sort every token.
   """
   b, v = logits.shape
   column = lambda x: jnp.reshape(jnp.asarray(x), (b, 1)) if _rows(x) else x
   temperature, top_p = column(temperature), column(top_p)
   if _rows(temperature) or temperature != 1.0:
     logits = logits / temperature
-  candidates = None  # the best logits, descending: top-k's and then top-p's (top_k over a -inf tail is slow)
-  if _rows(top_k) or 0 < top_k <= _CANDIDATES:
+  # the best logits, descending: top-k's and then top-p's (top_k over a -inf tail is slow)
+  width, candidates = min(candidates, v), None
+  if _rows(top_k) or 0 < top_k <= width:
     k = jnp.broadcast_to(jnp.reshape(jnp.asarray(top_k, jnp.int32), (-1,)), (b,))
-    candidates = jax.lax.top_k(logits, min(_CANDIDATES, v))[0]
+    k = jnp.where(k >= v, 0, k)  # keeping the whole vocabulary removes nothing: off
+    candidates = jax.lax.top_k(logits, width)[0]
     kth = _kth(candidates, k)
-    if _rows(top_k) and v > _CANDIDATES:  # rows keeping more than the candidates sort every token
-      kth = jax.lax.cond((k > _CANDIDATES).any(),
-                         lambda: jnp.where(k[:, None] > _CANDIDATES, _kth(-jnp.sort(-logits, axis=-1), k), kth),
+    if _rows(top_k) and v > width:  # rows keeping more than the candidates sort every token
+      kth = jax.lax.cond((k > width).any(),
+                         lambda: jnp.where(k[:, None] > width, _kth(-jnp.sort(-logits, axis=-1), k), kth),
                          lambda: kth)
     kth = jnp.where(k[:, None] > 0, kth, -jnp.inf)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -104,7 +116,7 @@ def warp_logits(logits: Array, temperature, top_k, top_p) -> Array:
   if _rows(top_p) or top_p < 1.0:
     lse = jax.nn.logsumexp(logits, axis=-1)
     if candidates is None:
-      candidates = jax.lax.top_k(logits, min(_CANDIDATES, v))[0]
+      candidates = jax.lax.top_k(logits, width)[0]
     threshold, enough = _top_p_threshold(candidates, lse, top_p)
     enough = enough | jnp.reshape(top_p >= 1.0, (-1,))
     threshold = jax.lax.cond(  # rows of flat distributions need every token sorted
@@ -151,10 +163,11 @@ def _draw(key: Array, step: Array, logits: Array) -> Array:
   return jax.vmap(draw)(key, jnp.broadcast_to(step, key.shape), logits)
 
 
-def select(logits: Array, step: Array, min_new: Array, key: Array, s: Sampler | RowSampling) -> Array:
+def select(logits: Array, step: Array, min_new: Array, key: Array, s: Sampler | RowSampling,
+           candidates: int = _CANDIDATES) -> Array:
   """The next token [b] from raw logits [b, v] for the step-th new token; never an id >= vocab_limit.
 
-  step, min_new: [] or [b]. key: one for the batch, or one per row [b].
+  step, min_new: [] or [b]. key: one for the batch, or one per row [b]. candidates: `warp_logits`'s.
   """
   logits = _masked(jnp.asarray(logits), s, jnp.asarray(step) < min_new)
   if s.do_sample is False:
@@ -163,7 +176,7 @@ def select(logits: Array, step: Array, min_new: Array, key: Array, s: Sampler | 
   def sampled():
     # Masked again after warping: arithmetic on -inf can give NaN (-inf / inf, inf - inf), and both
     # argmax and categorical would pick a NaN first.
-    warped = _masked(warp_logits(logits, s.temperature, s.top_k, s.top_p), s, step < min_new)
+    warped = _masked(warp_logits(logits, s.temperature, s.top_k, s.top_p, candidates), s, step < min_new)
     return _draw(key, step, warped).astype(jnp.int32)
   if s.do_sample is True:
     return sampled()

@@ -91,6 +91,8 @@ def create_app(service: Service) -> FastAPI:
 
   @app.get('/health')
   async def health():
+    if not _ready(service.engine):  # 503 until --warm's compiles are done: load balancers wait for it
+      return JSONResponse({'status': 'warming', **service.engine.stats()}, 503)
     return {'status': 'ok', **service.engine.stats()}
 
   @app.get('/metrics')
@@ -115,6 +117,9 @@ def create_app(service: Service) -> FastAPI:
       raise ApiError(404, f'model {req.model!r} does not exist; this server serves {service.name!r}',
                      'model', 'model_not_found')
     config, seed = settings(service.generation_config, service.tokenizer, req.sampling)
+    if not _ready(service.engine):
+      raise ApiError(503, 'the server is compiling its programs (--warm); retry in a minute', code='warming',
+                     headers={'Retry-After': '30'})
     _check_queue(service.engine)  # before decoding images for a request that cannot be queued
     prompt = await anyio.to_thread.run_sync(service.preparer.prepare, req.messages, config)
     try:
@@ -128,6 +133,11 @@ def create_app(service: Service) -> FastAPI:
     return JSONResponse(await run.whole(request))
 
   return app
+
+
+def _ready(engine: Engine) -> bool:
+  """Whether the engine serves requests yet (engines that never warm always do)."""
+  return getattr(engine, 'ready', lambda: True)()
 
 
 def _authorize(request: Request, service: Service) -> None:

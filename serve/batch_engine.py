@@ -6,7 +6,11 @@ prefilled together in one program, their first tokens chosen at once), drops the
 gone, then advances every busy row by one token in one step. A row is freed the moment its request ends
 (a stop id, its max_new_tokens, a cancel), and the next waiting request takes it at the next turn while
 the others go on decoding. Requests come from the event loop through `submit` (a locked queue); tokens
-go back through each request's `Handle`.
+go back through the requests' `Handle`s, all of a turn's in one call into the event loop.
+
+A decode step sends nothing to the device: the rows' state (`slots.RowState`: tokens, slots, step counts)
+stays there and the step programs advance it, and it is sent again, with the sampling settings, only in
+a turn where a row starts or ends. Only the chosen tokens come back to the host.
 
 Each row keeps its own sampling settings (temperature, top_p, top_k), seed, stop ids and token budget
 (`choice.Choices`: arrays, so no setting a client sends compiles anything): a greedy request gets the
@@ -26,7 +30,7 @@ from qwenvl_jax import GenerationConfig, QwenVL
 from qwenvl_jax.batching import Buckets
 from qwenvl_jax.budget import GenerationLimitError, check_memory, estimate
 from serve.choice import Choices
-from serve.engine import EngineRequest, Handle, QueueFull
+from serve.engine import EngineRequest, Handle, QueueFull, deliver
 from serve.slots import Slots
 
 log = logging.getLogger('qwenvl_jax.serve')
@@ -92,6 +96,10 @@ class BatchEngine:
     self._lock = threading.Condition()
     self._closing = False
     self._counts = {'finished': 0, 'cancelled': 0, 'failed': 0}
+    self._warming = threading.Event()  # set while `start_warming`'s thread compiles: requests are refused
+    self._state = None  # the rows' state on the device; None once a row started or ended
+    self._outbox: list[tuple[Handle, object]] = []  # tokens and ends for the handles, sent once a turn
+    self.uploads = 0  # transfers of the row state to the device
     self._worker = threading.Thread(target=self._run, name='qwenvl-serve-engine', daemon=True)
     self._worker.start()
 
@@ -110,6 +118,8 @@ class BatchEngine:
     with self._lock:
       if self._closing:
         raise QueueFull('the server is shutting down', retry_after=5)
+      if self._warming.is_set():
+        raise QueueFull('the server is compiling its programs (--warm); retry later', retry_after=30)
       if len(self._waiting) >= self.max_queue:
         raise QueueFull(f'the queue is full ({self.max_queue} requests waiting, {self._active()} running); '
                         'retry later')
@@ -125,17 +135,51 @@ class BatchEngine:
       return dict(active=self._active(), queued=len(self._waiting), max_batch=self.max_batch,
                   max_queue=self.max_queue, **self._counts)
 
-  def warm(self, prompt_tokens: int) -> None:
-    """Compiles, before serving, what requests with prompts of this many tokens run: the prefill of each
-    power of two of prompts up to max_batch, the step over each power of two of rows, the token choice
-    of each (else the first requests of each size wait for them)."""
+  def ready(self) -> bool:
+    """False while `start_warming`'s compiles run."""
+    return not self._warming.is_set()
+
+  def start_warming(self, prompt_tokens: tuple[int, ...]) -> threading.Thread:
+    """Warms (`warm`) for each prompt length in a thread of its own; until it is done `ready()` is False
+    and requests are refused (QueueFull), while the server answers /health."""
+    for n in prompt_tokens:
+      self.check(n, 1)  # GenerationLimitError (a ValueError) when its prompt bucket leaves no slot
     with self._lock:
       if self._active() or self._waiting:
         raise RuntimeError('warm the engine before it serves')
-      self.choices.set(0, GenerationConfig(), 0)  # a row's key is made on the device
-      for logits in self.slots.warm(prompt_tokens):
-        self.choices.choose(logits, np.zeros(len(logits), np.int32), np.zeros(len(logits), np.int32))
-      self.choices.clear(0)
+      self._warming.set()
+
+    def run():
+      try:
+        for n in prompt_tokens:
+          log.info('warming: compiling the programs of %d-token prompts', n)
+          self.warm(n)
+      except Exception:  # a failed compile leaves it to the first requests, which report it
+        log.exception('warming failed')
+      finally:
+        self._warming.clear()
+      log.info('warm: ready')
+    thread = threading.Thread(target=run, name='qwenvl-serve-warm', daemon=True)
+    thread.start()
+    return thread
+
+  def warm(self, prompt_tokens: int, max_new_tokens: int | None = None) -> None:
+    """Compiles, before serving, what requests with prompts of this many tokens (and up to max_new_tokens
+    new ones, default: as many as a row holds) run: the prefill of each power of two of prompts up to
+    max_batch, the step over each power of two of rows and slot bucket, the token choice of each (else
+    the first requests of each size wait for them)."""
+    with self._lock:
+      if self._active() or self._waiting:
+        raise RuntimeError('warm the engine before it serves')
+    # Compiled outside the lock (/health reads the stats meanwhile): no request takes a row meanwhile,
+    # none being submitted while warming (or before serving).
+    self.choices.set(0, GenerationConfig(), 0)  # a row's key is made on the device
+    free = self.slots.state(*(np.zeros((self.max_batch,), np.int32) for _ in range(4)))
+    for logits in self.slots.warm(prompt_tokens, max_new_tokens):
+      self.choices.choose(logits, np.zeros(len(logits), np.int32), np.zeros(len(logits), np.int32))
+      if len(logits) <= self.max_batch:
+        self.choices.choose_step(logits, free)
+    self.choices.clear(0)
 
   def close(self) -> None:
     with self._lock:
@@ -161,7 +205,7 @@ class BatchEngine:
         for request, handle in waiting:  # clients that left while waiting give their places up
           if handle.cancelled.is_set():
             self._counts['cancelled'] += 1
-            handle.finish()
+            self._outbox.append((handle, handle.end()))
           else:
             self._waiting.append((request, handle))
         starting = []
@@ -175,12 +219,18 @@ class BatchEngine:
       for slots, group in groups.items():
         for part in _parts(group, self.max_prefill_tokens // slots):
           self._start(part)
+      self._flush()  # the first tokens go out before the step
       for r, row in enumerate(self._rows):
         if isinstance(row, _Row) and row.handle.cancelled.is_set():
           self._end(r, row.handle, 'cancelled')
       if any(isinstance(row, _Row) for row in self._rows):
         self._advance()
+      self._flush()
       self._pause()
+
+  def _flush(self) -> None:
+    outbox, self._outbox = self._outbox, []
+    deliver(outbox)
 
   def _start(self, group: list[tuple[int, EngineRequest, Handle]]) -> None:
     """Prefills the group's prompts (one length bucket) together into their rows; each first token."""
@@ -208,25 +258,35 @@ class BatchEngine:
       row = _Row(request, handle, prompt_slots)
       with self._lock:
         self._rows[r] = row
+      self._state = None
       self._emit(r, row, int(token))
 
   def _advance(self) -> None:
     busy = [(r, row) for r, row in enumerate(self._rows) if isinstance(row, _Row)]
-    tokens, index, steps = (np.zeros((self.max_batch,), np.int32) for _ in range(3))
-    for r, row in busy:
-      tokens[r], index[r], steps[r] = row.last, row.index, row.generated
     try:
-      logits = self.slots.step(tokens, index, busy[-1][0] + 1)
-      chosen = self.choices.choose(logits, np.arange(len(logits)), steps[:len(logits)])
+      if self._state is None:  # a row started or ended: the state goes to the device again
+        token, index, steps, live = (np.zeros((self.max_batch,), np.int32) for _ in range(4))
+        for r, row in busy:
+          token[r], index[r], steps[r], live[r] = row.last, row.index, row.generated, 1
+        self._state = self.slots.state(token, index, steps, live)
+        self.uploads += 1
+      n, slots = self.slots.bucket(busy[-1][0] + 1, max(row.index for _, row in busy))
+      logits = self.slots.step(self._state, n, slots)
+      chosen, self._state = self.choices.choose_step(logits, self._state)
+      chosen = np.asarray(chosen)
     except Exception as e:
       log.exception('decode step failed')
+      self._state = None
       return self._fail([(r, row.handle) for r, row in busy], e)
     for r, row in busy:
       self._emit(r, row, int(chosen[r]))
 
   def _emit(self, r: int, row: _Row, token: int) -> None:
-    token = self._token(row, token)
-    row.handle.put(token)
+    scripted = self._token(row, token)
+    if scripted != token:  # a test's token: the device holds another
+      self._state = None
+    token = scripted
+    self._outbox.append((row.handle, token))
     row.generated, row.last = row.generated + 1, token
     g = row.request.config
     if token in g.stop_ids or row.generated >= g.max_new_tokens:
@@ -247,4 +307,5 @@ class BatchEngine:
     with self._lock:
       self._rows[r] = None
       self._counts[outcome] += 1
-    handle.finish(error)
+    self._state = None
+    self._outbox.append((handle, handle.end(error)))

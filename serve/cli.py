@@ -16,6 +16,7 @@ from qwenvl_jax import runtime_options
 from serve.limits import Limits
 
 API_KEY_ENV = 'QWENVL_JAX_API_KEY'
+WARM_DEFAULT = (64, 128, 512)  # prompt buckets of text chats and of chats with one image (256 + tokens)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument('--max-prefill-tokens', type=int, default=8192, help='prompt tokens prefilled in one '
                  'program: waiting prompts of one length are prefilled together up to this many')
   p.add_argument('--max-queue', type=int, default=16, help='requests waiting; more get 429 with Retry-After')
+  p.add_argument('--warm', type=int, nargs='*', metavar='TOKENS', help='compile at start the programs that '
+                 'prompts of these many tokens run (--warm alone: %s, text and one-image chats); '
+                 '/health answers 503 and requests get 503 until done' % ' '.join(map(str, WARM_DEFAULT)))
   p.add_argument('--image-root', metavar='DIR', help='image paths in requests must lie under DIR '
                  '(default: local paths are refused; send images as data URLs)')
   p.add_argument('--allow-urls', action='store_true', help='fetch http(s) image URLs (only for trusted '
@@ -58,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                ('--max-len', args.max_len, 64), ('--max-prefill-tokens', args.max_prefill_tokens, 1)):
       if value < least:
         raise ValueError(f'{flag} must be >= {least}, got {value}')
+    if args.warm is not None:
+      from qwenvl_jax.batching import Buckets  # (the engine checks that each fits a row)
+      args.warm = tuple(args.warm) or tuple(n for n in WARM_DEFAULT if Buckets().length(n) < args.max_len)
+      if any(n < 1 for n in args.warm):
+        raise ValueError(f'--warm prompt lengths must be >= 1, got {args.warm}')
     if args.image_root is not None and not pathlib.Path(args.image_root).is_dir():
       raise ValueError(f'--image-root {args.image_root}: not a directory')
     if args.mesh:
@@ -117,6 +126,8 @@ def build(args: argparse.Namespace, limits: Limits):
   check_tokenizer(tokenizer, model.config)
   engine = BatchEngine(model, params, max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len,
                        max_prefill_tokens=args.max_prefill_tokens, mesh=mesh, rules=rules)
+  if args.warm:
+    engine.start_warming(args.warm)
   preparer = Preparer(model, params, tokenizer, limits, args.image_root, args.allow_urls, fits=engine.check)
   service = Service(args.model_name or ckpt.resolve().name, tokenizer, generation_config, preparer, engine, limits,
                     args.api_key or os.environ.get(API_KEY_ENV) or None)

@@ -40,7 +40,8 @@ class EngineRequest:
 
 class Handle:
   """A submitted request: `async for token in handle` yields its new token ids; the iteration ends when
-  the engine stops it (a stop id, max_new_tokens, or `cancel`). The engine's thread calls `put`/`finish`."""
+  the engine stops it (a stop id, max_new_tokens, or `cancel`). The engine's thread calls `put`/`finish`,
+  or `deliver` for many handles at once."""
 
   _END = object()
 
@@ -55,23 +56,40 @@ class Handle:
     self.cancelled.set()
 
   def put(self, token: int) -> None:
-    self._send(token)
+    deliver([(self, token)])
 
   def finish(self, error: BaseException | None = None) -> None:
-    self.error = error
-    self._send(self._END)
+    deliver([(self, self.end(error))])
 
-  def _send(self, item) -> None:
-    try:
-      self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-    except RuntimeError:  # the event loop is closed: nobody is listening any more
-      self.cancelled.set()
+  def end(self, error: BaseException | None = None) -> object:
+    """The item that ends the iteration (raising `error` if any), for `deliver`."""
+    self.error = error
+    return self._END
 
   async def __aiter__(self) -> AsyncIterator[int]:
     while (item := await self._queue.get()) is not self._END:
       yield item
     if self.error is not None:
       raise self.error
+
+
+def deliver(items: list[tuple[Handle, object]]) -> None:
+  """Hands tokens (and `Handle.end` items) to their handles from another thread, with one call into each
+  event loop for all of them: an engine sends a whole step's tokens at once, not one call per token."""
+  by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Handle, object]]] = {}
+  for handle, item in items:
+    by_loop.setdefault(handle._loop, []).append((handle, item))
+  for loop, batch in by_loop.items():
+    try:
+      loop.call_soon_threadsafe(_put_all, batch)
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+      for handle, _ in batch:
+        handle.cancelled.set()
+
+
+def _put_all(batch: list[tuple[Handle, object]]) -> None:
+  for handle, item in batch:
+    handle._queue.put_nowait(item)
 
 
 class Engine(Protocol):

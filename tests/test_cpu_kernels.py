@@ -107,13 +107,14 @@ def test_decode_step_copies_no_cache(kernel, golden_dir, n_rows):
 
 
 def test_server_step_over_its_first_rows_copies_no_cache(kernel, golden_dir):
-  """The server's step over its first 2 of 4 rows writes and reads them in the whole cache: no copy of
-  the cache, nor of those rows (they were copied out and back, ~40% of a 1-row step at the bench dims)."""
+  """The server's step over its first 2 of 4 rows, and the first 64 of their 128 slots, writes and reads
+  them in the whole cache: no copy of the cache, nor of those rows (they were copied out and back, ~40% of
+  a 1-row step at the bench dims)."""
   from serve.slots import Slots
   model, params = q.load_pretrained(golden_dir / 'checkpoint')
-  slots, n = Slots(model.config, gen.decode_params(params), 4, 64), 2
-  compiled = slots._step.lower(slots.params, slots.cache, np.zeros(n, np.int32), slots.key_mask[:n], slots.alpha[:n],
-                               np.zeros(n, np.int32), config=model.config).compile().as_text()
+  slots, n = Slots(model.config, gen.decode_params(params), 4, 128), 2
+  state = slots.state(*(np.zeros(4, np.int32) for _ in range(4)))
+  compiled = slots._step.lower(slots.params, slots.cache, state, config=model.config, n=n, slots=64).compile().as_text()
   rows, *rest = slots.cache[0].k.shape
   assert cpu_kernels.ATTEND_TARGET in compiled
   assert not [line for line in compiled.splitlines() if f'[{rows},{",".join(map(str, rest))}]' in line and ' copy(' in line]

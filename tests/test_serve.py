@@ -535,7 +535,8 @@ def test_serve_command_errors(tmp_path, capsys):
   with pytest.raises(SystemExit):
     main(['--ckpt', str(tmp_path), '--image-root', str(tmp_path / 'nope')])
   assert 'not a directory' in capsys.readouterr().err
-  for flags, words in ((['--max-len', '8'], '--max-len must be >= 64'), (['--mesh', 'rows=2'], 'unknown axes')):
+  for flags, words in ((['--max-len', '8'], '--max-len must be >= 64'), (['--mesh', 'rows=2'], 'unknown axes'),
+                       (['--warm', '64', '0'], '--warm prompt lengths must be >= 1')):
     with pytest.raises(SystemExit) as e:
       main(['--ckpt', str(tmp_path)] + flags)
     assert e.value.code == 2 and words in capsys.readouterr().err
@@ -553,10 +554,12 @@ def small_vocab_config():
 @pytest.mark.slow
 def test_engine_compiles_once_per_bucket(compiles):
   """The engine alone, warmed for a prompt-length bucket: the prefill compiles once per power of two of
-  prompts prefilled together, the step once per power of two of rows, the token choice once per row
-  count. Then prompts of other lengths in the bucket, token budgets, temperatures, top_k, top_p, stop
-  lists and seeds, arriving alone or together, compile nothing; another bucket compiles its prefills
-  only. Each answer equals `generate` alone (greedy, and sampled with its seed)."""
+  prompts prefilled together, the step once per power of two of rows and slot bucket (128 and the
+  row's 160 here), the token choice once per row count (after a prefill and at a step). Then prompts of
+  other lengths in the bucket, token budgets, temperatures, top_k (up to 256: past it, once per power of
+  two, test_serve_choice), top_p, stop lists and seeds, arriving alone or together, compile nothing;
+  another bucket compiles its prefills only. Each answer equals `generate` alone (greedy, and sampled
+  with its seed)."""
   import asyncio
   import numpy as np
   from qwenvl_jax.decode import generate
@@ -566,7 +569,7 @@ def test_engine_compiles_once_per_bucket(compiles):
   engine = BatchEngine(model, params, max_batch=4, max_queue=8, max_len=160)
   rng = np.random.default_rng(0)
   kinds = [dict(do_sample=False), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=5),
-           dict(temperature=0.5, top_p=0.8, top_k=300)]
+           dict(temperature=0.5, top_p=0.8, top_k=200)]
   done = []
 
   async def wave(n, lengths):
@@ -577,10 +580,12 @@ def test_engine_compiles_once_per_bucket(compiles):
       asks.append((tuple(int(t) for t in rng.integers(0, 500, int(rng.integers(*lengths)))), g, int(rng.integers(2**32))))
     handles = [engine.submit(EngineRequest(p, None, g, seed)) for p, g, seed in asks]
     done.extend(zip(asks, [[t async for t in h] for h in handles]))
-  ours = lambda: sorted(c for c in compiles if c in ('jit(_prefill_rows)', 'jit(_step)', 'jit(_choose)'))
+  ours = lambda: sorted(c for c in compiles
+                        if c in ('jit(_prefill_rows)', 'jit(_step)', 'jit(_choose)', 'jit(_choose_step)'))
   try:
     engine.warm(40)
-    assert ours() == ['jit(_choose)'] * 3 + ['jit(_prefill_rows)'] * 3 + ['jit(_step)'] * 3, ours()  # 1, 2, 4
+    assert ours() == (['jit(_choose)'] * 3 + ['jit(_choose_step)'] * 3 + ['jit(_prefill_rows)'] * 3
+                      + ['jit(_step)'] * 6), ours()  # rows 1, 2, 4 (x slots 128, 160)
     compiles.clear()
     for n in (1, 3, 2):
       asyncio.run(wave(n, (33, 65)))

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 
 from qwenvl_jax import GenerationConfig
-from qwenvl_jax.sampling import Sampler, select
+from qwenvl_jax.sampling import Sampler, candidate_width, select
 from serve import choice
 from serve.choice import Choices
 
@@ -50,24 +50,47 @@ def test_each_row_chooses_as_alone():
 
 
 def test_settings_compile_nothing():
-  """New temperatures, top_k, top_p, stop lists and seeds reuse the program of their row count; more stop
-  ids than the width widen it once (a program per width, not per value)."""
-  table, steps = _table(ROWS[:4])
-  logits = jax.numpy.asarray(_logits(0)[:4])
-  table.choose(logits, np.arange(4), steps)
+  """New temperatures, top_k (up to the 256 candidates, or past the vocabulary), top_p, stop lists and
+  seeds reuse the program of their row count; more stop ids than the width widen it once (a program per
+  width, not per value)."""
+  table, steps = _table(ROWS[:3])
+  logits = jax.numpy.asarray(_logits(0)[:3])
+  table.choose(logits, np.arange(3), steps)
   size = choice._choose._cache_size()
   rng = np.random.default_rng(0)
   for i in range(6):
-    table.set(i % 4, GenerationConfig(temperature=float(rng.uniform(0.1, 2)),
-                                      top_k=10**12 if i == 1 else int(rng.integers(0, 500)),
+    table.set(i % 3, GenerationConfig(temperature=float(rng.uniform(0.1, 2)),
+                                      top_k=10**12 if i == 1 else int(rng.integers(0, 257)),
                                       top_p=float(rng.uniform(0.1, 1)), stop_ids=tuple(rng.integers(0, V, i)),
                                       min_new_tokens=i, do_sample=bool(i % 3)), seed=i)
-    table.choose(logits, np.arange(4), steps + i)
+    table.choose(logits, np.arange(3), steps + i)
   assert choice._choose._cache_size() == size
   table.set(0, GenerationConfig(stop_ids=tuple(range(choice.STOP_WIDTH + 1))), 0)
-  table.choose(logits, np.arange(4), steps)
+  table.choose(logits, np.arange(3), steps)
   assert choice._choose._cache_size() == size + 1 and table.stop_ids.shape[1] == 2 * choice.STOP_WIDTH
   for i in range(3):
     table.set(1, GenerationConfig(stop_ids=tuple(range(i))), i)
-    table.choose(logits, np.arange(4), steps)
+    table.choose(logits, np.arange(3), steps)
   assert choice._choose._cache_size() == size + 1
+
+
+def test_top_k_width_follows_the_rows():
+  """A row's top_k past the 256 candidates makes the rows chosen with it look among the next power of two
+  of best tokens (one program per power of two, not per value), not sort the vocabulary; once it leaves,
+  the others are back to 256. Each row still chooses as alone."""
+  assert candidate_width([0, 40, 256], V) == 256 and candidate_width([300, 5], V) == 512
+  assert candidate_width([600, 10**12], V) == V and candidate_width([10**12, 1000], V) == 256
+  table, steps = _table()  # ROWS[3] has top_k 300
+  assert table._width(np.arange(len(ROWS)), V) == 512 and table._width(np.arange(3), V) == 256
+  logits = _logits(1)
+  alone = [int(_select(logits[r:r + 1], steps[r], settings.get('min_new_tokens', 0), jax.random.key(s),
+                       Sampler.of(GenerationConfig(**settings)))[0]) for r, (settings, _, s) in enumerate(ROWS)]
+  size = choice._choose._cache_size()
+  for k in (300, 400, 511):
+    table.set(3, GenerationConfig(**{**ROWS[3][0], 'top_k': k}), ROWS[3][2])
+    table.choose(jax.numpy.asarray(logits), np.arange(len(ROWS)), steps)
+  table.set(3, GenerationConfig(**ROWS[3][0]), ROWS[3][2])
+  assert table.choose(jax.numpy.asarray(logits), np.arange(len(ROWS)), steps).tolist() == alone
+  assert choice._choose._cache_size() <= size + 1
+  table.clear(3)
+  assert table._width(np.arange(len(ROWS)), V) == 256
