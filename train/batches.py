@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from qwenvl_jax.preprocess import resize_rgb
 from train.data import Encoder, Example, truncate
+from train.loader_config import LoaderConfig
 from train.packed import RecordSource
 from train.rows import first_fit
 from train.shuffle import index_shuffle
 
-if TYPE_CHECKING:
-  from train.loader import LoaderConfig
 
 Sample = tuple[int, Example | None, str]  # (record index, example, why it is unusable); None: in no row
 Row = list[Sample]
@@ -63,7 +62,7 @@ class Batches:
 
   A row holds one sample, or several with sequence packing (cfg.samples_per_row > 1, train/rows.py)."""
 
-  def __init__(self, source: RecordSource, encoder: Encoder, cfg: 'LoaderConfig', rows: slice):
+  def __init__(self, source: RecordSource, encoder: Encoder, cfg: LoaderConfig, rows: slice):
     self.source, self.encoder, self.cfg, self.rows = source, encoder, cfg, rows
     self.batches_per_epoch = len(source) // cfg.batch_size
     self.records_per_epoch = self.batches_per_epoch * cfg.batch_size

@@ -24,7 +24,6 @@ stops up to `window` - 1 batches after such a record, trained without it meanwhi
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, Callable, Iterator, Mapping
@@ -32,38 +31,13 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from train.batches import Batches, Start
+from train.loader_config import LoaderConfig  # noqa: F401  (its home for the loader's users)
 from train.data import Batch, Encoder
 from train.packed import RecordSource
 from train.shuffle import SCHEME
 
 ON_BAD_RECORD = ('error', 'skip')
 _END = 2 ** 50  # batch indices run on until the run stops reading
-
-
-@dataclasses.dataclass(frozen=True)
-class LoaderConfig:
-  batch_size: int  # global
-  seq_buckets: tuple[int, ...]
-  target_step: int
-  max_images: int
-  image_size: int
-  seed: int
-  window: int = 8  # batches sorted by length together
-  worker_count: int = 0  # grain worker processes decoding images; 0: a thread of the training process
-  on_bad_record: str = 'error'  # a record that fails when its batch is made: 'error' stops, 'skip' blanks it
-  max_bad_fraction: float = 0.001  # with 'skip': more bad records than this fraction of an epoch stop the run
-  on_overlong: str = 'truncate'  # for records not checked up front (packed): 'truncate', 'skip', 'error'
-  samples_per_row: int = 1  # sequence packing (train/rows.py): batch_size / samples_per_row rows a batch
-
-  @property
-  def rows(self) -> int:
-    """Rows of a global batch."""
-    return self.batch_size // self.samples_per_row
-
-  @property
-  def image_slots(self) -> int:
-    """Image slots of a row (its samples' images in order, zeros after them)."""
-    return self.max_images * self.samples_per_row
 
 
 def _grain():
